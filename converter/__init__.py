@@ -1,0 +1,1 @@
+"""The converter library: quantizes `.safetensors` checkpoints layer by layer. Never imports ComfyUI."""
