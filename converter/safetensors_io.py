@@ -1,0 +1,453 @@
+"""Streaming ``.safetensors`` reader and atomic writer (no whole-file loads, never a partial output).
+
+File layout (the safetensors spec): 8 bytes little-endian u64 ``N``; ``N`` bytes of UTF-8 JSON
+``{"__metadata__": {str: str}, name: {"dtype": "BF16", "shape": [..], "data_offsets": [b, e]}}``
+(offsets relative to the byte after the header, tensors packed with no gaps, header padded with
+spaces to a multiple of 8); then the raw little-endian row-major data.
+
+Public API (used by convert.py, edit.py, hybridize.py and the ComfyUI node)
+--------------------------------------------------------------------------
+``read_header(path) -> (infos: dict[name, TensorInfo], metadata: dict[str, str])``
+    Parses and validates the header against the file size. ``infos`` is in file (offset) order.
+    Raises ``InputFileError`` naming the file for: missing/unreadable, a directory, not safetensors,
+    truncated (header or data shorter than declared), unknown dtype, inconsistent offsets.
+
+``SafetensorsReader(path)`` (context manager; ``open_reader(path)`` is the same)
+    ``.infos``, ``.metadata``, ``.read(name) -> torch.Tensor`` (a fresh CPU tensor, one tensor at a
+    time, via ``os.preadv`` so several threads may read at once and nothing is memory-mapped: the
+    resident memory of a conversion is the tensors in flight, not the file). ``.keys()``.
+
+``AtomicSafetensorsWriter(path, specs, metadata=None, overwrite=False, fsync=True)`` (context manager)
+    ``specs``: ordered ``{name: TensorSpec(dtype, shape)}`` — the complete output, known before any
+    data exists (codecs' ``output_specs``). The header is written at once; then
+    ``.write(name, tensor)`` stores each tensor exactly once, in ANY order and from any thread (each
+    tensor has a fixed offset; ``os.pwrite``). dtype/shape are checked against the spec. On a clean
+    exit of the ``with`` block every tensor must have been written; the temp file is fsynced and
+    renamed over ``path`` (then the directory is fsynced). On any exception (incl. KeyboardInterrupt)
+    the temp file is removed and ``path`` is untouched. ``.abort()`` does the same explicitly.
+    Raises ``OutputFileError`` if ``path`` exists and ``overwrite`` is false.
+
+``write_safetensors(path, tensors, metadata=None, overwrite=False)``
+    Small-file convenience on top of the writer (whole dict in memory).
+
+Temp files and crashes
+----------------------
+The temp file is ``<dir>/.<output name>.partial-<pid>``, beside the target so the final rename is
+atomic on the same filesystem. SIGINT/SIGTERM/exceptions remove it. A SIGKILL or power loss cannot
+run cleanup code, so a temp file may remain: every writer (and ``clean_stale_partials``) deletes
+``.<name>.partial-<pid>`` files of the same target whose pid is no longer alive. The target path
+itself never holds a partial file. Before writing data the full size is reserved with
+``posix_fallocate`` where the filesystem supports it, so a full disk fails before any work is done.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import torch
+
+from .errors import InputFileError, OutputFileError
+from .formats.base import TensorSpec
+
+# safetensors dtype string <-> torch dtype. Built defensively: older torch lacks some dtypes.
+_ST_DTYPES: dict[str, torch.dtype] = {}
+for _st, _attr in (
+    ("F64", "float64"), ("F32", "float32"), ("F16", "float16"), ("BF16", "bfloat16"),
+    ("I64", "int64"), ("I32", "int32"), ("I16", "int16"), ("I8", "int8"), ("U8", "uint8"),
+    ("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"), ("BOOL", "bool"),
+    ("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("F8_E8M0", "float8_e8m0fnu"),
+):
+    if hasattr(torch, _attr):
+        _ST_DTYPES[_st] = getattr(torch, _attr)
+_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
+
+# A header larger than this is not a real checkpoint header (safetensors itself caps it at 100 MB).
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+_PARTIAL_RE = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>\d+)$")
+
+
+def st_dtype(dtype: torch.dtype) -> str:
+    try:
+        return _TORCH_TO_ST[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype} cannot be stored in safetensors") from None
+
+
+def element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives in a file. ``offset`` is absolute (from the start of the file)."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.dtype, self.shape)
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def _bad(path, msg: str) -> InputFileError:
+    return InputFileError(f"{path}: {msg}")
+
+
+def read_header(path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header; see the module docstring."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise _bad(path, "input file does not exist")
+    if os.path.isdir(path):
+        raise _bad(path, "is a directory, expected a .safetensors file")
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(8)
+            if len(head) < 8:
+                raise _bad(path, f"not a safetensors file (only {size} bytes)")
+            (n,) = struct.unpack("<Q", head)
+            if n == 0 or n > MAX_HEADER_BYTES:
+                raise _bad(path, f"not a safetensors file (header length field {n} is implausible)")
+            if 8 + n > size:
+                raise _bad(path, f"truncated: header declares {n} bytes but the file has {size - 8} after the length field")
+            raw = f.read(n)
+    except PermissionError as e:
+        raise _bad(path, f"cannot read input file ({e.strerror})") from None
+    except IsADirectoryError:
+        raise _bad(path, "is a directory, expected a .safetensors file") from None
+    except OSError as e:
+        raise _bad(path, f"cannot read input file ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _bad(path, "not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise _bad(path, "not a safetensors file (header is not a JSON object)")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise _bad(path, "__metadata__ must map strings to strings")
+    data_start = 8 + n
+    infos: list[TensorInfo] = []
+    for name, e in header.items():
+        if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+            raise _bad(path, f"tensor {name!r}: malformed header entry")
+        dtype = _ST_DTYPES.get(e["dtype"])
+        if dtype is None:
+            raise _bad(path, f"tensor {name!r}: unsupported dtype {e['dtype']!r}")
+        shape = e["shape"]
+        offs = e["data_offsets"]
+        if (not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape)
+                or not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs)):
+            raise _bad(path, f"tensor {name!r}: malformed shape or data_offsets")
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * element_size(dtype)
+        b, end = offs
+        if end - b != nbytes or b < 0:
+            raise _bad(path, f"tensor {name!r}: data_offsets {offs} do not match {e['dtype']} {shape} ({nbytes} bytes)")
+        infos.append(TensorInfo(name, dtype, tuple(shape), data_start + b, nbytes))
+    infos.sort(key=lambda t: (t.offset, t.nbytes))
+    data_end = max((t.offset + t.nbytes for t in infos), default=data_start)
+    if data_end > size:
+        raise _bad(path, f"truncated: tensor data ends at byte {data_end} but the file has {size} bytes")
+    return {t.name: t for t in infos}, metadata
+
+
+def _read_exact(fd: int, buf: memoryview, offset: int, path: str, name: str) -> None:
+    done = 0
+    total = len(buf)
+    while done < total:
+        # preadv releases the GIL and has no shared file position: safe from several threads.
+        got = os.preadv(fd, [buf[done:]], offset + done)
+        if got <= 0:
+            raise _bad(path, f"truncated while reading tensor {name!r}")
+        done += got
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time from a safetensors file (see module docstring)."""
+
+    def __init__(self, path):
+        self.path = os.fspath(path)
+        self.infos, self.metadata = read_header(self.path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        except OSError as e:
+            raise _bad(self.path, f"cannot open input file ({e.strerror})") from None
+
+    def keys(self) -> list[str]:
+        return list(self.infos)
+
+    def read(self, name: str) -> torch.Tensor:
+        info = self.infos[name]
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            _read_exact(self._fd, memoryview(buf.numpy()), info.offset, self.path, name)
+        return buf.view(info.dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def open_reader(path) -> SafetensorsReader:
+    return SafetensorsReader(path)
+
+
+def partial_path(path, pid: int | None = None) -> str:
+    """The temp-file name used while writing ``path``."""
+    path = os.path.abspath(os.fspath(path))
+    d, base = os.path.split(path)
+    return os.path.join(d, f".{base}.partial-{os.getpid() if pid is None else pid}")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def clean_stale_partials(path) -> list[str]:
+    """Delete leftover temp files of ``path`` whose writer process is dead (e.g. SIGKILLed)."""
+    path = os.path.abspath(os.fspath(path))
+    d, base = os.path.split(path)
+    removed = []
+    try:
+        entries = os.listdir(d)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = _PARTIAL_RE.match(entry)
+        if not m or m.group("name") != base:
+            continue
+        pid = int(m.group("pid"))
+        if pid != os.getpid() and _pid_alive(pid):
+            continue
+        try:
+            os.unlink(os.path.join(d, entry))
+            removed.append(os.path.join(d, entry))
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def build_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, tuple[int, int]]]:
+    """Serialize a header for ``specs`` (packed in the given order). Returns (bytes incl. the 8-byte
+    length prefix, {name: (relative offset, nbytes)})."""
+    header: dict = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise ValueError(f"safetensors metadata must map str to str, got {k!r}: {type(v).__name__}")
+        header["__metadata__"] = dict(metadata)
+    layout: dict[str, tuple[int, int]] = {}
+    pos = 0
+    for name, spec in specs.items():
+        if name == "__metadata__":
+            raise ValueError("'__metadata__' is not a valid tensor name")
+        nbytes = spec.nbytes
+        header[name] = {"dtype": st_dtype(spec.dtype), "shape": list(spec.shape), "data_offsets": [pos, pos + nbytes]}
+        layout[name] = (pos, nbytes)
+        pos += nbytes
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-(len(raw) + 8) % 8)  # keep the data section 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw, layout
+
+
+class AtomicSafetensorsWriter:
+    """Writes a safetensors file whose header is known up front; see the module docstring."""
+
+    def __init__(self, path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None,
+                 overwrite: bool = False, fsync: bool = True):
+        self.path = os.path.abspath(os.fspath(path))
+        self.specs = dict(specs)
+        self.metadata = dict(metadata or {})
+        self.overwrite = overwrite
+        self.fsync = fsync
+        self.tmp_path = partial_path(self.path)
+        self._fd = -1
+        self._written: set[str] = set()
+        self._lock = threading.Lock()
+        self._header, self._layout = build_header(self.specs, self.metadata)
+        self.total_bytes = len(self._header) + sum(n for _, n in self._layout.values())
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    def open(self) -> "AtomicSafetensorsWriter":
+        if os.path.isdir(self.path):
+            raise OutputFileError(f"{self.path}: output path is a directory")
+        if os.path.exists(self.path) and not self.overwrite:
+            raise OutputFileError(f"{self.path}: output file exists (use --overwrite to replace it)")
+        d = os.path.dirname(self.path)
+        if not os.path.isdir(d):
+            raise OutputFileError(f"{self.path}: output directory {d} does not exist")
+        clean_stale_partials(self.path)
+        try:
+            self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise OutputFileError(f"{self.path}: cannot create output file {self.tmp_path} ({e.strerror})") from None
+        try:
+            self._reserve()
+            self._pwrite(memoryview(self._header), 0)
+        except BaseException:
+            self.abort()
+            raise
+        return self
+
+    def _reserve(self) -> None:
+        # Reserve the whole file now: a full disk fails here, before minutes of work.
+        try:
+            os.posix_fallocate(self._fd, 0, self.total_bytes)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                raise OutputFileError(f"{self.path}: not enough disk space for {self.total_bytes / 1e9:.2f} GB ({e.strerror})") from None
+            # EOPNOTSUPP/EINVAL (filesystem without fallocate): writes will report ENOSPC instead.
+        except AttributeError:
+            pass
+
+    def _pwrite(self, buf: memoryview, offset: int) -> None:
+        done = 0
+        total = len(buf)
+        try:
+            while done < total:
+                done += os.pwrite(self._fd, buf[done:], offset + done)
+        except OSError as e:
+            raise OutputFileError(f"{self.path}: write failed ({e.strerror})") from None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Store ``tensor`` under ``name`` (declared in ``specs``); thread-safe, any order, once each."""
+        spec = self.specs.get(name)
+        if spec is None:
+            raise KeyError(f"{name!r} is not declared in the output header")
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
+            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, header declares {spec.dtype} {tuple(spec.shape)}")
+        with self._lock:
+            if name in self._written:
+                raise ValueError(f"{name}: written twice")
+            self._written.add(name)
+        rel, nbytes = self._layout[name]
+        if nbytes == 0:
+            return
+        t = tensor.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous().reshape(-1).view(torch.uint8)
+        self._pwrite(memoryview(t.numpy()), len(self._header) + rel)
+
+    def missing(self) -> list[str]:
+        return [n for n in self.specs if n not in self._written]
+
+    def commit(self) -> str:
+        missing = self.missing()
+        if missing:
+            self.abort()
+            raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[:3]}")
+        try:
+            if self.fsync:
+                os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+            if os.path.exists(self.path) and not self.overwrite:
+                raise OutputFileError(f"{self.path}: output file appeared while converting; not replacing it")
+            os.replace(self.tmp_path, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        if self.fsync:
+            try:
+                dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+            except OSError:
+                pass
+        return self.path
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = -1
+        try:
+            os.unlink(self.tmp_path)
+        except FileNotFoundError:
+            pass
+
+    def __enter__(self):
+        return self.open()
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()
+        return False
+
+
+def write_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                      overwrite: bool = False) -> str:
+    """Write a whole (small) dict of tensors atomically."""
+    specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+    with AtomicSafetensorsWriter(path, specs, metadata, overwrite=overwrite) as w:
+        for k, v in tensors.items():
+            w.write(k, v)
+    return w.path
+
+
+def same_file(a, b) -> bool:
+    """True when two paths name the same file (symlinks, hard links, relative paths)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b))
+
+
+__all__ = [
+    "TensorInfo", "read_header", "SafetensorsReader", "open_reader", "AtomicSafetensorsWriter",
+    "write_safetensors", "partial_path", "clean_stale_partials", "build_header", "st_dtype", "same_file",
+]
+
+
+def iter_tensors(path, names: Iterable[str] | None = None):
+    """Yield ``(name, tensor)`` one at a time in file order (convenience for small tools)."""
+    with SafetensorsReader(path) as r:
+        for n in (names if names is not None else r.keys()):
+            yield n, r.read(n)
