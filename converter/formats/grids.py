@@ -1,0 +1,224 @@
+"""Scale grids shared by the FP8 and INT8 layouts (no format of its own).
+
+The FP8 (``fp8.py``) and INT8 (``int8.py``) layouts store the quantized weight unpadded at its logical
+``[M, N]`` shape plus one float32 scale per block. They differ only in the value grid; the block
+shapes are the same family, named here by a *kind*:
+
+- ``"tensor"``: one scale, stored 0-dim ``[]`` (readers also accept ``[1]``, which older tools wrote).
+- ``"row"``:    one scale per output row, stored ``[M]`` (FP8 rowwise).
+- ``"row1"``:   one scale per output row, stored ``[M, 1]`` (INT8 per-row, broadcastable as is).
+- ``"tile"``:   one scale per ``bs × bs`` tile, stored ``[ceil(M/bs), ceil(N/bs)]``; the last row and
+  column of tiles may be partial (the weight itself is never padded).
+
+Scales are ``amax / qmax`` computed in float32. A block whose amax is 0 (all-zero block) gets scale
+1.0: any positive value dequantizes its zeros exactly, and 1.0 is what ComfyUI assumes for a missing
+scale, so no reader divides by zero or produces NaN. The same 1.0 replaces a scale that underflows to 0
+for a denormal amax (those elements then round to 0, an error below 1e-40).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .base import Codec, FormatError, TensorSpec, ceil_div, check_finite, require
+
+KINDS = ("tensor", "row", "row1", "tile")
+
+
+def check_group_size(group_size) -> int:
+    """Return ``group_size`` as a positive int, FormatError otherwise (it comes from files too)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
+        raise FormatError(f"group_size must be a positive integer, got {group_size!r}")
+    return group_size
+
+
+def check_shape(shape) -> tuple[int, int]:
+    if len(tuple(shape)) != 2 or any(int(d) <= 0 for d in shape):
+        raise FormatError(f"expected a 2-D logical shape with positive sizes, got {tuple(shape)}")
+    return int(shape[0]), int(shape[1])
+
+
+def grid_shape(kind: str, shape: tuple[int, int], bs: int = 0) -> tuple[int, ...]:
+    m, n = shape
+    if kind == "tensor":
+        return ()
+    if kind == "row":
+        return (m,)
+    if kind == "row1":
+        return (m, 1)
+    if kind == "tile":
+        return (ceil_div(m, bs), ceil_div(n, bs))
+    raise ValueError(kind)
+
+
+def grid_amax(kind: str, w: torch.Tensor, bs: int = 0) -> torch.Tensor:
+    """float32 absolute maximum of each block of the 2-D ``w``, in ``grid_shape(kind, w.shape)``."""
+    a = w.detach().abs().to(torch.float32)
+    if kind == "tensor":
+        return a.amax()
+    if kind == "row":
+        return a.amax(dim=1)
+    if kind == "row1":
+        return a.amax(dim=1, keepdim=True)
+    if kind == "tile":
+        m, n = a.shape
+        gm, gn = grid_shape("tile", (m, n), bs)
+        pm, pn = gm * bs - m, gn * bs - n
+        if pm or pn:  # zero padding never raises an absolute maximum
+            a = torch.nn.functional.pad(a, (0, pn, 0, pm))
+        return a.reshape(gm, bs, gn, bs).amax(dim=(1, 3))
+    raise ValueError(kind)
+
+
+def expand_grid(kind: str, scale: torch.Tensor, shape: tuple[int, int], bs: int = 0) -> torch.Tensor:
+    """Broadcast a scale grid to the per-element float32 ``[M, N]`` multiplier."""
+    m, n = shape
+    s = scale.to(torch.float32)
+    if kind == "tensor":
+        return s.reshape(()).expand(m, n)
+    if kind == "row":
+        return s.reshape(m, 1).expand(m, n)
+    if kind == "row1":
+        return s.reshape(m, 1).expand(m, n)
+    if kind == "tile":
+        return s.repeat_interleave(bs, dim=0)[:m].repeat_interleave(bs, dim=1)[:, :n]
+    raise ValueError(kind)
+
+
+def scales_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """``amax / qmax`` in float32, with 1.0 where that is 0 (see the module docstring)."""
+    s = amax.to(torch.float32) / qmax
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def check_amax(amax: torch.Tensor, expected: tuple[int, ...], name: str) -> torch.Tensor:
+    """Validate a caller-supplied amax override (a clipping search passes one)."""
+    if tuple(amax.shape) != tuple(expected):
+        raise FormatError(f"{name}: amax override has shape {tuple(amax.shape)}, expected {tuple(expected)}")
+    a = amax.to(torch.float32)
+    if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
+        raise FormatError(f"{name}: amax override must be finite and non-negative")
+    return a
+
+
+def read_scale(layer: str, tensors, suffix: str, kind: str, shape: tuple[int, int], bs: int = 0) -> torch.Tensor:
+    """Fetch and check a stored scale grid (float32, expected shape, finite), naming the layer."""
+    if suffix not in tensors:
+        raise FormatError(f"{layer}: missing tensor '{layer}.{suffix}'")
+    t = tensors[suffix]
+    if t.dtype != torch.float32:
+        raise FormatError(f"{layer}.{suffix}: expected dtype torch.float32, found {t.dtype}")
+    expected = grid_shape(kind, shape, bs)
+    ok = tuple(t.shape) == expected or (kind == "tensor" and tuple(t.shape) == (1,))
+    if not ok:
+        raise FormatError(f"{layer}.{suffix}: expected shape {expected} for logical weight shape {tuple(shape)}"
+                          f"{f' and group_size {bs}' if kind == 'tile' else ''}, found {tuple(t.shape)}")
+    if not bool(torch.isfinite(t).all()):
+        raise FormatError(f"{layer}.{suffix}: contains NaN or Inf scales")
+    return t
+
+
+class GridCodec(Codec):
+    """Common body of the FP8 and INT8 codecs: ``weight`` (storage dtype, ``[M, N]``) + ``weight_scale``.
+
+    Subclasses set ``name``, ``storage`` (torch dtype), ``qmax`` (largest grid magnitude), implement
+    ``encode(x)`` (round the float32 ``x = w / S`` to the grid with saturation and cast to storage) and
+    ``layout(opts, tensors)`` -> ``(kind, bs)``. Unknown options are ignored, so a layer's whole
+    ``.comfy_quant`` dict (``format``, ``orig_dtype`` ...) can be passed back in.
+    """
+
+    storage: torch.dtype
+    qmax: float
+
+    # ---- subclass hooks -------------------------------------------------------------------------
+    def layout(self, opts: dict, tensors: Mapping[str, torch.Tensor] | None = None) -> tuple[str, int]:
+        raise NotImplementedError
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def extra_specs(self, opts: dict) -> dict[str, TensorSpec]:
+        return {}
+
+    def extra_outputs(self, w: torch.Tensor, opts: dict, name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def validate_extra(self, layer: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        return None
+
+    # ---- contract -------------------------------------------------------------------------------
+    def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
+        shape = check_shape(shape)
+        kind, bs = self.layout(opts)
+        specs = {"weight": TensorSpec(self.storage, shape),
+                 "weight_scale": TensorSpec(torch.float32, grid_shape(kind, shape, bs))}
+        specs.update(self.extra_specs(opts))
+        return specs
+
+    def block_amax(self, w: torch.Tensor, **opts) -> torch.Tensor:
+        _check_2d(w, opts.get("name", "weight"))
+        kind, bs = self.layout(opts)
+        return grid_amax(kind, w, bs)
+
+    def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, **opts) -> dict[str, torch.Tensor]:
+        name = opts.get("name", "weight")
+        _check_2d(w, name)
+        kind, bs = self.layout(opts)
+        if amax is None:
+            check_finite(w, name)
+            amax = grid_amax(kind, w, bs)
+        else:
+            amax = check_amax(amax, grid_shape(kind, tuple(w.shape), bs), name).to(w.device)
+        return {"weight_scale": scales_from_amax(amax, self.qmax)}
+
+    def element_scale(self, params: Mapping[str, torch.Tensor], shape, **opts) -> torch.Tensor:
+        shape = check_shape(shape)
+        kind, bs = self.layout(opts, params)
+        return expand_grid(kind, params["weight_scale"], shape, bs)
+
+    def round_to_grid(self, x: torch.Tensor, **opts) -> torch.Tensor:
+        return self.encode(x.to(torch.float32)).to(torch.float32)
+
+    def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, **opts) -> dict[str, torch.Tensor]:
+        """Quantize a 2-D float weight. ``name=`` (default ``"weight"``) names ``w`` in error messages."""
+        name = opts.get("name", "weight")
+        _check_2d(w, name)
+        check_finite(w, name)
+        shape = (int(w.shape[0]), int(w.shape[1]))
+        kind, bs = self.layout(opts)
+        if params is None:
+            params = self.scale_params(w, **opts)
+        scale = read_scale(name, params, "weight_scale", kind, shape, bs)
+        scale = scale.to(device=w.device).reshape(grid_shape(kind, shape, bs)).clone()
+        q = self.encode(w.to(torch.float32) / expand_grid(kind, scale, shape, bs))
+        out = {"weight": q.contiguous(), "weight_scale": scale}
+        out.update(self.extra_outputs(w, opts, name))
+        return out
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, **opts) -> torch.Tensor:
+        shape = check_shape(shape)
+        kind, bs = self.layout(opts, tensors)
+        q = tensors["weight"]
+        s = expand_grid(kind, tensors["weight_scale"].to(q.device), shape, bs)
+        return (q.to(torch.float32) * s).to(dtype)
+
+    def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
+        try:
+            shape = check_shape(shape)
+            kind, bs = self.layout(opts, tensors)
+        except FormatError as e:
+            raise FormatError(f"{layer}: {e}") from None
+        require(layer, tensors, "weight", dtype=self.storage, shape=shape)
+        read_scale(layer, tensors, "weight_scale", kind, shape, bs)
+        self.validate_extra(layer, tensors)
+
+
+def _check_2d(w: torch.Tensor, name: str) -> None:
+    if w.ndim != 2:
+        raise FormatError(f"{name}: only 2-D weights are quantized, got shape {tuple(w.shape)}")
+    if w.numel() == 0:
+        raise FormatError(f"{name}: empty weight of shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise FormatError(f"{name}: expected a floating-point weight, got {w.dtype}")
