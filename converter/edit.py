@@ -1,0 +1,169 @@
+"""Editing the quantization metadata of an existing file (``--edit-quant``) without re-quantizing.
+
+What a layer's quantization metadata is
+---------------------------------------
+A quantized layer ``L`` may describe itself in two places (see ``shared/DESIGN.md`` §2):
+
+- the tensor ``L.comfy_quant``: 1-D uint8 holding the UTF-8 JSON of a flat dict ``{"format": ..., ...}``;
+- the header entry ``__metadata__["_quantization_metadata"]`` = JSON
+  ``{"format_version": "1.0", "layers": {L: {...}}}``.
+
+A file may carry both, only the tensors, or only the header. ``edit_quant`` edits every place that
+exists for each selected layer, with the same edit, so tensor and header stay consistent. It never
+invents a place that was not there, except that ``save_quant_metadata=True`` (re)builds the header's
+``layers`` from the edited per-layer dicts (the ``--save-quant-metadata`` flag). All other header
+metadata (``modelspec.*``, the header's other top-level keys) is kept as is.
+
+Output
+------
+Always a NEW file, written through ``safetensors_io.AtomicSafetensorsWriter`` (temp file beside the
+target, renamed when complete). Every tensor except the edited ``.comfy_quant`` ones is copied
+byte for byte, in the input's order. Output equal to the input (same path, symlink or hard link) is
+refused: rewriting a multi-GB file costs the same whether it lands beside the input or over it, and
+refusing keeps the promise that the input is never replaced. An existing output needs
+``overwrite=True``.
+
+Flags: the ``--add-keys`` / ``--remove-keys`` / ``--quant-filter`` syntax is in ``edit_keys.py``. A filter
+matching none of the file's quantized layers is an error, as is a file without quantized layers.
+Keys removed that a layer does not have are counted in the report (``keys_absent``), not an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Iterable, Mapping
+
+import torch
+
+from .edit_keys import compile_filter, parse_add_keys, parse_remove_keys
+from .errors import InputFileError, NoMatchingLayersError, OptionError
+from .rewrite import (COMFY_QUANT_SUFFIX, QUANT_METADATA_KEY, CancelFn, ProgressFn, check_output_path,
+                      encode_comfy_quant, parse_quant_header, read_layer_configs, rewrite_file)
+from .safetensors_io import SafetensorsReader
+
+
+# ---------------------------------------------------------------------------------------------------
+# --edit-quant
+# ---------------------------------------------------------------------------------------------------
+
+def _apply(cfg: dict, add: Mapping, remove: Iterable[str], counts: dict) -> dict:
+    new = dict(cfg)
+    for k in remove:
+        if k in new:
+            del new[k]
+            counts["removed"][k] = counts["removed"].get(k, 0) + 1
+        else:
+            counts["absent"][k] = counts["absent"].get(k, 0) + 1
+    for k, v in add.items():
+        if k not in new:
+            counts["added"][k] = counts["added"].get(k, 0) + 1
+        elif new[k] != v or type(new[k]) is not type(v):
+            counts["updated"][k] = counts["updated"].get(k, 0) + 1
+        new[k] = v
+    return new
+
+
+def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, remove_keys: str | Iterable[str] | None = None,
+               quant_filter: str | None = None, overwrite: bool = False, *, save_quant_metadata: bool = False,
+               progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> dict:
+    """Edit the ``.comfy_quant`` dicts (tensors and header) of the selected layers into a new file.
+
+    Returns a JSON-serializable report. Raises ``OptionError`` (bad flags/regex/keys),
+    ``NoMatchingLayersError`` (no quantized layer, or none matching the filter), ``InputFileError`` /
+    ``OutputFileError`` (files)."""
+    t0 = time.perf_counter()
+    input, output = os.fspath(input), os.fspath(output)
+    add = parse_add_keys(add_keys)
+    remove = parse_remove_keys(remove_keys)
+    overlap = sorted(set(add) & set(remove))
+    if overlap:
+        raise OptionError(f"--add-keys and --remove-keys both name {', '.join(overlap)}")
+    if not add and not remove and not save_quant_metadata:
+        raise OptionError("--edit-quant needs --add-keys, --remove-keys or --save-quant-metadata")
+    pattern = compile_filter(quant_filter)
+    with SafetensorsReader(input) as reader:
+        check_output_path(input, output, overwrite)
+        tensor_cfgs = read_layer_configs(reader)
+        qm = parse_quant_header(reader.metadata, input)
+        header_layers: dict = dict(qm.get("layers", {})) if qm is not None else {}
+        all_layers = sorted(set(tensor_cfgs) | set(header_layers))
+        if not all_layers:
+            raise NoMatchingLayersError(f"{input}: no quantized layers (no .comfy_quant tensors and no {QUANT_METADATA_KEY} header entries) to edit")
+        selected = [L for L in all_layers if pattern is None or pattern.search(L)]
+        if not selected:
+            raise NoMatchingLayersError(f"--quant-filter {quant_filter!r} matches none of the {len(all_layers)} quantized layers of {input} "
+                                        f"(e.g. {', '.join(all_layers[:3])})")
+        for L in selected:
+            fmt_t = tensor_cfgs.get(L, {}).get("format")
+            fmt_h = header_layers.get(L, {}).get("format")
+            if L in tensor_cfgs and fmt_t is None or L in header_layers and fmt_h is None:
+                raise InputFileError(f"{input}: layer {L}: quantization metadata has no 'format' key")
+            if L in tensor_cfgs and L in header_layers and fmt_t != fmt_h:
+                raise InputFileError(f"{input}: layer {L}: .comfy_quant says format {fmt_t!r} but the header says {fmt_h!r}; refusing to edit an inconsistent file")
+
+        counts = {"added": {}, "updated": {}, "removed": {}, "absent": {}}
+        scratch = {"added": {}, "updated": {}, "removed": {}, "absent": {}}
+        replace: dict[str, torch.Tensor] = {}
+        tensors_changed = header_changed = 0
+        final_cfgs: dict[str, dict] = {}
+        for L in selected:
+            # Key counts are per layer: when a layer has both a tensor and a header entry, the tensor's
+            # edit is the one counted (the header gets the same edit).
+            if L in tensor_cfgs:
+                new = _apply(tensor_cfgs[L], add, remove, counts)
+                final_cfgs[L] = new
+                # Compare the JSON text, not the dicts: 1 == 1.0 == True in Python but not in the file.
+                if json.dumps(new) != json.dumps(tensor_cfgs[L]):
+                    replace[L + COMFY_QUANT_SUFFIX] = encode_comfy_quant(new)
+                    tensors_changed += 1
+            if L in header_layers:
+                new_h = _apply(header_layers[L], add, remove, scratch if L in tensor_cfgs else counts)
+                if json.dumps(new_h) != json.dumps(header_layers[L]):
+                    header_changed += 1
+                header_layers[L] = new_h
+                final_cfgs.setdefault(L, new_h)
+
+        metadata = dict(reader.metadata)
+        header_written = False
+        if save_quant_metadata:
+            # --save-quant-metadata: the header lists every layer, edited or not, from its tensor when
+            # it has one (the tensor is what loaders that get custom ops read first).
+            layers_out = {L: dict(header_layers.get(L, {})) for L in header_layers}
+            for L, cfg in tensor_cfgs.items():
+                layers_out[L] = final_cfgs.get(L, cfg)
+            new_qm = dict(qm) if qm is not None else {"format_version": "1.0"}
+            new_qm["layers"] = layers_out
+            metadata[QUANT_METADATA_KEY] = json.dumps(new_qm)
+            header_written = metadata.get(QUANT_METADATA_KEY) != reader.metadata.get(QUANT_METADATA_KEY)
+        elif qm is not None and header_changed:
+            new_qm = dict(qm)
+            new_qm["layers"] = header_layers
+            metadata[QUANT_METADATA_KEY] = json.dumps(new_qm)
+            header_written = True
+
+        nbytes = rewrite_file(reader, output, replace=replace, metadata=metadata, overwrite=overwrite,
+                              progress=progress, cancel=cancel)
+    return {
+        "mode": "edit_quant",
+        "input": input,
+        "output": os.path.abspath(output),
+        "quant_filter": quant_filter,
+        "add_keys": add,
+        "remove_keys": remove,
+        "layers_quantized": len(all_layers),
+        "layers_selected": len(selected),
+        "comfy_quant_tensors_changed": tensors_changed,
+        "header_entries_changed": header_changed,
+        "header_updated": header_written,
+        "keys_added": counts["added"],
+        "keys_updated": counts["updated"],
+        "keys_removed": counts["removed"],
+        "keys_absent": counts["absent"],
+        "bytes_written": nbytes,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+__all__ = ["edit_quant", "parse_add_keys", "parse_remove_keys", "compile_filter"]

@@ -1,0 +1,167 @@
+"""Copying a ``.safetensors`` file with a few tensors changed, and the quantization metadata it carries.
+
+Used by ``edit.py`` (``--edit-quant``) and ``hybridize.py`` (``--make-hybrid-mxfp8``): both rewrite a
+file where almost every tensor is copied byte for byte. ``rewrite_file`` streams one tensor at a time
+through ``safetensors_io.AtomicSafetensorsWriter`` (temp file beside the target, renamed when
+complete; any error or Ctrl+C leaves no output). ``check_output_path`` refuses output == input (same
+path, symlink or hard link) and an existing output without ``overwrite``, before any work.
+
+Quantization metadata (``shared/DESIGN.md`` §2): ``<layer>.comfy_quant`` is a 1-D uint8 tensor holding
+the UTF-8 JSON of a flat dict; the header ``__metadata__["_quantization_metadata"]`` is the JSON
+``{"format_version": "1.0", "layers": {layer: dict}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Mapping
+
+import torch
+
+from .errors import Cancelled, InputFileError, OutputFileError
+from .formats.base import TensorSpec
+from .safetensors_io import AtomicSafetensorsWriter, SafetensorsReader, same_file
+
+QUANT_METADATA_KEY = "_quantization_metadata"
+COMFY_QUANT_SUFFIX = ".comfy_quant"
+
+ProgressFn = Callable[[int, int, str], None]
+CancelFn = Callable[[], bool]
+
+# ---------------------------------------------------------------------------------------------------
+# .comfy_quant tensors and the header entry
+# ---------------------------------------------------------------------------------------------------
+
+def decode_comfy_quant(layer: str, t: torch.Tensor, path: str = "") -> dict:
+    """The dict stored in ``layer.comfy_quant``; InputFileError naming file and layer if it is not one."""
+    where = f"{path}: " if path else ""
+    if t.dtype != torch.uint8 or t.dim() != 1:
+        raise InputFileError(f"{where}{layer}.comfy_quant: expected a 1-D uint8 tensor, found {t.dtype} {tuple(t.shape)}")
+    try:
+        cfg = json.loads(bytes(t.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputFileError(f"{where}{layer}.comfy_quant: not UTF-8 JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise InputFileError(f"{where}{layer}.comfy_quant: expected a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def encode_comfy_quant(cfg: Mapping) -> torch.Tensor:
+    """The ``.comfy_quant`` tensor for ``cfg`` (1-D uint8 UTF-8 JSON)."""
+    raw = json.dumps(dict(cfg), ensure_ascii=False).encode("utf-8")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+
+
+def parse_quant_header(metadata: Mapping[str, str], path: str = "") -> dict | None:
+    """The parsed ``_quantization_metadata`` header value (``None`` when absent)."""
+    raw = metadata.get(QUANT_METADATA_KEY)
+    if raw is None:
+        return None
+    where = f"{path}: " if path else ""
+    try:
+        qm = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise InputFileError(f"{where}header {QUANT_METADATA_KEY} is not valid JSON ({e})") from None
+    if not isinstance(qm, dict):
+        raise InputFileError(f"{where}header {QUANT_METADATA_KEY} must be a JSON object")
+    layers = qm.get("layers", {})
+    if not isinstance(layers, dict) or not all(isinstance(v, dict) for v in layers.values()):
+        raise InputFileError(f"{where}header {QUANT_METADATA_KEY}: 'layers' must map layer names to objects")
+    return qm
+
+
+def read_layer_configs(reader: SafetensorsReader) -> dict[str, dict]:
+    """``{layer: dict}`` from every ``*.comfy_quant`` tensor of the file (they are tiny)."""
+    out = {}
+    for name in reader.keys():
+        if name.endswith(COMFY_QUANT_SUFFIX):
+            layer = name[: -len(COMFY_QUANT_SUFFIX)]
+            out[layer] = decode_comfy_quant(layer, reader.read(name), reader.path)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Copying a file with a few tensors changed (shared with hybridize.py)
+# ---------------------------------------------------------------------------------------------------
+
+def check_output_path(input_path: str, output_path: str, overwrite: bool) -> None:
+    """Refuse output == input, and an existing output without ``overwrite`` (before any work)."""
+    same = os.path.abspath(input_path) == os.path.abspath(output_path)
+    if not same and os.path.exists(output_path):
+        same = same_file(input_path, output_path)  # symlinks and hard links
+    if same:
+        raise OutputFileError(f"{output_path}: output equals the input file; write to a new file (the input is never replaced)")
+    if os.path.isdir(output_path):
+        raise OutputFileError(f"{output_path}: output path is a directory")
+    if os.path.exists(output_path) and not overwrite:
+        raise OutputFileError(f"{output_path}: output file exists (use --overwrite to replace it)")
+
+
+OnRead = Callable[[str, torch.Tensor], "Mapping[str, torch.Tensor] | None"]
+
+
+def rewrite_file(reader: SafetensorsReader, output: str, *, replace: Mapping[str, torch.Tensor] | None = None,
+                 insert_after: Mapping[str, Mapping[str, "torch.Tensor | TensorSpec"]] | None = None,
+                 on_read: OnRead | None = None, metadata: Mapping[str, str] | None = None, overwrite: bool = False,
+                 progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> int:
+    """Write ``output``: the input's tensors in file order, byte for byte, except ``replace[name]``.
+
+    ``insert_after[anchor]`` declares new tensors placed right after ``anchor``: a tensor is written as
+    is; a bare ``TensorSpec`` must be produced by ``on_read(name, tensor)``, which sees every input
+    tensor as it streams past and returns ``{new_name: tensor}`` for new tensors it can now compute
+    (so a derived tensor needs no second read of its inputs). Streams one tensor at a time: peak
+    memory is about the largest tensor plus what ``on_read`` keeps. Returns the bytes written; on any
+    error no output exists."""
+    replace = dict(replace or {})
+    insert_after = {k: dict(v) for k, v in (insert_after or {}).items()}
+    for n in list(replace) + list(insert_after):
+        if n not in reader.infos:
+            raise KeyError(f"{n!r} is not a tensor of {reader.path}")
+    specs: dict[str, TensorSpec] = {}
+    given: dict[str, torch.Tensor] = {}
+    for name, info in reader.infos.items():
+        t = replace.get(name)
+        specs[name] = TensorSpec(t.dtype, tuple(t.shape)) if t is not None else info.spec
+        for new_name, new in insert_after.get(name, {}).items():
+            if new_name in reader.infos or new_name in specs:
+                raise KeyError(f"{new_name!r} already exists in {reader.path}")
+            if isinstance(new, torch.Tensor):
+                given[new_name] = new
+                specs[new_name] = TensorSpec(new.dtype, tuple(new.shape))
+            else:
+                specs[new_name] = new
+    total = sum(s.nbytes for s in specs.values())
+    done = 0
+    with AtomicSafetensorsWriter(output, specs, metadata if metadata is not None else reader.metadata,
+                                 overwrite=overwrite) as w:
+        def put(name: str, t: torch.Tensor) -> None:
+            nonlocal done
+            w.write(name, t)
+            done += specs[name].nbytes
+            if progress is not None:
+                progress(done, total, name)
+
+        for name in reader.infos:
+            if cancel is not None and cancel():
+                raise Cancelled(f"{output}: cancelled; no output written")
+            if name in replace:
+                put(name, replace[name])
+                if on_read is not None:
+                    # Derived tensors are computed from what the INPUT holds.
+                    extra = on_read(name, reader.read(name))
+                else:
+                    extra = None
+            else:
+                t = reader.read(name)
+                put(name, t)
+                extra = on_read(name, t) if on_read is not None else None
+                del t
+            for new_name, new_t in (extra or {}).items():
+                if new_name in given or new_name not in specs or new_name in reader.infos:
+                    raise KeyError(f"on_read produced {new_name!r}, which is not a declared new tensor")
+                put(new_name, new_t)
+            for new_name in insert_after.get(name, {}):
+                if new_name in given:
+                    put(new_name, given[new_name])
+    return w.total_bytes
