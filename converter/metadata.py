@@ -1,0 +1,314 @@
+"""Per-layer quantization metadata: the ``.comfy_quant`` tensor, the ``_quantization_metadata`` header,
+and discovery of the quantized layers of a state dict / safetensors file (ours and other tools').
+
+Conventions (DESIGN.md §2)
+--------------------------
+- ``<layer>.comfy_quant``: 1-D uint8 tensor holding compact UTF-8 JSON of a flat dict, at least
+  ``{"format": NAME}``; optional ``group_size`` (int > 0), ``per_row`` (bool),
+  ``full_precision_matrix_mult`` (bool), ``orig_dtype`` (str), ``orig_shape`` (list of 2 ints). Any
+  other field (written by other tools) is kept and passed through.
+- Header: ``__metadata__["_quantization_metadata"]`` = JSON string
+  ``{"format_version": "1.0", "layers": {"<layer>": {"format": ..., ...}}}``. Other header keys
+  (``modelspec.*`` ...) are kept.
+- bitsandbytes 4-bit layers carry no ``.comfy_quant``; they are recognised by
+  ``<layer>.weight.quant_state.bitsandbytes__nf4`` / ``__fp4`` (uint8 JSON with ``quant_type``,
+  ``blocksize``, ``dtype``, ``shape`` and, when nested, ``nested_blocksize``/``nested_dtype``/
+  ``nested_offset``) and get the format names ``bnb_nf4`` / ``bnb_fp4``.
+- Legacy "scaled FP8" files (older ComfyUI and other converters): a marker tensor ``<prefix>scaled_fp8``
+  whose dtype is the FP8 dtype used (float32 means e4m3fn), and per layer ``<layer>.scale_weight``
+  (float32, 0-dim or [1]) and optionally ``<layer>.scale_input``. The data layout is exactly
+  ``float8_e4m3fn`` (``float8_e5m2`` when the marker is e5m2) with ``weight_scale`` / ``input_scale``
+  under other names; a 2-element marker means "no fp8 matmul", recorded as
+  ``full_precision_matrix_mult: true`` (what ComfyUI does). A ``.scale_weight`` without any marker is
+  still read as ``float8_e4m3fn`` (the weight's dtype is then checked by ``validate_layer``).
+
+Precedence: a layer described by both a ``.comfy_quant`` tensor and the header must agree on the format
+(fields are merged, the tensor wins); a header entry whose ``<layer>.weight`` is absent is an error;
+legacy names only apply to layers not described otherwise.
+
+Public API (used by the converter, the ComfyUI loaders and the editor)
+----------------------------------------------------------------------
+``QUANT_METADATA_KEY = "_quantization_metadata"``; ``FORMAT_VERSION = "1.0"``.
+
+``encode_comfy_quant(d: dict) -> Tensor``
+    dict -> 1-D uint8 tensor of compact UTF-8 JSON. ``d`` must have a known ``"format"``.
+``decode_comfy_quant(t: Tensor, layer: str = "?") -> dict``
+    The reverse; FormatError naming ``layer`` for a non-uint8/non-1-D tensor, invalid UTF-8/JSON, a
+    non-dict, a missing/unknown format or a known field of the wrong type.
+``build_header(layers: dict[str, dict], base_metadata: dict | None = None) -> dict[str, str]``
+    A safetensors ``__metadata__`` dict: ``base_metadata`` (str -> str) with
+    ``_quantization_metadata`` replaced by ``layers`` (removed when ``layers`` is empty).
+``parse_header(metadata: dict | None) -> dict[str, dict]``
+    ``{layer: dict}`` from a header's ``_quantization_metadata`` ({} when absent).
+``discover_layers(keys, header_metadata, get_tensor) -> dict[str, LayerInfo]``
+    Every quantized layer of a file/state dict (``keys``: its tensor names; ``header_metadata``: its
+    ``__metadata__`` or None; ``get_tensor(key) -> Tensor``: called only for the small ``.comfy_quant``,
+    quant-state and ``scaled_fp8`` marker tensors). Ordered as the layers' weights appear in ``keys``.
+    A key ``_quantization_metadata`` (ComfyUI 0.3.75 puts the header string into state dicts) is ignored.
+``LayerInfo`` (frozen dataclass): ``layer``, ``format``, ``options`` (keyword arguments for the codec:
+    the metadata dict minus ``format`` and minus names that would collide with codec parameters; for
+    BNB ``blocksize``/``double_quant``/``dtype``), ``tensors`` (suffix -> key in the file, e.g.
+    ``{"weight": "x.weight", "weight_scale": "x.scale_weight"}``), ``meta`` (the raw dict as read:
+    ``.comfy_quant``/header dict, BNB quant-state dict, or the synthesised legacy dict), ``source``
+    (``"comfy_quant"``, ``"header"``, ``"bnb"`` or ``"legacy_scaled_fp8"``), ``orig_shape`` (logical
+    ``(M, N)`` when the metadata says, else None). ``info.comfy_quant()`` is the dict to write back.
+``load_layer_tensors(info, get_tensor) -> dict[str, Tensor]``: the layer's tensors by suffix.
+``validate_layer(info, tensors, shape=None) -> None``
+    ``get_codec(info.format).validate(layer, tensors, shape, **info.options)``. ``shape``: the module's
+    logical shape; else ``info.orig_shape``; else, for the unpadded FP8/INT8 layouts, the stored weight's
+    shape. A packed layout with no known shape is a FormatError (the logical shape is never guessed).
+    Checks ``orig_shape`` against ``shape`` when both exist.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import torch
+
+from .formats import FORMAT_NAMES, get_codec
+from .formats.base import FormatError
+
+QUANT_METADATA_KEY = "_quantization_metadata"
+FORMAT_VERSION = "1.0"
+BNB_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
+BNB_FORMATS = {"nf4": "bnb_nf4", "fp4": "bnb_fp4"}
+BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
+LEGACY_MARKER = "scaled_fp8"
+LEGACY_SUFFIXES = {"scale_weight": "weight_scale", "scale_input": "input_scale"}
+# Layouts stored unpadded at the logical shape: their weight's shape IS the logical shape.
+UNPADDED_FORMATS = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise",
+                              "int8_tensorwise", "int8_blockwise"})
+# Metadata fields never passed to codecs: ``format`` is the codec itself, the rest are the names of
+# codec method parameters that a stray field from another tool would collide with.
+_NOT_OPTIONS = frozenset({"format", "params", "amax", "tensors", "shape", "layer", "w", "x", "name"})
+# Tensor suffixes that belong to a quantized layer (weight, weight_scale, weight_scale_2,
+# weight_scalar, input_scale, weight.absmax ...). A child module's keys never match.
+_LAYER_SUFFIX = re.compile(r"^(weight|input)(_[A-Za-z0-9_]+)?(\..+)?$")
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    layer: str
+    format: str
+    options: dict = field(default_factory=dict)
+    tensors: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    source: str = "comfy_quant"
+    orig_shape: tuple[int, int] | None = None
+
+    def comfy_quant(self) -> dict | None:
+        """The ``.comfy_quant`` dict to write for this layer (None for bitsandbytes layers)."""
+        if self.source == "bnb":
+            return None
+        return dict(self.meta)
+
+
+# ---- .comfy_quant tensor -------------------------------------------------------------------------
+
+def encode_comfy_quant(d: Mapping) -> torch.Tensor:
+    """dict -> 1-D uint8 tensor of its compact UTF-8 JSON."""
+    d = check_layer_dict(dict(d), "comfy_quant")
+    data = json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return torch.tensor(list(data), dtype=torch.uint8)
+
+
+def decode_comfy_quant(t: torch.Tensor, layer: str = "?") -> dict:
+    """1-D uint8 tensor -> dict, FormatError naming the layer for anything malformed."""
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.ndim != 1:
+        what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise FormatError(f"{layer}.comfy_quant: expected a 1-D uint8 tensor, found {what}")
+    try:
+        d = json.loads(bytes(t.tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{layer}.comfy_quant: invalid JSON ({e})") from None
+    return check_layer_dict(d, f"{layer}.comfy_quant")
+
+
+def check_layer_dict(d, where: str) -> dict:
+    """Check the known fields of a layer's metadata dict; keep unknown ones. ``where`` names it."""
+    if not isinstance(d, dict):
+        raise FormatError(f"{where}: expected a JSON object, found {type(d).__name__}")
+    fmt = d.get("format")
+    if fmt is None:
+        raise FormatError(f"{where}: no 'format' field")
+    if not isinstance(fmt, str) or fmt not in FORMAT_NAMES:
+        raise FormatError(f"{where}: unknown quantization format {fmt!r}; known formats: {', '.join(FORMAT_NAMES)}")
+    gs = d.get("group_size")
+    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
+        raise FormatError(f"{where}: group_size must be a positive integer, found {gs!r}")
+    for flag in ("per_row", "full_precision_matrix_mult"):
+        if flag in d and not isinstance(d[flag], bool):
+            raise FormatError(f"{where}: {flag} must be true or false, found {d[flag]!r}")
+    if "orig_dtype" in d and not isinstance(d["orig_dtype"], str):
+        raise FormatError(f"{where}: orig_dtype must be a string, found {d['orig_dtype']!r}")
+    if "orig_shape" in d:
+        _shape_of(d["orig_shape"], where)
+    return d
+
+
+def _shape_of(value, where: str) -> tuple[int, int]:
+    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
+        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    if not ok:
+        raise FormatError(f"{where}: orig_shape must be two positive integers, found {value!r}")
+    return (value[0], value[1])
+
+
+# ---- header ---------------------------------------------------------------------------------------
+
+def build_header(layers: Mapping[str, Mapping], base_metadata: Mapping | None = None) -> dict[str, str]:
+    """A safetensors ``__metadata__`` with the quantization header for ``layers`` (layer -> dict)."""
+    out: dict[str, str] = {}
+    for k, v in (base_metadata or {}).items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise FormatError(f"header metadata must map strings to strings, found {k!r}: {type(v).__name__}")
+        out[k] = v
+    out.pop(QUANT_METADATA_KEY, None)
+    if layers:
+        checked = {name: check_layer_dict(dict(d), f"header layer {name}") for name, d in layers.items()}
+        out[QUANT_METADATA_KEY] = json.dumps({"format_version": FORMAT_VERSION, "layers": checked},
+                                             separators=(",", ":"), ensure_ascii=False)
+    return out
+
+
+def parse_header(metadata: Mapping | None) -> dict[str, dict]:
+    """``{layer: dict}`` from ``metadata[_quantization_metadata]``; {} when there is none."""
+    if not metadata or QUANT_METADATA_KEY not in metadata:
+        return {}
+    raw = metadata[QUANT_METADATA_KEY]
+    try:
+        doc = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
+    except json.JSONDecodeError as e:
+        raise FormatError(f"header {QUANT_METADATA_KEY}: invalid JSON ({e})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), dict):
+        raise FormatError(f"header {QUANT_METADATA_KEY}: expected an object with a 'layers' object")
+    return {name: check_layer_dict(d, f"header layer {name}") for name, d in doc["layers"].items()}
+
+
+# ---- discovery ------------------------------------------------------------------------------------
+
+def discover_layers(keys: Iterable[str], header_metadata: Mapping | None,
+                    get_tensor: Callable[[str], torch.Tensor]) -> dict[str, LayerInfo]:
+    """Every quantized layer of a file / state dict; see the module docstring."""
+    keys = [k for k in keys if k != QUANT_METADATA_KEY]
+    keyset = set(keys)
+    found: dict[str, LayerInfo] = {}
+
+    header = parse_header(header_metadata)
+    from_tensor = {k[: -len(".comfy_quant")]: decode_comfy_quant(get_tensor(k), k[: -len(".comfy_quant")])
+                   for k in keys if k.endswith(".comfy_quant")}
+    for layer in list(from_tensor) + [l for l in header if l not in from_tensor]:
+        meta, source = from_tensor.get(layer), "comfy_quant"
+        if meta is None:
+            meta, source = dict(header[layer]), "header"
+        elif layer in header:
+            if header[layer]["format"] != meta["format"]:
+                raise FormatError(f"{layer}: header says format {header[layer]['format']!r} but "
+                                  f"{layer}.comfy_quant says {meta['format']!r}")
+            meta = {**header[layer], **meta}
+        if f"{layer}.weight" not in keyset:
+            raise FormatError(f"{layer}: listed as quantized ({source}) but '{layer}.weight' is not in the file")
+        found[layer] = _info(layer, meta, source, _layer_tensors(layer, keys))
+
+    for k in keys:
+        for qt, fmt in BNB_FORMATS.items():
+            if k.endswith("." + BNB_STATE_PREFIX + qt):
+                layer = k[: -len(BNB_STATE_PREFIX + qt) - 1]
+                if layer in found:
+                    raise FormatError(f"{layer}: has bitsandbytes quant state and {found[layer].source} metadata")
+                found[layer] = _bnb_info(layer, qt, fmt, k, keyset, get_tensor)
+
+    _discover_legacy(keys, keyset, found, get_tensor)
+    order = {k[: -len(".weight")]: i for i, k in enumerate(keys) if k.endswith(".weight")}
+    return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _layer_tensors(layer: str, keys: Iterable[str]) -> dict[str, str]:
+    p = layer + "."
+    return {k[len(p):]: k for k in keys if k.startswith(p) and _LAYER_SUFFIX.match(k[len(p):])}
+
+
+def _info(layer: str, meta: dict, source: str, tensors: dict[str, str]) -> LayerInfo:
+    opts = {k: v for k, v in meta.items() if k not in _NOT_OPTIONS}
+    shape = _shape_of(meta["orig_shape"], layer) if "orig_shape" in meta else None
+    return LayerInfo(layer, meta["format"], opts, tensors, meta, source, shape)
+
+
+def _bnb_info(layer, qt, fmt, state_key, keyset, get_tensor) -> LayerInfo:
+    t = get_tensor(state_key)
+    try:
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
+            raise ValueError("not a uint8 tensor")
+        state = json.loads(bytes(t.reshape(-1).tolist()).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(f"{layer}: invalid bitsandbytes quant state '{state_key}' ({e})") from None
+    if not isinstance(state, dict):
+        raise FormatError(f"{layer}: bitsandbytes quant state is not a JSON object")
+    if state.get("quant_type") != qt:
+        raise FormatError(f"{layer}: quant state key says {qt} but its quant_type is {state.get('quant_type')!r}")
+    for req in ("blocksize", "dtype", "shape"):
+        if req not in state:
+            raise FormatError(f"{layer}: bitsandbytes quant state lacks '{req}'")
+    shape = state["shape"]
+    if not (isinstance(shape, list) and shape and all(isinstance(v, int) and v > 0 for v in shape)):
+        raise FormatError(f"{layer}: bitsandbytes quant state has an invalid shape {shape!r}")
+    tensors = {s: f"{layer}.{s}" for s in BNB_SUFFIXES if f"{layer}.{s}" in keyset}
+    tensors[BNB_STATE_PREFIX + qt] = state_key
+    opts = {"blocksize": state["blocksize"], "double_quant": "nested_blocksize" in state, "dtype": state["dtype"]}
+    orig = (shape[0], shape[1]) if len(shape) == 2 else None
+    return LayerInfo(layer, fmt, opts, tensors, state, "bnb", orig)
+
+
+def _discover_legacy(keys, keyset, found: dict, get_tensor) -> None:
+    markers = {}  # prefix -> marker tensor
+    for k in keys:
+        if k == LEGACY_MARKER or k.endswith("." + LEGACY_MARKER):
+            markers[k[: -len(LEGACY_MARKER)]] = get_tensor(k)
+    for k in keys:
+        if not k.endswith(".scale_weight"):
+            continue
+        layer = k[: -len(".scale_weight")]
+        if layer in found:
+            continue  # described by .comfy_quant / header; those names win (as in ComfyUI)
+        if f"{layer}.weight" not in keyset:
+            raise FormatError(f"{layer}: has legacy '{k}' but no '{layer}.weight'")
+        prefix = max((p for p in markers if k.startswith(p)), key=len, default=None)
+        marker = markers.get(prefix) if prefix is not None else None
+        fmt = "float8_e5m2" if marker is not None and marker.dtype == torch.float8_e5m2 else "float8_e4m3fn"
+        meta = {"format": fmt}
+        if marker is not None and marker.numel() == 2:
+            meta["full_precision_matrix_mult"] = True
+        tensors = {"weight": f"{layer}.weight"}
+        for old, new in LEGACY_SUFFIXES.items():
+            if f"{layer}.{old}" in keyset:
+                tensors[new] = f"{layer}.{old}"
+        found[layer] = LayerInfo(layer, fmt, {k2: v for k2, v in meta.items() if k2 != "format"},
+                                 tensors, meta, "legacy_scaled_fp8", None)
+
+
+# ---- tensors and validation -----------------------------------------------------------------------
+
+def load_layer_tensors(info: LayerInfo, get_tensor: Callable[[str], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The layer's tensors keyed by suffix (legacy names already mapped to the codec's)."""
+    return {suffix: get_tensor(key) for suffix, key in info.tensors.items()}
+
+
+def validate_layer(info: LayerInfo, tensors: Mapping[str, torch.Tensor], shape=None) -> None:
+    """Validate a layer's tensors with its codec; FormatError naming the layer and the problem."""
+    if shape is not None:
+        shape = tuple(int(s) for s in shape)
+        if info.orig_shape is not None and tuple(info.orig_shape) != shape:
+            raise FormatError(f"{info.layer}: metadata orig_shape {tuple(info.orig_shape)} does not match the "
+                              f"layer's shape {shape}")
+    elif info.orig_shape is not None:
+        shape = tuple(info.orig_shape)
+    elif info.format in UNPADDED_FORMATS and "weight" in tensors and tensors["weight"].ndim == 2:
+        shape = tuple(tensors["weight"].shape)
+    else:
+        raise FormatError(f"{info.layer}: logical shape of this {info.format} layer is unknown "
+                          "(no orig_shape in its metadata and none given)")
+    get_codec(info.format).validate(info.layer, tensors, shape, **info.options)
