@@ -1,0 +1,208 @@
+"""MXFP8: FP8 E4M3 elements with one power-of-two (E8M0) scale per 1×32 block. Format name ``mxfp8``.
+
+This is the layout stock ComfyUI / comfy-kitchen read and Blackwell GEMMs consume directly.
+
+Spec (M = out_features, N = in_features; the logical shape comes from the caller, never from storage)
+--------------------------------------------------------------------------------------------------
+- ``weight``: ``float8_e4m3fn`` ``[roundup(M,32), roundup(N,32)]``; rows/columns beyond ``[M, N]``
+  are zero.
+- ``weight_scale``: ``uint8`` E8M0 codes, one per 1×32 block along N of the padded weight (a
+  ``[roundup(M,32), roundup(N,32)/32]`` matrix), stored in the cuBLAS blocked layout
+  (``blocked_layout.py``), i.e. as ``[roundup(M32,128), roundup(N32/32,4)]``. Readers also accept
+  the same bytes typed ``float8_e8m0fnu`` (what comfy-kitchen's tensors hold in memory).
+- Code ``c`` decodes to ``2^(c-127)``, except code 0, which decodes to 0 (all-zero blocks, padding).
+- Block scale: ``c = ceil(log2(block_amax / 448)) + 127`` clamped to ``[1, 254]`` for a block with a
+  nonzero amax; 0 for an all-zero block. The ceiling guarantees ``|w| / 2^(c-127) <= 448`` so no
+  element saturates. ``ceil(log2(.))`` is computed exactly from the float32 exponent bits
+  (``frexp``), not with a floating-point ``log2`` that can round ``2^k·(1+ε)`` down to ``k``.
+  (Clamping to 1, not 0, only matters for blocks with amax < 448·2^-127 ≈ 2.6e-36: code 0 would
+  decode them to 0 here but to ``2^-127`` on hardware that reads E8M0 literally; code 1 is exact.)
+- Elements: ``q = e4m3(w / 2^(c-127))``, round to nearest even, saturating at ±448 (the clamp comes
+  before the cast because older torch casts do not saturate). Division by a power of two is exact,
+  so the only rounding is the one e4m3 cast.
+- Dequantize: ``w ≈ q.float() * 2^(c-127)`` (0 for code 0).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .base import Codec, FormatError, TensorSpec, ceil_div, check_finite, require, round_up
+from .blocked_layout import blocked_shape, from_blocked, to_blocked
+
+BLOCK = 32
+E4M3_MAX = 448.0
+E8M0_BIAS = 127
+_E8M0_DTYPE = getattr(torch, "float8_e8m0fnu", None)
+
+
+def e4m3_saturate(x: torch.Tensor) -> torch.Tensor:
+    """float32 -> float8_e4m3fn, round to nearest even, saturating at ±448, NaN -> 0.
+
+    NaN maps to 0 so that ``round_to_grid(w / S) * S`` is 0 for the S == 0 elements of all-zero
+    blocks (where ``w / S`` is 0/0); finite inputs never produce NaN here.
+    """
+    return torch.nan_to_num(x, nan=0.0).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+
+def check_shape(shape) -> tuple[int, int]:
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
+        raise FormatError(f"expected a 2-D logical weight shape with positive sizes, got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def check_weight(w: torch.Tensor, name: str) -> torch.Tensor:
+    """2-D float weight -> float32 (same device); NonFiniteError for NaN/Inf."""
+    if w.dim() != 2:
+        raise FormatError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
+    if not w.is_floating_point():
+        raise FormatError(f"{name}: expected a floating-point weight, got {w.dtype}")
+    check_finite(w, name)
+    return w.detach().to(torch.float32)
+
+
+def blockwise_amax(w32: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 amax of each 1×``block`` block along dim 1 -> ``[M, ceil(N/block)]`` (zero padding)."""
+    m, n = w32.shape
+    nb = ceil_div(n, block)
+    a = w32.abs()
+    if nb * block != n:
+        a = torch.nn.functional.pad(a, (0, nb * block - n))
+    return a.reshape(m, nb, block).amax(dim=2)
+
+
+def expand_blocks(s: torch.Tensor, shape: tuple[int, int], block: int) -> torch.Tensor:
+    """``[M, nb]`` per-block values -> ``[M, N]`` per-element values."""
+    m, n = shape
+    return s.repeat_interleave(block, dim=1)[:, :n].reshape(m, n)
+
+
+def e8m0_codes_from_amax(amax: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 codes ``ceil(log2(amax/448)) + 127`` clamped to [1, 254]; 0 where amax == 0."""
+    q = amax.to(torch.float32) / E4M3_MAX
+    mant, exp = torch.frexp(q)  # q = mant * 2^exp, mant in [0.5, 1): log2 q is exact iff mant == 0.5
+    e = exp.to(torch.int32) - (mant == 0.5).to(torch.int32)
+    codes = (e + E8M0_BIAS).clamp(1, 254)
+    return torch.where(amax > 0, codes, torch.zeros_like(codes)).to(torch.uint8)
+
+
+def e8m0_decode(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 codes -> float32 ``2^(c-127)``; code 0 -> 0."""
+    c = codes.to(torch.int32)
+    s = torch.ldexp(torch.ones_like(c, dtype=torch.float32), c - E8M0_BIAS)
+    return torch.where(c == 0, torch.zeros_like(s), s)
+
+
+def as_e8m0_codes(t: torch.Tensor, name: str) -> torch.Tensor:
+    """Accept uint8 codes or the same bytes typed float8_e8m0fnu; return uint8."""
+    if t.dtype == torch.uint8:
+        return t
+    if _E8M0_DTYPE is not None and t.dtype == _E8M0_DTYPE:
+        return t.view(torch.uint8)
+    raise FormatError(f"{name}: expected dtype torch.uint8 (E8M0 codes), found {t.dtype}")
+
+
+def _check_group_size(opts) -> None:
+    gs = opts.get("group_size")
+    if gs is not None and gs != BLOCK:
+        raise FormatError(f"mxfp8 has a fixed block size of {BLOCK}, got group_size={gs!r}")
+
+
+class MXFP8(Codec):
+    name = "mxfp8"
+
+    # ---- layout -------------------------------------------------------------------------------
+    @staticmethod
+    def padded_shape(shape) -> tuple[int, int]:
+        m, n = check_shape(shape)
+        return round_up(m, BLOCK), round_up(n, BLOCK)
+
+    def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
+        _check_group_size(opts)
+        mp, np_ = self.padded_shape(shape)
+        return {
+            "weight": TensorSpec(torch.float8_e4m3fn, (mp, np_)),
+            "weight_scale": TensorSpec(torch.uint8, blocked_shape(mp, np_ // BLOCK)),
+        }
+
+    # ---- scale decomposition ------------------------------------------------------------------
+    def block_amax(self, w: torch.Tensor, name: str = "weight", **opts) -> torch.Tensor:
+        return blockwise_amax(check_weight(w, name), BLOCK)
+
+    def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
+        """``{"weight_scale": uint8 E8M0 codes [M, ceil(N/32)]}`` (logical grid, not swizzled)."""
+        _check_group_size(opts)
+        w32 = check_weight(w, name)
+        grid = (w32.shape[0], ceil_div(w32.shape[1], BLOCK))
+        if amax is None:
+            amax = blockwise_amax(w32, BLOCK)
+        elif tuple(amax.shape) != grid:
+            raise FormatError(f"{name}: amax has shape {tuple(amax.shape)}, expected the block grid {grid}")
+        return {"weight_scale": e8m0_codes_from_amax(amax.to(w32.device))}
+
+    def element_scale(self, params: Mapping[str, torch.Tensor], shape, **opts) -> torch.Tensor:
+        """float32 ``[M, N]``: ``2^(c-127)`` per element, 0 in all-zero blocks (code 0)."""
+        shape = check_shape(shape)
+        codes = as_e8m0_codes(params["weight_scale"], "weight_scale")
+        return expand_blocks(e8m0_decode(codes), shape, BLOCK)
+
+    def round_to_grid(self, x: torch.Tensor, **opts) -> torch.Tensor:
+        return e4m3_saturate(x.to(torch.float32)).to(torch.float32)
+
+    # ---- encode / decode ----------------------------------------------------------------------
+    def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
+        w32 = check_weight(w, name)
+        m, n = w32.shape
+        if params is None:
+            params = self.scale_params(w32, name=name, **opts)
+        _check_group_size(opts)
+        codes = as_e8m0_codes(params["weight_scale"], f"{name}_scale").to(w32.device)
+        if tuple(codes.shape) != (m, ceil_div(n, BLOCK)):
+            raise FormatError(f"{name}: scale params have shape {tuple(codes.shape)}, expected {(m, ceil_div(n, BLOCK))}")
+        s = expand_blocks(e8m0_decode(codes), (m, n), BLOCK)
+        x = torch.where(s > 0, w32 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(w32))
+        mp, np_ = self.padded_shape((m, n))
+        q = torch.zeros((mp, np_), dtype=torch.float8_e4m3fn, device=w32.device)
+        q[:m, :n] = e4m3_saturate(x)
+        # Padding rows/blocks are all-zero blocks: code 0.
+        grid = torch.zeros((mp, np_ // BLOCK), dtype=torch.uint8, device=w32.device)
+        grid[:m, : codes.shape[1]] = codes
+        return {"weight": q, "weight_scale": to_blocked(grid)}
+
+    def logical_codes(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "weight") -> torch.Tensor:
+        """The uint8 E8M0 codes ``[M, ceil(N/32)]`` of a stored layer (un-swizzled, cropped)."""
+        m, n = check_shape(shape)
+        mp, np_ = self.padded_shape((m, n))
+        codes = as_e8m0_codes(tensors["weight_scale"], f"{layer}.weight_scale")
+        return from_blocked(codes, mp, np_ // BLOCK, name=f"{layer}.weight_scale")[:m, : ceil_div(n, BLOCK)]
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, **opts) -> torch.Tensor:
+        layer = opts.get("layer", "layer")
+        self.validate(layer, tensors, shape)
+        m, n = check_shape(shape)
+        codes = self.logical_codes(tensors, (m, n), layer)
+        q = tensors["weight"][:m, :n].to(torch.float32)
+        return (q * expand_blocks(e8m0_decode(codes), (m, n), BLOCK)).to(dtype)
+
+    def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
+        try:
+            shape = check_shape(shape)
+            _check_group_size(opts)
+        except FormatError as e:
+            raise FormatError(f"{layer}: {e}") from None
+        specs = self.output_specs(shape)
+        require(layer, tensors, "weight", torch.float8_e4m3fn, specs["weight"].shape)
+        require(layer, tensors, "weight_scale")
+        as_e8m0_codes(tensors["weight_scale"], f"{layer}.weight_scale")
+        found = tuple(tensors["weight_scale"].shape)
+        if found != specs["weight_scale"].shape:
+            raise FormatError(
+                f"{layer}.weight_scale: expected shape {specs['weight_scale'].shape} (blocked E8M0 scales for "
+                f"logical weight {shape}), found {found}"
+            )
+
+    def metadata(self, **opts) -> dict:
+        return {"format": self.name}
