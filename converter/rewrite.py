@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
 import torch
@@ -48,8 +49,12 @@ def decode_comfy_quant(layer: str, t: torch.Tensor, path: str = "") -> dict:
 
 
 def encode_comfy_quant(cfg: Mapping) -> torch.Tensor:
-    """The ``.comfy_quant`` tensor for ``cfg`` (1-D uint8 UTF-8 JSON)."""
-    raw = json.dumps(dict(cfg), ensure_ascii=False).encode("utf-8")
+    """The ``.comfy_quant`` tensor for ``cfg`` (1-D uint8 compact UTF-8 JSON, as ``metadata.py`` writes).
+
+    Decoding and encoding here are deliberately lenient about the format name and field types (unlike
+    ``metadata.py``, which the loaders use): an editor must be able to open, and fix, a file another
+    tool wrote with an odd field."""
+    raw = json.dumps(dict(cfg), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
 
 
@@ -108,11 +113,12 @@ def rewrite_file(reader: SafetensorsReader, output: str, *, replace: Mapping[str
     """Write ``output``: the input's tensors in file order, byte for byte, except ``replace[name]``.
 
     ``insert_after[anchor]`` declares new tensors placed right after ``anchor``: a tensor is written as
-    is; a bare ``TensorSpec`` must be produced by ``on_read(name, tensor)``, which sees every input
-    tensor as it streams past and returns ``{new_name: tensor}`` for new tensors it can now compute
-    (so a derived tensor needs no second read of its inputs). Streams one tensor at a time: peak
-    memory is about the largest tensor plus what ``on_read`` keeps. Returns the bytes written; on any
-    error no output exists."""
+    is; a bare ``TensorSpec`` must be produced by ``on_read(name, tensor)``, which sees every tensor
+    copied from the input as it streams past and returns ``{new_name: tensor}`` for new tensors it can
+    now compute (so a derived tensor needs no second read of its inputs). One thread reads the next
+    tensor while this one is written (``preadv``/``pwrite`` release the GIL): peak memory is about two
+    of the largest tensors plus what ``on_read`` keeps. Returns the bytes written; on any error
+    (including ``cancel()`` returning true) no output exists and the input is untouched."""
     replace = dict(replace or {})
     insert_after = {k: dict(v) for k, v in (insert_after or {}).items()}
     for n in list(replace) + list(insert_after):
@@ -133,8 +139,9 @@ def rewrite_file(reader: SafetensorsReader, output: str, *, replace: Mapping[str
                 specs[new_name] = new
     total = sum(s.nbytes for s in specs.values())
     done = 0
+    copied = [n for n in reader.infos if n not in replace]
     with AtomicSafetensorsWriter(output, specs, metadata if metadata is not None else reader.metadata,
-                                 overwrite=overwrite) as w:
+                                 overwrite=overwrite) as w, ThreadPoolExecutor(1, thread_name_prefix="rewrite-read") as pool:
         def put(name: str, t: torch.Tensor) -> None:
             nonlocal done
             w.write(name, t)
@@ -142,20 +149,22 @@ def rewrite_file(reader: SafetensorsReader, output: str, *, replace: Mapping[str
             if progress is not None:
                 progress(done, total, name)
 
+        pending = {copied[0]: pool.submit(reader.read, copied[0])} if copied else {}
+        k = 0  # index in ``copied`` of the tensor being prefetched
         for name in reader.infos:
             if cancel is not None and cancel():
                 raise Cancelled(f"{output}: cancelled; no output written")
+            extra = None
             if name in replace:
                 put(name, replace[name])
-                if on_read is not None:
-                    # Derived tensors are computed from what the INPUT holds.
-                    extra = on_read(name, reader.read(name))
-                else:
-                    extra = None
             else:
-                t = reader.read(name)
+                t = pending.pop(name).result()
+                k += 1
+                if k < len(copied):
+                    pending[copied[k]] = pool.submit(reader.read, copied[k])
                 put(name, t)
-                extra = on_read(name, t) if on_read is not None else None
+                if on_read is not None:
+                    extra = on_read(name, t)
                 del t
             for new_name, new_t in (extra or {}).items():
                 if new_name in given or new_name not in specs or new_name in reader.infos:
