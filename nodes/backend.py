@@ -1,0 +1,129 @@
+"""Bridge between the nodes and ComfyUI's stock loaders, with our ops chosen from the file.
+
+ComfyUI facts this relies on (DESIGN.md §3):
+- ``model_options["custom_operations"]`` makes ComfyUI use our ops class verbatim (and skip its own
+  header -> ``.comfy_quant`` handling), so ``ops.state_dict.prepare_state_dict`` prepares the state
+  dict first (packed BNB weights presented with logical shapes for model detection, etc.).
+- checkpoint loaders take the text-encoder ops through ``te_model_options``.
+- current ComfyUI's loaders have a ``disable_dynamic`` keyword that 0.3.75 lacks: we pass it only
+  when the signature has it (feature detection, not version numbers).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+log = logging.getLogger("HybridQuant")
+
+OPS_CHOICES = ("auto", "HybridBNB4bitOps", "HybridMXFP8Ops")
+
+
+def _ops_module():
+    from .. import ops
+
+    return ops
+
+
+def pick_ops(keys, metadata, override: str = "auto"):
+    """The ops class for a state dict (``override`` "auto" lets ``ops.choose_ops`` decide)."""
+    ops = _ops_module()
+    return ops.choose_ops(list(keys), metadata or {}, override=None if override in (None, "", "auto") else override)
+
+
+def prepare(sd, metadata):
+    from ..ops.state_dict import prepare_state_dict
+
+    return prepare_state_dict(sd, metadata or {})
+
+
+def _with_dynamic_flag(fn, kwargs: dict) -> dict:
+    # Current ComfyUI's "dynamic" model patcher manages weights itself; our ops keep packed data in
+    # their own parameters, so we ask for the classic patcher where the loader lets us choose.
+    # See ops' documentation of the disable_dynamic flag.
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return kwargs
+    if "disable_dynamic" in params:
+        kwargs = dict(kwargs, disable_dynamic=True)
+    return kwargs
+
+
+def load_file(path: str):
+    import comfy.utils
+
+    sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
+    return sd, (metadata or {})
+
+
+def diffusion_model_from_state_dict(sd: dict, metadata: dict, ops_class, source: str, extra_options=None):
+    """A MODEL (ModelPatcher) from a (quantized or plain) diffusion-model state dict."""
+    import comfy.sd
+
+    model_options = dict(extra_options or {})
+    model_options["custom_operations"] = ops_class
+    sd = prepare(sd, metadata)
+    fn = comfy.sd.load_diffusion_model_state_dict
+    kwargs = _with_dynamic_flag(fn, {"model_options": model_options, "metadata": metadata})
+    model = fn(sd, **kwargs)
+    if model is None:
+        raise RuntimeError(f"{source}: ComfyUI could not detect the model type of this diffusion model "
+                           f"(no known architecture matches its layer names/shapes)")
+    return model
+
+
+def load_diffusion_model(path: str, override: str = "auto"):
+    sd, metadata = load_file(path)
+    ops_class = pick_ops(sd.keys(), metadata, override)
+    log.info("HybridQuant: loading %s with %s", path, getattr(ops_class, "__name__", ops_class))
+    return diffusion_model_from_state_dict(sd, metadata, ops_class, path), ops_class
+
+
+def load_checkpoint(path: str, override: str = "auto", embedding_directory=None):
+    import comfy.sd
+
+    sd, metadata = load_file(path)
+    ops_class = pick_ops(sd.keys(), metadata, override)
+    sd = prepare(sd, metadata)
+    fn = comfy.sd.load_state_dict_guess_config
+    kwargs = _with_dynamic_flag(fn, {
+        "output_vae": True, "output_clip": True, "embedding_directory": embedding_directory,
+        "model_options": {"custom_operations": ops_class},
+        "te_model_options": {"custom_operations": ops_class},
+        "metadata": metadata,
+    })
+    out = fn(sd, **kwargs)
+    if out is None:
+        raise RuntimeError(f"{path}: ComfyUI could not detect the checkpoint type")
+    model, clip, vae = out[:3]
+    return model, clip, vae, ops_class
+
+
+def load_clip(paths: list[str], clip_type: str, override: str = "auto", embedding_directory=None):
+    import comfy.sd
+
+    sds = []
+    chosen = []
+    for p in paths:
+        sd, metadata = load_file(p)
+        ops_class = pick_ops(sd.keys(), metadata, override)
+        chosen.append(ops_class)
+        sds.append(prepare(sd, metadata))
+    # One CLIP object holds every text encoder with one ops class: choose the first quantized one.
+    ops_class = chosen[0]
+    ct = getattr(comfy.sd.CLIPType, clip_type.upper(), None)
+    if ct is None:
+        raise ValueError(f"unknown CLIP type {clip_type!r} for this ComfyUI")
+    fn = comfy.sd.load_text_encoder_state_dicts
+    kwargs = _with_dynamic_flag(fn, {"embedding_directory": embedding_directory, "clip_type": ct,
+                                     "model_options": {"custom_operations": ops_class}})
+    return fn(sds, **kwargs), ops_class
+
+
+def clip_types() -> list[str]:
+    import comfy.sd
+
+    names = [m.name.lower() for m in comfy.sd.CLIPType]
+    first = ["stable_diffusion", "sd3", "flux"]
+    return [n for n in first if n in names] + [n for n in names if n not in first]

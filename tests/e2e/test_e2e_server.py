@@ -1,0 +1,55 @@
+"""The pack loads into a real ComfyUI server: nodes in /object_info, web extension served, clean log."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
+
+NODES = {
+    "HybridQuantQuantizeModel": ("Quantize Model",
+                                 {"model", "format", "preset", "custom_layers", "custom_format", "rounding",
+                                  "save", "filename_prefix"}, ["MODEL", "STRING"]),
+    "HybridQuantLoadDiffusionModel": ("Load Diffusion Model (HybridQuant)", {"unet_name", "ops"}, ["MODEL"]),
+    "HybridQuantLoadCheckpoint": ("Load Checkpoint (HybridQuant)", {"ckpt_name", "ops"}, ["MODEL", "CLIP", "VAE"]),
+    "HybridQuantLoadCLIP": ("Load CLIP (HybridQuant)", {"clip_name", "type", "ops"}, ["CLIP"]),
+    "HybridQuantInfo": ("Quantization Info", {"file"}, ["STRING"]),
+}
+
+
+def test_object_info_lists_every_node_with_inputs(comfy_server):
+    status, info = comfy_server.get("/object_info")
+    assert status == 200
+    for node_id, (display, inputs, outputs) in NODES.items():
+        assert node_id in info, f"{node_id} missing from /object_info"
+        node = info[node_id]
+        assert node["display_name"] == display
+        assert node["category"] == "HybridQuant"
+        got = set(node["input"].get("required", {})) | set(node["input"].get("optional", {}))
+        assert inputs <= got, f"{node_id}: inputs {sorted(got)} lack {sorted(inputs - got)}"
+        assert node["output"] == outputs
+        for name in inputs:
+            spec = (node["input"].get("required", {}) | node["input"].get("optional", {}))[name]
+            assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
+        assert node.get("description")
+    q = info["HybridQuantQuantizeModel"]["input"]["required"]
+    assert "bnb_nf4" in q["format"][1]["options"] if isinstance(q["format"][0], str) else "bnb_nf4" in q["format"][0]
+
+
+def test_pack_loaded_without_errors_or_warnings(comfy_server):
+    log = comfy_server.log_text()
+    assert re.search(r"\d+\.\d+ seconds: .*ComfyUI-HybridQuant", log), "pack not in the import-times list:\n" + log[-3000:]
+    assert "(IMPORT FAILED)" not in log
+    bad = [ln for ln in log.splitlines()
+           if ("HybridQuant" in ln or "hybridquant" in ln) and re.search(r"(?i)warn|error|traceback|failed", ln)]
+    assert not bad, "pack logged warnings/errors:\n" + "\n".join(bad)
+    assert "Cannot import" not in log
+
+
+def test_web_extension_is_served(comfy_server):
+    status, exts = comfy_server.get("/extensions")
+    assert status == 200
+    ours = [e for e in exts if "ComfyUI-HybridQuant" in e]
+    assert any(e.endswith("hybridquant.js") for e in ours), exts
