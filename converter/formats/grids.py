@@ -89,7 +89,10 @@ def expand_grid(kind: str, scale: torch.Tensor, shape: tuple[int, int], bs: int 
 
 def scales_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """``amax / qmax`` in float32, with 1.0 where that is 0 (see the module docstring)."""
-    s = amax.to(torch.float32) / qmax
+    # Divide by a tensor on amax's device, not a Python float: CUDA turns division by a CPU scalar
+    # into multiplication by its reciprocal, which is not correctly rounded and makes GPU scales
+    # differ from CPU ones in the last bit.
+    s = amax.to(torch.float32) / torch.tensor(qmax, dtype=torch.float32, device=amax.device)
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
