@@ -29,7 +29,7 @@ LAYERS = {  # layer -> (format, shape)
 
 
 def cq_tensor(cfg: dict) -> torch.Tensor:
-    return torch.tensor(list(json.dumps(cfg).encode("utf-8")), dtype=torch.uint8)
+    return torch.tensor(list(json.dumps(cfg, separators=(",", ":")).encode("utf-8")), dtype=torch.uint8)
 
 
 def cq_decode(t: torch.Tensor) -> dict:
