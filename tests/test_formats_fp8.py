@@ -216,8 +216,14 @@ def test_large_odd_shape_blockwise():
 def test_non_finite_input_names_the_tensor(name, bad):
     w = torch.randn(4, 4)
     w[1, 2] = bad
-    with pytest.raises(NonFiniteError, match="blocks.3.attn.qkv.weight"):
-        get_codec(name).quantize(w, name="blocks.3.attn.qkv.weight", **opts_for(name))
+    codec, o = get_codec(name), opts_for(name)
+    with pytest.raises(NonFiniteError, match=r"blocks\.3\.attn\.qkv\.weight: contains"):
+        codec.quantize(w, name="blocks.3.attn.qkv.weight", **o)
+    params = codec.scale_params(torch.ones(4, 4), **o)  # caller-supplied scales: still checked
+    with pytest.raises(NonFiniteError, match=r"blocks\.3\.attn\.qkv\.weight: contains"):
+        codec.quantize(w, params=params, name="blocks.3.attn.qkv.weight", **o)
+    with pytest.raises(NonFiniteError, match="w2"):
+        codec.scale_params(w, name="w2", **o)
 
 
 @pytest.mark.parametrize("name", FP8_NAMES)

@@ -68,8 +68,9 @@ class _FP8(GridCodec):
     def layout(self, opts, tensors=None):
         return self.kind, 0
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return to_float8_saturated(x, self.storage)
+    def encode_(self, x: torch.Tensor) -> torch.Tensor:
+        fmax = torch.finfo(self.storage).max
+        return x.clamp_(-fmax, fmax).to(self.storage)  # same as to_float8_saturated, in place
 
     def extra_specs(self, opts):
         if opts.get("input_scale") is None:

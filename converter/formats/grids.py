@@ -22,7 +22,7 @@ from typing import Mapping
 
 import torch
 
-from .base import Codec, FormatError, TensorSpec, ceil_div, check_finite, require
+from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, check_finite, require
 
 KINDS = ("tensor", "row", "row1", "tile")
 
@@ -53,38 +53,68 @@ def grid_shape(kind: str, shape: tuple[int, int], bs: int = 0) -> tuple[int, ...
     raise ValueError(kind)
 
 
+def _absmax(w: torch.Tensor, dim=None) -> torch.Tensor:
+    # max(max, -min) instead of abs().amax(): no |w|-sized temporary. Exact in any float dtype.
+    if dim is None:
+        return torch.maximum(w.amax(), -w.amin()).to(torch.float32)
+    return torch.maximum(w.amax(dim=dim), -w.amin(dim=dim)).to(torch.float32)
+
+
 def grid_amax(kind: str, w: torch.Tensor, bs: int = 0) -> torch.Tensor:
-    """float32 absolute maximum of each block of the 2-D ``w``, in ``grid_shape(kind, w.shape)``."""
-    a = w.detach().abs().to(torch.float32)
+    """float32 absolute maximum of each block of the 2-D ``w``, in ``grid_shape(kind, w.shape)``.
+
+    Works on ``w`` in its own dtype without copying it (a layer can be hundreds of MiB).
+    """
+    w = w.detach()
+    if w.element_size() == 1:  # fp8 inputs: reductions are not implemented for them everywhere
+        w = w.to(torch.float32)
     if kind == "tensor":
-        return a.amax()
+        return _absmax(w)
     if kind == "row":
-        return a.amax(dim=1)
+        return _absmax(w, 1)
     if kind == "row1":
-        return a.amax(dim=1, keepdim=True)
+        return _absmax(w, 1).reshape(-1, 1)
     if kind == "tile":
-        m, n = a.shape
+        m, n = w.shape
         gm, gn = grid_shape("tile", (m, n), bs)
-        pm, pn = gm * bs - m, gn * bs - n
-        if pm or pn:  # zero padding never raises an absolute maximum
-            a = torch.nn.functional.pad(a, (0, pn, 0, pm))
-        return a.reshape(gm, bs, gn, bs).amax(dim=(1, 3))
+        out = torch.empty((gm, gn), dtype=torch.float32, device=w.device)
+        for i in range(gm):  # one band of bs rows at a time: only [N]-sized temporaries
+            col = _absmax(w[i * bs:(i + 1) * bs], 0)
+            if gn * bs != n:  # zero padding never raises an absolute maximum
+                col = torch.nn.functional.pad(col, (0, gn * bs - n))
+            out[i] = col.reshape(gn, bs).amax(dim=1)
+        return out
     raise ValueError(kind)
 
 
 def expand_grid(kind: str, scale: torch.Tensor, shape: tuple[int, int], bs: int = 0) -> torch.Tensor:
-    """Broadcast a scale grid to the per-element float32 ``[M, N]`` multiplier."""
+    """Broadcast a scale grid to the per-element float32 ``[M, N]`` multiplier (a view where possible)."""
     m, n = shape
     s = scale.to(torch.float32)
     if kind == "tensor":
         return s.reshape(()).expand(m, n)
-    if kind == "row":
-        return s.reshape(m, 1).expand(m, n)
-    if kind == "row1":
+    if kind in ("row", "row1"):
         return s.reshape(m, 1).expand(m, n)
     if kind == "tile":
         return s.repeat_interleave(bs, dim=0)[:m].repeat_interleave(bs, dim=1)[:, :n]
     raise ValueError(kind)
+
+
+def apply_grid_(x: torch.Tensor, kind: str, scale: torch.Tensor, bs: int, op: str) -> torch.Tensor:
+    """In place ``x / S`` (``op="div"``) or ``x * S`` (``op="mul"``) for the float32 ``[M, N]`` ``x``.
+
+    Element for element the same IEEE operation as with ``expand_grid``, but tiles are handled one
+    band of rows at a time so no ``[M, N]`` scale tensor is materialised.
+    """
+    fn = torch.Tensor.div_ if op == "div" else torch.Tensor.mul_
+    m, n = x.shape
+    s = scale.to(device=x.device, dtype=torch.float32)
+    if kind != "tile":
+        fn(x, expand_grid(kind, s, (m, n), bs))
+        return x
+    for i in range(s.shape[0]):
+        fn(x[i * bs:(i + 1) * bs], s[i].repeat_interleave(bs)[:n])
+    return x
 
 
 def scales_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -127,7 +157,7 @@ class GridCodec(Codec):
     """Common body of the FP8 and INT8 codecs: ``weight`` (storage dtype, ``[M, N]``) + ``weight_scale``.
 
     Subclasses set ``name``, ``storage`` (torch dtype), ``qmax`` (largest grid magnitude), implement
-    ``encode(x)`` (round the float32 ``x = w / S`` to the grid with saturation and cast to storage) and
+    ``encode_(x)`` (round the float32 ``x = w / S`` to the grid with saturation and cast to storage) and
     ``layout(opts, tensors)`` -> ``(kind, bs)``. Unknown options are ignored, so a layer's whole
     ``.comfy_quant`` dict (``format``, ``orig_dtype`` ...) can be passed back in.
     """
@@ -139,7 +169,8 @@ class GridCodec(Codec):
     def layout(self, opts: dict, tensors: Mapping[str, torch.Tensor] | None = None) -> tuple[str, int]:
         raise NotImplementedError
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
+    def encode_(self, x: torch.Tensor) -> torch.Tensor:
+        """Round float32 ``x`` (which the callee may overwrite) to the grid, saturate, cast to storage."""
         raise NotImplementedError
 
     def extra_specs(self, opts: dict) -> dict[str, TensorSpec]:
@@ -170,8 +201,9 @@ class GridCodec(Codec):
         _check_2d(w, name)
         kind, bs = self.layout(opts)
         if amax is None:
-            check_finite(w, name)
             amax = grid_amax(kind, w, bs)
+            if not bool(torch.isfinite(amax).all()):  # NaN/Inf propagate into the block maxima
+                raise_non_finite(w, name)
         else:
             amax = check_amax(amax, grid_shape(kind, tuple(w.shape), bs), name).to(w.device)
         return {"weight_scale": scales_from_amax(amax, self.qmax)}
@@ -182,20 +214,22 @@ class GridCodec(Codec):
         return expand_grid(kind, params["weight_scale"], shape, bs)
 
     def round_to_grid(self, x: torch.Tensor, **opts) -> torch.Tensor:
-        return self.encode(x.to(torch.float32)).to(torch.float32)
+        return self.encode_(x.to(torch.float32, copy=True)).to(torch.float32)
 
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, **opts) -> dict[str, torch.Tensor]:
         """Quantize a 2-D float weight. ``name=`` (default ``"weight"``) names ``w`` in error messages."""
         name = opts.get("name", "weight")
         _check_2d(w, name)
-        check_finite(w, name)
         shape = (int(w.shape[0]), int(w.shape[1]))
         kind, bs = self.layout(opts)
         if params is None:
-            params = self.scale_params(w, **opts)
+            params = self.scale_params(w, **opts)  # checks finiteness on the way
+        elif not bool(torch.isfinite(grid_amax("tensor", w)).all()):
+            raise_non_finite(w, name)
         scale = read_scale(name, params, "weight_scale", kind, shape, bs)
         scale = scale.to(device=w.device).reshape(grid_shape(kind, shape, bs)).clone()
-        q = self.encode(w.to(torch.float32) / expand_grid(kind, scale, shape, bs))
+        x = apply_grid_(w.detach().to(torch.float32, copy=True), kind, scale, bs, "div")
+        q = self.encode_(x)  # x is ours: encode_ may work in place
         out = {"weight": q.contiguous(), "weight_scale": scale}
         out.update(self.extra_outputs(w, opts, name))
         return out
@@ -203,9 +237,8 @@ class GridCodec(Codec):
     def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, **opts) -> torch.Tensor:
         shape = check_shape(shape)
         kind, bs = self.layout(opts, tensors)
-        q = tensors["weight"]
-        s = expand_grid(kind, tensors["weight_scale"].to(q.device), shape, bs)
-        return (q.to(torch.float32) * s).to(dtype)
+        x = tensors["weight"].to(torch.float32)
+        return apply_grid_(x, kind, tensors["weight_scale"], bs, "mul").to(dtype)
 
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
         try:
@@ -216,6 +249,13 @@ class GridCodec(Codec):
         require(layer, tensors, "weight", dtype=self.storage, shape=shape)
         read_scale(layer, tensors, "weight_scale", kind, shape, bs)
         self.validate_extra(layer, tensors)
+
+
+def raise_non_finite(w: torch.Tensor, name: str) -> None:
+    """Raise NonFiniteError with the NaN/Inf counts (only called once a cheap max/min probe failed:
+    ``check_finite``'s full ``isfinite`` pass costs more than the whole quantization otherwise)."""
+    check_finite(w, name)
+    raise NonFiniteError(f"{name}: contains NaN or Inf values; refusing to quantize")
 
 
 def _check_2d(w: torch.Tensor, name: str) -> None:

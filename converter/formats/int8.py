@@ -36,8 +36,8 @@ class _Int8(GridCodec):
     storage = torch.int8
     qmax = 127.0
 
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.round(x).clamp_(-127, 127).to(torch.int8)
+    def encode_(self, x: torch.Tensor) -> torch.Tensor:
+        return x.round_().clamp_(-127, 127).to(torch.int8)
 
 
 class Int8Tensorwise(_Int8):
