@@ -1,0 +1,171 @@
+"""NVFP4: E2M1 (FP4) elements, an e4m3 scale per 1×16 block and one float32 global scale. Name ``nvfp4``.
+
+The layout stock ComfyUI / comfy-kitchen read and Blackwell FP4 GEMMs consume; matched bit for bit
+with comfy-kitchen's ``quantize_nvfp4`` (given the same global scale).
+
+Spec (M = out_features, N = in_features; logical shape from the caller)
+-----------------------------------------------------------------------
+- ``weight``: uint8 ``[roundup(M,16), roundup(N,16)/2]``, two E2M1 codes per byte, the EVEN element
+  (column ``2k``) in the HIGH nibble. Padding rows/columns hold code 0.
+- ``weight_scale``: ``float8_e4m3fn`` block scales, one per 1×16 block of the padded weight (a
+  ``[roundup(M,16), roundup(N,16)/16]`` matrix), stored in the cuBLAS blocked layout
+  (``blocked_layout.py``).
+- ``weight_scale_2``: float32 ``[]`` global scale ``s2 = amax(|W|) / (448 * 6)`` (float32 division).
+- E2M1 code: bit 3 sign, bits 2..0 magnitude index into ``[0, 0.5, 1, 1.5, 2, 3, 4, 6]``.
+
+Encoding (all float32):
+- block scale ``b = e4m3(min((block_amax / 6) / s2, 448))``: round to nearest even; it may round to
+  an e4m3 subnormal or to 0 for blocks far below the tensor's amax. ``s2 == 0`` (all-zero weight)
+  gives ``b = 0``.
+- per-element scale ``S = s2 * float(b)`` (one float32 product); ``x = w / S``, or 0 where ``S == 0``.
+- ``x`` clamped to ±6 and rounded to the nearest E2M1 value, ties to the even code (0.25 -> 0,
+  0.75 -> 1, 1.25 -> 1, 1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4). The sign bit is kept for values that
+  round to zero (``-0.1`` -> code 8, "-0"), as comfy-kitchen does; where ``S == 0`` the code is 0.
+- Decoding: ``w = value(code) * S``.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+
+from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
+from .blocked_layout import blocked_shape, from_blocked, to_blocked
+from .mxfp8 import E4M3_MAX, blockwise_amax, check_shape, check_weight, expand_blocks
+
+BLOCK = 16
+E2M1_MAX = 6.0
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between consecutive magnitudes and whether a value exactly on it goes UP (the upper
+# neighbour has the even code) — round-to-nearest-even on the 3-bit magnitude index.
+_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+
+def e2m1_magnitude_index(a: torch.Tensor) -> torch.Tensor:
+    """|x| (float32, already <= 6) -> magnitude index 0..7, round to nearest, ties to even index."""
+    idx = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
+    for mid, tie_up in _MIDPOINTS:
+        idx += (a >= mid if tie_up else a > mid).to(torch.uint8)
+    return idx
+
+
+def _values(device) -> torch.Tensor:
+    v = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+    return torch.cat([v, -v])  # code -> value (codes 8..15 negative; code 8 is -0)
+
+
+def _check_group_size(opts) -> None:
+    gs = opts.get("group_size")
+    if gs is not None and gs != BLOCK:
+        raise FormatError(f"nvfp4 has a fixed block size of {BLOCK}, got group_size={gs!r}")
+
+
+class NVFP4(Codec):
+    name = "nvfp4"
+
+    @staticmethod
+    def padded_shape(shape) -> tuple[int, int]:
+        m, n = check_shape(shape)
+        return round_up(m, BLOCK), round_up(n, BLOCK)
+
+    def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
+        _check_group_size(opts)
+        mp, np_ = self.padded_shape(shape)
+        return {
+            "weight": TensorSpec(torch.uint8, (mp, np_ // 2)),
+            "weight_scale": TensorSpec(torch.float8_e4m3fn, blocked_shape(mp, np_ // BLOCK)),
+            "weight_scale_2": TensorSpec(torch.float32, ()),
+        }
+
+    # ---- scale decomposition ------------------------------------------------------------------
+    def block_amax(self, w: torch.Tensor, name: str = "weight", **opts) -> torch.Tensor:
+        return blockwise_amax(check_weight(w, name), BLOCK)
+
+    def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
+        """``{"weight_scale": e4m3 [M, ceil(N/16)], "weight_scale_2": f32 []}`` (not swizzled).
+
+        With ``amax`` (block grid) given, the global scale is derived from ``amax.max()``.
+        """
+        _check_group_size(opts)
+        w32 = check_weight(w, name)
+        grid = (w32.shape[0], ceil_div(w32.shape[1], BLOCK))
+        if amax is None:
+            amax = blockwise_amax(w32, BLOCK)
+        elif tuple(amax.shape) != grid:
+            raise FormatError(f"{name}: amax has shape {tuple(amax.shape)}, expected the block grid {grid}")
+        amax = amax.to(device=w32.device, dtype=torch.float32)
+        s2 = amax.max() / (E4M3_MAX * E2M1_MAX)
+        b = (amax / E2M1_MAX) / torch.where(s2 > 0, s2, torch.ones_like(s2))
+        b = torch.where(s2 > 0, b, torch.zeros_like(b)).clamp(max=E4M3_MAX)
+        return {"weight_scale": b.to(torch.float8_e4m3fn), "weight_scale_2": s2.reshape(())}
+
+    @staticmethod
+    def _block_scale(params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """float32 ``[M, nb]`` ``S = s2 * b`` (a single float32 product, as the decoders compute it)."""
+        return params["weight_scale_2"].to(torch.float32) * params["weight_scale"].to(torch.float32)
+
+    def element_scale(self, params: Mapping[str, torch.Tensor], shape, **opts) -> torch.Tensor:
+        return expand_blocks(self._block_scale(params), check_shape(shape), BLOCK)
+
+    def round_to_grid(self, x: torch.Tensor, **opts) -> torch.Tensor:
+        x = torch.nan_to_num(x.to(torch.float32), nan=0.0).clamp(-E2M1_MAX, E2M1_MAX)
+        mag = _values(x.device)[e2m1_magnitude_index(x.abs()).long()]
+        return torch.where(torch.signbit(x), -mag, mag)
+
+    # ---- encode / decode ----------------------------------------------------------------------
+    def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
+        w32 = check_weight(w, name)
+        m, n = w32.shape
+        if params is None:
+            params = self.scale_params(w32, name=name, **opts)
+        _check_group_size(opts)
+        nb = ceil_div(n, BLOCK)
+        b = params["weight_scale"]
+        s2 = params["weight_scale_2"]
+        if b.dtype != torch.float8_e4m3fn or tuple(b.shape) != (m, nb) or s2.numel() != 1:
+            raise FormatError(f"{name}: nvfp4 scale params must be e4m3 [{m}, {nb}] block scales and a one-element global scale")
+        b, s2 = b.to(w32.device), s2.to(device=w32.device, dtype=torch.float32).reshape(())
+        s = expand_blocks(self._block_scale({"weight_scale": b, "weight_scale_2": s2}), (m, n), BLOCK)
+        nz = s != 0
+        x = torch.where(nz, w32 / torch.where(nz, s, torch.ones_like(s)), torch.zeros_like(w32))
+        x = x.clamp(-E2M1_MAX, E2M1_MAX)
+        codes = e2m1_magnitude_index(x.abs()) | (torch.signbit(x).to(torch.uint8) << 3)
+        mp, np_ = self.padded_shape((m, n))
+        full = torch.zeros((mp, np_), dtype=torch.uint8, device=w32.device)
+        full[:m, :n] = codes
+        packed = (full[:, 0::2] << 4) | full[:, 1::2]
+        grid = torch.zeros((mp, np_ // BLOCK), dtype=torch.float8_e4m3fn, device=w32.device)
+        grid[:m, :nb] = b
+        return {"weight": packed, "weight_scale": to_blocked(grid), "weight_scale_2": s2.clone()}
+
+    def logical_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
+        """``{"weight_scale": e4m3 [M, ceil(N/16)], "weight_scale_2": f32 []}`` of a stored layer."""
+        m, n = check_shape(shape)
+        mp, np_ = self.padded_shape((m, n))
+        b = from_blocked(tensors["weight_scale"], mp, np_ // BLOCK, name=f"{layer}.weight_scale")
+        return {"weight_scale": b[:m, : ceil_div(n, BLOCK)], "weight_scale_2": tensors["weight_scale_2"].reshape(())}
+
+    def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, layer: str = "layer", **opts) -> torch.Tensor:
+        self.validate(layer, tensors, shape)
+        m, n = check_shape(shape)
+        packed = tensors["weight"]
+        codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(packed.shape[0], -1)[:m, :n]
+        vals = _values(packed.device)[codes.long()]
+        return (vals * self.element_scale(self.logical_params(tensors, (m, n), layer), (m, n))).to(dtype)
+
+    def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
+        try:
+            shape = check_shape(shape)
+            _check_group_size(opts)
+        except FormatError as e:
+            raise FormatError(f"{layer}: {e}") from None
+        specs = self.output_specs(shape)
+        require(layer, tensors, "weight", torch.uint8, specs["weight"].shape)
+        require(layer, tensors, "weight_scale", torch.float8_e4m3fn, specs["weight_scale"].shape)
+        s2 = require(layer, tensors, "weight_scale_2", torch.float32)
+        if s2.numel() != 1:  # 0-dim as written; [1] from older tools is read too
+            raise FormatError(f"{layer}.weight_scale_2: expected a one-element global scale, found shape {tuple(s2.shape)}")
+
+    def metadata(self, **opts) -> dict:
+        return {"format": self.name}
