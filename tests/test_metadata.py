@@ -209,6 +209,10 @@ def test_discover_bitsandbytes_keys_as_bitsandbytes_writes_them(tmp_path, quant_
     fc = loaded["net.fc"]
     rebuilt = bnbf.QuantState.from_dict({k[len("weight."):]: v for k, v in fc.items() if k != "weight"}, device="cpu")
     assert torch.equal(bnbf.dequantize_4bit(fc["weight"], rebuilt), bnbf.dequantize_4bit(q, qs))
+    md.validate_layer(info, fc)  # our bitsandbytes codec accepts what bitsandbytes wrote
+    md.validate_layer(layers["net.proj"], loaded["net.proj"])
+    with pytest.raises(FormatError, match=r"net\.fc"):
+        md.validate_layer(info, {k: v for k, v in fc.items() if k != "weight.absmax"})
 
 
 def test_bitsandbytes_bad_state_is_an_error():
@@ -285,3 +289,30 @@ def test_comfy_quant_wins_over_legacy_names():
     sd = {**t1, "a.comfy_quant": md.encode_comfy_quant(m1), "a.scale_weight": torch.tensor(1.0)}
     info = md.discover_layers(sd, None, sd.__getitem__)["a"]
     assert info.source == "comfy_quant" and info.tensors["weight_scale"] == "a.weight_scale"
+
+
+# ---- every registered format through discovery + validate_layer ---------------------------------
+
+@pytest.mark.parametrize("fmt", md.FORMAT_NAMES)
+def test_every_format_discovers_and_validates(fmt):
+    import importlib.util
+
+    from hybridquant.converter.formats import _REGISTRY
+
+    if importlib.util.find_spec(f"hybridquant.converter.formats.{_REGISTRY[fmt][0]}") is None:
+        pytest.skip(f"codec module for {fmt} not written yet")
+    codec = get_codec(fmt)
+    shape = (50, 70)
+    out = codec.quantize(torch.randn(shape))
+    sd = {f"m.l.{k}": v for k, v in out.items()}
+    meta = codec.metadata()
+    if meta is not None:  # bitsandbytes layers carry their own quant state instead
+        sd["m.l.comfy_quant"] = md.encode_comfy_quant({**meta, "orig_shape": list(shape)})
+    info = md.discover_layers(sd, None, sd.__getitem__)["m.l"]
+    assert info.format == fmt and info.orig_shape == shape
+    assert set(info.tensors) == set(out)
+    tensors = md.load_layer_tensors(info, sd.__getitem__)
+    md.validate_layer(info, tensors)
+    md.validate_layer(info, tensors, shape)
+    with pytest.raises(FormatError, match="m.l"):
+        md.validate_layer(info, {k: v for k, v in tensors.items() if k != "weight"})
