@@ -66,15 +66,8 @@ class ComfyServer:
         # Keep the new frontend from opening first-run dialogs over the canvas in the browser test.
         settings = self.base / "user" / "default" / "comfy.settings.json"
         if not settings.exists():
-            settings.write_text(json.dumps({
-                "Comfy.TutorialCompleted": True,
-                "Comfy.InstalledVersion": "1.99.0",
-                "Comfy.Release.Version": "1.99.0",
-                "Comfy.Release.Timestamp": 4102444800000,
-                "Comfy.Workflow.ShowMissingModelsWarning": False,
-                "Comfy.Workflow.ShowMissingNodesWarning": False,
-                "Comfy.UseNewMenu": "Top",
-            }))
+            # Only settings the frontend registers: an unknown key makes its settings store throw.
+            settings.write_text(json.dumps({"Comfy.TutorialCompleted": True}))
 
     def models(self, folder: str) -> Path:
         return self.base / "models" / folder
