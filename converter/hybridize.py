@@ -211,8 +211,7 @@ def make_hybrid_mxfp8(input, output, tensor_scales=None, overwrite: bool = False
             shape = shapes[L][0]
             tensors = {"weight": t, "weight_scale": reader.read(f"{L}.weight_scale")}
             try:
-                mx.validate(L, tensors, shape)
-                hybrid = mxfp8_to_hybrid(tensors, shape, scalar=imported.get(L))
+                hybrid = mxfp8_to_hybrid(tensors, shape, scalar=imported.get(L), layer=L)  # validates the layer
             except FormatError as e:
                 raise LayerError(f"{input}: {e}") from None
             v = hybrid["weight_scalar"]

@@ -357,3 +357,4 @@ def test_parse_remove_keys():
         parse_remove_keys("note,format")
     with pytest.raises(OptionError, match="names no keys"):
         parse_remove_keys(" , ")
+
