@@ -297,3 +297,21 @@ def test_cuda_matches_cpu(name):
     assert torch.equal(a["weight"].view(torch.uint8), b["weight"].cpu().view(torch.uint8))
     assert torch.equal(a["weight_scale"], b["weight_scale"].cpu())
     assert torch.equal(codec.dequantize(a, tuple(w.shape), **o), codec.dequantize(b, tuple(w.shape), **o).cpu())
+
+
+def test_scale_and_dequantize_match_comfy_kitchen():
+    """comfy-kitchen's TensorCoreFP8Layout (current ComfyUI's float8_e4m3fn reader) as an oracle:
+    same amax/448 scale, and its dequantize of our data equals ours. (Its quantize multiplies by a
+    reciprocal scale in the input dtype, so codes may differ at rare ties; they are not compared.)"""
+    ck = pytest.importorskip("comfy_kitchen")
+    from comfy_kitchen.tensor.fp8 import TensorCoreFP8Layout
+
+    torch.manual_seed(12)
+    w = torch.randn(67, 129) * torch.logspace(-2, 2, 129)
+    for name in ("float8_e4m3fn", "float8_e5m2"):
+        codec = get_codec(name)
+        ours = codec.quantize(w)
+        _, params = TensorCoreFP8Layout.quantize(w, dtype=STORAGE[name])
+        assert torch.equal(params.scale, ours["weight_scale"])
+        theirs = ck.dequantize_per_tensor_fp8(ours["weight"], ours["weight_scale"], torch.float32)
+        assert torch.equal(codec.dequantize(ours, (67, 129)), theirs)

@@ -236,3 +236,20 @@ def test_cuda_matches_cpu(variant):
     a, b = codec.quantize(w, **opts), codec.quantize(w.cuda(), **opts)
     assert all(v.device.type == "cuda" for v in b.values())
     assert all(torch.equal(a[k], b[k].cpu()) for k in a)
+
+
+def test_matches_comfy_kitchen_int8_tensorwise_and_rowwise():
+    """comfy-kitchen (what current ComfyUI runs int8_tensorwise with) as an independent oracle.
+
+    For float32 input its eager kernels compute ``round(x / (amax / 127))`` exactly like the spec, so
+    codes and scales must agree bit for bit; its dequantize must reproduce ours.
+    """
+    ck = pytest.importorskip("comfy_kitchen")
+    torch.manual_seed(11)
+    w = torch.randn(67, 129) * torch.logspace(-2, 2, 129)
+    codec = get_codec("int8_tensorwise")
+    for opts, ref in (({}, ck.quantize_int8_tensorwise), ({"per_row": True}, ck.quantize_int8_rowwise)):
+        q, s = ref(w)
+        ours = codec.quantize(w, **opts)
+        assert torch.equal(ours["weight_scale"], s) and torch.equal(ours["weight"], q)
+        assert torch.equal(codec.dequantize(ours, (67, 129), **opts), ck.dequantize_int8_simple(q, s))

@@ -316,3 +316,31 @@ def test_every_format_discovers_and_validates(fmt):
     md.validate_layer(info, tensors, shape)
     with pytest.raises(FormatError, match="m.l"):
         md.validate_layer(info, {k: v for k, v in tensors.items() if k != "weight"})
+
+
+# ---- stock ComfyUI reads the same thing ------------------------------------------------------------
+
+@pytest.mark.comfyui
+def test_stock_comfyui_agrees_on_header_and_legacy_names(comfy):
+    """Our header parses in the real ComfyUI; on current ComfyUI (which has ``convert_old_quants``)
+    its own legacy scaled-FP8 conversion gives the same formats and scale names as our discovery."""
+    import comfy.model_detection
+    import comfy.utils
+
+    layers = {"double_blocks.0.img_attn.qkv": {"format": "float8_e4m3fn"},
+              "double_blocks.0.txt_mlp.0": {"format": "int8_tensorwise", "per_row": True, "orig_dtype": "bfloat16"}}
+    header = md.build_header(layers, {"modelspec.title": "t"})
+    if not hasattr(comfy.utils, "convert_old_quants"):  # ComfyUI 0.3.75
+        assert comfy.model_detection.detect_layer_quantization(dict(header)) == layers
+        return
+    for numel in (0, 2):
+        sd, _ = legacy_file(marker_numel=numel)
+        ours = md.discover_layers(sd, None, sd.__getitem__)
+        out_sd, _ = comfy.utils.convert_old_quants(dict(sd), "model.diffusion_model.", {})
+        theirs = {k[: -len(".comfy_quant")]: json.loads(bytes(v.tolist())) for k, v in out_sd.items()
+                  if k.endswith(".comfy_quant")}
+        assert theirs == {name: info.comfy_quant() for name, info in ours.items()}
+        for name, info in ours.items():
+            assert torch.equal(out_sd[f"{name}.weight_scale"], sd[info.tensors["weight_scale"]])
+    out_sd, _ = comfy.utils.convert_old_quants({}, "", dict(header))
+    assert {k[: -len(".comfy_quant")]: json.loads(bytes(v.tolist())) for k, v in out_sd.items()} == md.parse_header(header)
