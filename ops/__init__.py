@@ -1,0 +1,70 @@
+"""HybridQuant runtime for ComfyUI: custom operations classes that load quantized layers per layer.
+
+Public API
+----------
+``HybridBNB4bitOps``, ``HybridMXFP8Ops``
+    ComfyUI operations namespaces (subclasses of ``comfy.ops.manual_cast``). Every non-quantized layer
+    is stock ComfyUI. Their ``Linear`` loads, per layer, every format the converter writes (FP8
+    tensorwise/rowwise/blockwise, INT8 tensorwise/per-row/blockwise, MXFP8, Hybrid MXFP8, NVFP4,
+    bitsandbytes NF4/FP4 nested or not), legacy scaled-FP8, header-only files and plain layers; mixed
+    files load with every layer correct. Both classes read all of these; the names say what the file
+    mostly holds (``choose_ops`` picks), so logs and node UIs tell users which runtime they got.
+``choose_ops(keys, header_metadata, override=None) -> ops class``
+    ``HybridBNB4bitOps`` when the keys hold a bitsandbytes quant state, else ``HybridMXFP8Ops``.
+    ``override``: ``"HybridBNB4bitOps"`` / ``"HybridMXFP8Ops"`` (or the class itself).
+``prepare_state_dict(sd, header_metadata) -> sd`` (``ops.state_dict``; ComfyUI-free)
+    A new dict ready for ComfyUI's stock loaders: logical-shape ``.weight`` placeholders for quantized
+    layers (packed data under ``.weight_qdata``), ``.comfy_quant`` for header-only and legacy layers.
+``adopt_patcher(model_patcher) -> model_patcher`` (``ops.lora``)
+    Makes the ModelPatcher (and its clones) apply LoRAs to 4-bit layers on the fly instead of
+    requantizing the packed codes. Call it on every ModelPatcher our loaders return.
+``capabilities`` -- ``path_for(device)``, ``device_capability``, ``bnb_cuda_available`` (all device checks).
+
+How a loader uses them (ComfyUI 0.3.75 and 0.29)
+------------------------------------------------
+::
+
+    import inspect, safetensors
+    from hybridquant import ops                       # inside the pack: from .. import ops
+    sd, meta = <load tensors>, <safetensors __metadata__ or {}>
+    ops_class = ops.choose_ops(sd.keys(), meta)
+    sd = ops.prepare_state_dict(sd, meta)
+    fn = comfy.sd.load_diffusion_model_state_dict
+    kw = {"model_options": {"custom_operations": ops_class}}
+    if "disable_dynamic" in inspect.signature(fn).parameters:   # 0.29 only
+        kw["disable_dynamic"] = True   # our layers hold scales besides weight/bias: no aimdo vbar
+    model = ops.adopt_patcher(fn(sd, **kw))
+
+Checkpoints: ``comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True,
+model_options={"custom_operations": ops_class}, te_model_options={"custom_operations": ops_class})``
+(+ ``disable_dynamic=True`` where the signature has it), then ``adopt_patcher(model)`` and
+``adopt_patcher(clip.patcher)``. Text encoders: ``comfy.sd.load_text_encoder_state_dicts([sd, ...],
+clip_type=..., model_options={"custom_operations": ops_class})``, then ``adopt_patcher(clip.patcher)``.
+Passing ``custom_operations`` makes ComfyUI use the class verbatim and skip its own header ->
+``.comfy_quant`` handling and ``pick_operations``; ``prepare_state_dict`` does that conversion instead.
+Do not pass ComfyUI's own ``fp8_optimizations``. Our ops never use either generation's
+``QuantizedTensor`` or comfy-kitchen.
+"""
+
+from __future__ import annotations
+
+from . import capabilities
+from .state_dict import prepare_state_dict
+
+_LAZY = {"HybridBNB4bitOps": "classes", "HybridMXFP8Ops": "classes", "OPS_CLASSES": "classes",
+         "choose_ops": "classes", "adopt_patcher": "lora"}
+
+
+def __getattr__(name):
+    # The ops classes import ComfyUI; ``capabilities`` and ``prepare_state_dict`` must not need it
+    # (the pack's root and its info routes import them outside a running ComfyUI too).
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+
+
+__all__ = ["HybridBNB4bitOps", "HybridMXFP8Ops", "choose_ops", "prepare_state_dict", "adopt_patcher",
+           "capabilities", "OPS_CLASSES"]

@@ -1,0 +1,235 @@
+"""The HybridQuant Linear: a ``comfy.ops.manual_cast.Linear`` that also loads quantized layers.
+
+A layer whose state-dict entry is plain loads and runs exactly as stock ComfyUI (every method defers
+to the base class). A quantized layer (``.comfy_quant``, header-only, legacy scaled-FP8, bitsandbytes
+4-bit) keeps its data quantized:
+
+- ``weight`` is a Parameter holding the stored (packed / padded) tensor, other codec tensors are
+  registered buffers (``quant_data.buffer_name``), so ``.to()``, pinning, offload, ``state_dict()``
+  and ``model_size()`` all see the quantized bytes. ``state_dict()`` writes the file's own key names.
+- ``.to(dtype)`` never converts quantized tensors (FP8 counts as floating point in torch; a cast would
+  destroy the codes): only their device follows.
+- forward: ``comfy.ops.cast_bias_weight(..., offloadable=True)`` moves the stored weight and the bias
+  (offload stream, bias_function) through a small carrier object -- the weight is passed in its
+  stored dtype so ComfyUI never casts codes -- then ``uncast_bias_weight`` with the token untouched.
+  The matmul path comes from ``linear_paths`` (decided per device once); ``weight_function`` (LoRA,
+  low-VRAM patches) always runs on the dequantized logical weight.
+- LoRA: ``convert_weight`` dequantizes what ComfyUI's patcher hands over (the stored codes cast to a
+  float dtype, which is exact for e4m3/e5m2/int8/uint8); ``set_weight`` requantizes with the STORED
+  scales (merged for FP8/INT8/MX) so unpatching, which restores ``weight`` only, is exact. 4-bit layers
+  are patched on the fly instead (``lora.py``), never rewriting the packed data.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+import comfy.model_management
+import comfy.ops
+
+from ..converter.formats import FormatError, get_codec
+from . import capabilities as caps
+from . import linear_paths
+from . import quant_data as qd
+
+log = logging.getLogger("hybridquant.ops")
+
+
+class _Carrier:
+    """What ``comfy.ops.cast_bias_weight`` needs of a layer, pointing at the stored (quantized) weight."""
+
+    __slots__ = ("weight", "bias", "weight_function", "bias_function", "comfy_cast_weights")
+
+    def __init__(self, layer):
+        self.weight = layer.weight
+        self.bias = layer.bias
+        self.weight_function = []  # applied by us, on the dequantized weight
+        self.bias_function = layer.bias_function
+        self.comfy_cast_weights = True
+
+
+def make_linear(base):
+    """A Linear class built on ``base`` (a ``comfy.ops.*.Linear``)."""
+
+    class Linear(base):
+        hq_format = None  # class default: plain layer
+
+        # ---- loading -----------------------------------------------------------------------
+        def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+            if not qd.is_quantized_in(state_dict, prefix):
+                return super()._load_from_state_dict(state_dict, prefix, local_metadata, strict,
+                                                     missing_keys, unexpected_keys, error_msgs)
+            shape = (self.out_features, self.in_features)
+            info, tensors = qd.read_layer(state_dict, prefix, shape)
+            self._hq_install(prefix[:-1], info, tensors)
+            bias = state_dict.get(prefix + "bias")
+            if bias is not None:
+                if self.bias is None or tuple(bias.shape) != (self.out_features,):
+                    raise FormatError(f"{prefix}bias: unexpected bias of shape {tuple(bias.shape)} for layer "
+                                      f"with out_features={self.out_features}")
+                self.bias = torch.nn.Parameter(bias.to(self._hq_home(), dtype=self.bias.dtype if self.bias.dtype.is_floating_point else bias.dtype),
+                                               requires_grad=False)
+            elif self.bias is not None and strict:
+                missing_keys.append(prefix + "bias")
+
+        def _hq_home(self):
+            w = getattr(self, "weight", None)
+            return torch.device("cpu") if w is None or w.device.type == "meta" else w.device
+
+        def _hq_install(self, name, info, tensors):
+            # ``dtype`` (bitsandbytes' original dtype) names the dequantize argument: kept in hq_bnb instead.
+            fmt, meta = info.format, info.comfy_quant()
+            opts = {k: v for k, v in info.options.items() if k != "dtype"}
+            shape = (self.out_features, self.in_features)
+            self.hq_name = name
+            self.hq_source_format = fmt
+            self.hq_fp_mm = bool(info.meta.get("full_precision_matrix_mult", False)) if info.source != "bnb" else False
+            self.hq_bnb = qd.bnb_state(info) if info.source == "bnb" else None
+            # Ada/Hopper: no MX matmul; re-express MX weights as true tensorwise FP8 once, here.
+            if fmt in qd.MX_FORMATS and not self.hq_fp_mm:
+                load_dev = comfy.model_management.get_torch_device()
+                if caps.path_for(load_dev) == caps.PATH_FP8:
+                    w, s = qd.to_tensorwise(fmt, tensors, shape, name)
+                    tensors = {"weight": w, "weight_scale": s}
+                    meta = {**{k: v for k, v in (meta or {}).items() if k not in ("format", "group_size")},
+                            "format": "float8_e4m3fn"}
+                    fmt, opts = "float8_e4m3fn", {}
+                    log.debug("HybridQuant: %s: %s re-expressed as tensorwise FP8 for %s", name, info.format, load_dev)
+            home = self._hq_home()
+            for suffix in [s for s in getattr(self, "hq_suffixes", ())]:
+                delattr(self, qd.buffer_name(suffix))
+            self.weight = torch.nn.Parameter(tensors["weight"].to(home), requires_grad=False)
+            self.hq_suffixes = tuple(s for s in tensors if s != "weight")
+            for suffix in self.hq_suffixes:
+                self.register_buffer(qd.buffer_name(suffix), tensors[suffix].to(home))
+            self.hq_format, self.hq_opts, self.hq_meta = fmt, opts, meta
+            self.hq_comfy_quant = qd.comfy_quant_tensor(meta)
+            self.hq_static_input_scale = float(tensors["input_scale"]) if "input_scale" in tensors else None
+            self.hq_paths = {}
+            self.hq_lora = None
+            self.hq_in_forward = False
+
+        # ---- state dict / device moves -----------------------------------------------------
+        def hq_tensors(self, device=None) -> dict:
+            t = {"weight": self.weight}
+            for s in self.hq_suffixes:
+                t[s] = getattr(self, qd.buffer_name(s))
+            if device is not None:
+                t = {k: v.to(device, non_blocking=True) for k, v in t.items()}
+            return t
+
+        def _save_to_state_dict(self, destination, prefix, keep_vars):
+            if self.hq_format is None:
+                return super()._save_to_state_dict(destination, prefix, keep_vars)
+            for suffix, t in self.hq_tensors().items():
+                destination[prefix + suffix] = t if keep_vars else t.detach()
+            if self.bias is not None:
+                destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+            if self.hq_comfy_quant is not None:
+                destination[prefix + "comfy_quant"] = self.hq_comfy_quant
+
+        def _apply(self, fn, recurse=True):
+            if self.hq_format is None:
+                return super()._apply(fn, recurse)
+            quant = {id(self.weight)} | {id(getattr(self, qd.buffer_name(s))) for s in self.hq_suffixes}
+
+            def keep_dtype(t):
+                if id(t) not in quant:
+                    return fn(t)
+                probe = fn(torch.empty(0, device=t.device))  # where/what fn sends tensors to
+                return t.to(device=probe.device)
+
+            return super()._apply(keep_dtype, recurse)
+
+        # ---- forward -------------------------------------------------------------------------
+        def forward(self, *args, **kwargs):
+            if self.hq_format is None:
+                return super().forward(*args, **kwargs)
+            run = getattr(comfy.ops, "run_every_op", None)
+            if run is not None:
+                run()
+            return self.forward_comfy_cast_weights(*args, **kwargs)
+
+        def forward_comfy_cast_weights(self, input, *args, **kwargs):
+            if self.hq_format is None:
+                return super().forward_comfy_cast_weights(input, *args, **kwargs)
+            carrier = _Carrier(self)
+            weight, bias, token = comfy.ops.cast_bias_weight(carrier, input, dtype=self.weight.dtype,
+                                                             bias_dtype=input.dtype, offloadable=True)
+            try:
+                tensors = {"weight": weight}
+                for s in self.hq_suffixes:
+                    tensors[s] = getattr(self, qd.buffer_name(s)).to(input.device, non_blocking=True)
+                out = linear_paths.run(self, input, tensors, bias, self._hq_functions())
+            finally:
+                comfy.ops.uncast_bias_weight(carrier, weight, bias, token)
+            return out
+
+        def _hq_functions(self):
+            fns = list(self.weight_function)
+            lora = self.hq_lora
+            if lora is not None and not any(getattr(f, "key", None) == lora.key for f in fns):
+                fns.insert(0, lora)  # ComfyUI's own low-VRAM patch for the same key wins
+            return fns
+
+        def hq_dequantize(self, tensors, dtype):
+            return get_codec(self.hq_format).dequantize(tensors, (self.out_features, self.in_features), dtype,
+                                                        layer=self.hq_name, **self.hq_opts)
+
+        def hq_requant_roundtrip(self, w):
+            """What the layer computes with after a fixed-scale requantization of ``w`` (merged LoRA)."""
+            tensors = self.hq_tensors(w.device)
+            new = self._hq_requantize(w, tensors)
+            return self.hq_dequantize({**tensors, "weight": new}, w.dtype)
+
+        def _hq_requantize(self, w, tensors):
+            shape = (self.out_features, self.in_features)
+            params = qd.scale_params(self.hq_format, self.hq_opts, tensors, shape, self.hq_bnb)
+            codec = get_codec(self.hq_format)
+            opts = dict(self.hq_opts)
+            if self.hq_bnb is not None:
+                opts["dtype"] = self.hq_bnb.get("dtype")
+            q = codec.quantize(w.to(torch.float32), params=params, **opts)
+            return q["weight"].to(self.weight.dtype)
+
+        # ---- ComfyUI patcher hooks (absent on plain layers, exactly like stock) -----------------
+        @property
+        def convert_weight(self):
+            if self.hq_format is None:
+                raise AttributeError("convert_weight")
+            return self._hq_convert_weight
+
+        @property
+        def set_weight(self):
+            if self.hq_format is None:
+                raise AttributeError("set_weight")
+            return self._hq_set_weight
+
+        def _hq_convert_weight(self, weight, inplace=False, **kwargs):
+            if self.hq_in_forward:
+                return weight  # 0.3.75's LowVramPatch: our forward already passes the dequantized weight
+            dtype = weight.dtype if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+            tensors = self.hq_tensors(weight.device)
+            tensors["weight"] = weight.to(self.weight.dtype)  # stored codes cast to float: exact round trip
+            return self.hq_dequantize(tensors, dtype)
+
+        def _hq_set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
+            if return_weight or self.hq_in_forward:
+                if self.hq_format in qd.FOUR_BIT:
+                    return weight  # on the fly: the packed data is never rewritten
+                return self.hq_requant_roundtrip(weight)
+            if self.hq_format in qd.FOUR_BIT:
+                # Only reached when the ModelPatcher is not ours (lora.adopt_patcher): merge with the
+                # stored block scales; the patcher's backup of ``weight`` restores the codes on unpatch.
+                caps.log_demotion(self.hq_name, "on-the-fly 4-bit LoRA (ModelPatcher not adopted)",
+                                  RuntimeError("LoRA merged into the 4-bit codes"))
+            new = self._hq_requantize(weight, self.hq_tensors(weight.device)).to(self.weight.device)
+            if inplace_update:
+                self.weight.data.copy_(new)
+            else:
+                self.weight = torch.nn.Parameter(new, requires_grad=False)
+            self.hq_paths = {}
+
+    return Linear

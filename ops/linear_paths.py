@@ -1,0 +1,110 @@
+"""Which matmul runs a quantized layer, per device, and the fallback when a fast path fails.
+
+Per layer and device the path is picked once (``_pick``) from the device's path
+(``capabilities.path_for``) and the layer's format:
+
+=======================  =====================================  ==================================
+device path              fast for                               everything else
+=======================  =====================================  ==================================
+``mx_blockscaled``       mxfp8 / hybrid_mxfp8 (block-scaled),   dequantize + ``F.linear``
+                         float8_e4m3fn (tensorwise)
+``fp8_tensorwise``       float8_e4m3fn incl. MX re-expressed    dequantize + ``F.linear``
+                         at load (``quant_data.to_tensorwise``)
+any CUDA + bitsandbytes  bnb_nf4 / bnb_fp4 (bitsandbytes        --
+                         ``matmul_4bit``)
+``dequant`` (CPU ...)    --                                     dequantize + ``F.linear``
+=======================  =====================================  ==================================
+
+Rowwise/blockwise FP8, INT8 and NVFP4 always dequantize per call (stored quantized, no full copy).
+``full_precision_matrix_mult`` and any ``weight_function`` (LoRA, low-VRAM patch) force the dequantize
+path: patches are defined on the float weight. A fast path that raises at run time demotes only that
+layer on that device, with one log line (``capabilities.log_demotion``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import capabilities as caps
+from . import matmul_fp8
+from . import matmul_mx
+from . import quant_data as qd
+
+FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
+
+
+def _pick(layer, x) -> str:
+    key = caps.device_key(x.device)
+    path = layer.hq_paths.get(key)
+    if path is not None:
+        return path
+    dev_path = caps.path_for(x.device)
+    fmt = layer.hq_format
+    n_out, k_in = layer.out_features, layer.in_features
+    path = "dequant"
+    if layer.hq_fp_mm:
+        path = "dequant"
+    elif fmt in ("bnb_nf4", "bnb_fp4") and caps.bnb_cuda_available(x.device):
+        path = "bnb"
+    elif fmt == "float8_e4m3fn" and dev_path in (caps.PATH_FP8, caps.PATH_MX) and matmul_fp8.shapes_supported(n_out, k_in):
+        path = "fp8"
+    elif fmt in qd.MX_FORMATS and dev_path == caps.PATH_MX:
+        path = "mx"
+    layer.hq_paths[key] = path
+    return path
+
+
+def run(layer, x: torch.Tensor, tensors: dict, bias, fns) -> torch.Tensor:
+    path = "dequant" if fns else _pick(layer, x)
+    if path != "dequant" and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        try:
+            return _fast(path, layer, x, tensors, bias)
+        except FAST_ERRORS as e:
+            caps.log_demotion(layer.hq_name, path, e)
+            layer.hq_paths[caps.device_key(x.device)] = "dequant"
+    return dequant_linear(layer, x, tensors, bias, fns)
+
+
+def _fast(path, layer, x, tensors, bias):
+    if path == "fp8":
+        return matmul_fp8.fp8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
+                                     input_scale=layer.hq_static_input_scale, out_dtype=x.dtype)
+    if path == "mx":
+        return matmul_mx.mx_linear(x, tensors["weight"], tensors["weight_scale"],
+                                   (layer.out_features, layer.in_features), bias)
+    if path == "bnb":
+        return _bnb_linear(layer, x, tensors, bias)
+    raise ValueError(path)
+
+
+def dequant_linear(layer, x, tensors, bias, fns):
+    """Dequantize per call (the weight stays stored quantized), apply patches, ``F.linear``."""
+    w = layer.hq_dequantize(tensors, x.dtype)
+    if fns:
+        layer.hq_in_forward = True
+        try:
+            for f in fns:
+                w = f(w)
+        finally:
+            layer.hq_in_forward = False
+        if layer.hq_format not in qd.FOUR_BIT:
+            # What a merged patch computes (fixed-scale requantization): low-VRAM and merged agree.
+            w = layer.hq_requant_roundtrip(w)
+    return F.linear(x, w.to(x.dtype), bias)
+
+
+def _bnb_linear(layer, x, tensors, bias):
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import QuantState
+
+    meta = layer.hq_bnb
+    dev = x.device
+    state2, offset = None, None
+    if "weight.nested_absmax" in tensors:
+        state2 = QuantState(absmax=tensors["weight.nested_absmax"], blocksize=meta["nested_blocksize"],
+                            code=tensors["weight.nested_quant_map"], dtype=getattr(torch, meta.get("nested_dtype", "float32")))
+        offset = torch.tensor(float(meta["nested_offset"]), device=dev)
+    qs = QuantState(absmax=tensors["weight.absmax"], shape=torch.Size(meta["shape"]), code=tensors["weight.quant_map"],
+                    blocksize=meta["blocksize"], quant_type=meta["quant_type"], dtype=x.dtype, offset=offset, state2=state2)
+    return bnb.matmul_4bit(x, tensors["weight"].t(), quant_state=qs, bias=bias)

@@ -1,0 +1,146 @@
+"""Tensorwise FP8 matmul for Ada / Hopper (SM 8.9 / 9.x) with a fused activation quantizer.
+
+``fp8_linear(x, w, w_scale, bias, input_scale=None)`` computes ``x @ (w.float() * w_scale).T + bias``
+with ``torch._scaled_mm``:
+
+- ``w``: e4m3fn (or e5m2) ``[N, K]`` row-major (the stored weight); ``_scaled_mm`` wants the second
+  operand column-major, which ``w.t()`` of a contiguous ``[N, K]`` tensor is. K and N must be
+  multiples of 16; float32 one-element scales; a bias only with a bf16/fp16 output (otherwise it is
+  added after the GEMM).
+- Activations are quantized per call to e4m3fn with one scale per tensor: the calibrated
+  ``input_scale`` when the file carries one, else a dynamic ``amax(|x|) / 448``.
+
+Why fused: measured on an H100 (DESIGN.md §4), an eager ``amax`` / divide / clamp / cast costs more
+than the FP8 GEMM saves (0.93x of bf16 at M=4096, K=3072, N=12288). The quantizer here is two Triton
+kernels (a grid-wide amax with an integer atomic max -- |x| >= 0 floats order like their bit patterns
+-- then one scale/clamp/cast pass that reads the amax from device memory, so there is no host sync).
+Where Triton is missing, ``torch.compile`` of the same math is used; eager only as the last resort.
+``bench/bench_matmul.py`` measures all three.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger("hybridquant.ops")
+
+E4M3_MAX = 448.0
+# Smallest amax we divide by: an all-zero activation gets scale 1/448 instead of 0 (no NaN).
+_AMAX_FLOOR = 1e-12
+
+try:  # Triton ships with CUDA torch builds; CPU-only installs may lack it.
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except Exception:  # pragma: no cover - depends on the install
+    _HAVE_TRITON = False
+
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _amax_kernel(x_ptr, amax_bits_ptr, n, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
+        a = tl.max(tl.abs(x), axis=0)
+        # Non-negative IEEE floats compare like their int32 bit patterns: integer atomic max.
+        tl.atomic_max(amax_bits_ptr, a.to(tl.int32, bitcast=True))
+
+    @triton.jit
+    def _quant_kernel(x_ptr, y_ptr, amax_bits_ptr, scale_ptr, n, static_scale,
+                      USE_STATIC: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        if USE_STATIC:
+            scale = static_scale
+        else:
+            amax = tl.load(amax_bits_ptr).to(tl.float32, bitcast=True)
+            scale = tl.maximum(amax, 1e-12) / 448.0
+        if pid == 0:
+            tl.store(scale_ptr, scale)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
+
+
+_BLOCK = 4096
+
+
+def _quantize_triton(x: torch.Tensor, input_scale: torch.Tensor | None):
+    x = x.contiguous()
+    n = x.numel()
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(n, _BLOCK),)
+    if input_scale is None:
+        bits = torch.zeros((1,), dtype=torch.int32, device=x.device)
+        _amax_kernel[grid](x, bits, n, BLOCK=_BLOCK)
+        _quant_kernel[grid](x, y, bits, scale, n, 1.0, USE_STATIC=False, BLOCK=_BLOCK)
+    else:
+        # A static scale: one pass, the scale is a kernel argument (read once per layer, cached).
+        _quant_kernel[grid](x, y, scale, scale, n, float(input_scale), USE_STATIC=True, BLOCK=_BLOCK)
+    return y, scale
+
+
+def _quantize_eager(x: torch.Tensor, input_scale: torch.Tensor | None):
+    if input_scale is None:
+        scale = x.abs().amax().to(torch.float32).clamp_min(_AMAX_FLOOR) / E4M3_MAX
+    else:
+        scale = torch.as_tensor(input_scale, dtype=torch.float32, device=x.device).reshape(())
+    y = (x.to(torch.float32) / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return y, scale
+
+
+_compiled = None
+
+
+def _quantize_compiled(x: torch.Tensor, input_scale: torch.Tensor | None):
+    global _compiled
+    if input_scale is not None:
+        return _quantize_eager(x, input_scale)
+    if _compiled is None:
+        _compiled = torch.compile(lambda t: _quantize_eager(t, None), dynamic=True)
+    return _compiled(x)
+
+
+QUANTIZERS = {"triton": _quantize_triton, "compile": _quantize_compiled, "eager": _quantize_eager}
+
+
+def default_quantizer() -> str:
+    return "triton" if _HAVE_TRITON else "compile"
+
+
+def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None = None, impl: str | None = None):
+    """e4m3fn codes of ``x`` and their float32 scale (0-dim, on ``x.device``)."""
+    impl = impl or default_quantizer()
+    if impl == "triton" and (not _HAVE_TRITON or x.device.type != "cuda"):
+        impl = "eager"
+    return QUANTIZERS[impl](x, input_scale)
+
+
+def shapes_supported(n_out: int, k_in: int) -> bool:
+    """cuBLAS FP8 GEMM needs K and N multiples of 16."""
+    return k_in % 16 == 0 and n_out % 16 == 0
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+               input_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+               impl: str | None = None) -> torch.Tensor:
+    """``x @ dequant(w).T + bias`` via ``torch._scaled_mm``; ``x`` [..., K], ``w`` FP8 [N, K]."""
+    out_dtype = out_dtype or x.dtype
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, x_scale = quantize_activation(x2, input_scale, impl)
+    use_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
+    out = torch._scaled_mm(
+        xq, w.t(), scale_a=x_scale.reshape(1), scale_b=w_scale.to(torch.float32).reshape(1),
+        bias=bias.to(out_dtype) if use_bias else None, out_dtype=out_dtype,
+    )
+    if bias is not None and not use_bias:
+        out = out + bias.to(out_dtype)
+    return out.reshape(*lead, w.shape[0])
