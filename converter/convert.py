@@ -1,0 +1,353 @@
+"""Library entry points of the converter: ``convert_file`` (streaming, file -> file) and
+``quantize_state_dict`` (in memory, for the ComfyUI "Quantize Model" node).
+
+Streaming pipeline of ``convert_file`` (peak memory = a few copies of the largest tensor):
+
+    reader thread ──(queue, 2 tensors)──> compute (caller's thread) ──(queue, 2 items)──> writer thread
+    os.preadv one tensor                  quantize_weight + error stat        os.pwrite at fixed offset
+
+The whole output header is computed from the plan and ``codec.output_specs`` before any data is read,
+so the writer can place every tensor at its final offset while the next one is being quantized.
+``preadv``/``pwrite`` and torch's kernels release the GIL, so on 2 cores reading, math and writing
+overlap. The output goes to a temp file beside the target and is renamed into place only when complete
+(``safetensors_io.AtomicSafetensorsWriter``); any exception (incl. Ctrl+C, a cancel callback, a full
+disk) removes the temp file and never touches the input.
+
+``progress(done_bytes, total_bytes, current_name)`` is called after each tensor; ``cancel()`` is polled
+before each tensor and raises ``Cancelled`` when it returns true.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from typing import Callable, Mapping
+
+import torch
+
+from .errors import Cancelled, InputFileError, LayerError, OptionError, OutputFileError
+from .formats import FormatError, get_codec
+from .formats.base import TensorSpec
+from .metadata import build_header as build_quant_header
+from .metadata import encode_comfy_quant
+from .plan import LayerPlan, Planner, PlanOptions
+from .report import ConversionReport, LayerRecord
+from .rounding import quantize_weight
+from .safetensors_io import AtomicSafetensorsWriter, SafetensorsReader, read_header, same_file
+
+_CODEC_ONLY_DROP = ("full_precision_matrix_mult",)  # .comfy_quant keys the converter adds itself
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def codec_opts(p: LayerPlan) -> dict:
+    opts = {k: v for k, v in p.opts.items() if k not in _CODEC_ONLY_DROP}
+    opts["name"] = p.layer
+    return opts
+
+
+def comfy_quant_dict(p: LayerPlan) -> dict | None:
+    """The ``.comfy_quant`` dict of a planned layer (None for bitsandbytes layers)."""
+    md = get_codec(p.format).metadata(**codec_opts(p))
+    if md is None:
+        return None
+    md = dict(md)
+    if p.opts.get("full_precision_matrix_mult"):
+        md["full_precision_matrix_mult"] = True
+    return md
+
+
+class OutputLayout:
+    """The output file as a function of the plan: tensor specs in order, header metadata."""
+
+    def __init__(self, plans: list[LayerPlan], input_specs: Mapping[str, TensorSpec], options: PlanOptions,
+                 input_metadata: Mapping[str, str] | None = None):
+        self.plans = plans
+        self.specs: dict[str, TensorSpec] = {}
+        self.outputs: dict[str, list[str]] = {}  # input tensor name -> output names it produces
+        self.comfy_quant: dict[str, torch.Tensor] = {}
+        header_layers: dict[str, dict] = {}
+        for p in plans:
+            if not p.quantized:
+                self._add(p.name, input_specs[p.name], p.name)
+                continue
+            try:
+                specs = get_codec(p.format).output_specs(p.shape, **codec_opts(p))
+            except FormatError as e:
+                raise LayerError(f"layer {p.layer}: {e}") from None
+            for suffix, spec in specs.items():
+                self._add(f"{p.layer}.{suffix}", spec, p.name)
+            md = comfy_quant_dict(p)
+            if md is not None:
+                header_layers[p.layer] = md
+                if options.comfy_quant:
+                    t = encode_comfy_quant(md)
+                    self.comfy_quant[f"{p.layer}.comfy_quant"] = t
+                    self._add(f"{p.layer}.comfy_quant", TensorSpec(torch.uint8, tuple(t.shape)), p.name)
+        # keeps the input's other metadata (modelspec.* ...); replaces any old quantization header
+        self.metadata: dict[str, str] = build_quant_header(header_layers if options.save_quant_metadata else {},
+                                                           input_metadata)
+        self.header_layers = header_layers
+
+    def _add(self, name: str, spec: TensorSpec, source: str) -> str:
+        if name in self.specs:
+            raise LayerError(f"output tensor {name!r} (from {source!r}) collides with another tensor of the input; "
+                             "is the file already quantized?")
+        self.specs[name] = spec
+        self.outputs.setdefault(source, []).append(name)
+        return name
+
+    def nbytes(self, names) -> int:
+        return sum(self.specs[n].nbytes for n in names)
+
+
+def make_plans(infos_in_order, options: PlanOptions) -> list[LayerPlan]:
+    planner = Planner(options)
+    return [planner.plan(name, shape, dtype) for name, shape, dtype in infos_in_order]
+
+
+def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats: bool) -> tuple[dict[str, torch.Tensor], float | None]:
+    codec = get_codec(p.format)
+    opts = codec_opts(p)
+    wd = w.to(device, non_blocking=True) if device != "cpu" else w
+    try:
+        out = quantize_weight(codec, wd, method=p.method, **opts)
+    except FormatError as e:  # NonFiniteError is a FormatError
+        raise LayerError(f"layer {p.layer} ({p.name}): {e}") from None
+    err = relative_error(codec, out, wd, p.shape, opts) if error_stats else None
+    if device != "cpu":
+        out = {k: v.to("cpu") for k, v in out.items()}
+    return out, err
+
+
+def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shape, opts: dict,
+                   chunk_elems: int = 1 << 20) -> float:
+    """||W - dequant(Q)|| / ||W|| in float32. The difference is taken in row chunks, in place, so the
+    only full-size temporary is the codec's float32 dequantization (no float32 copy of W)."""
+    # BNB's "dtype" option (the weight's original dtype) would collide with dequantize's output dtype
+    deq = codec.dequantize(out, shape, torch.float32, **{k: v for k, v in opts.items() if k != "dtype"})
+    rows = max(1, chunk_elems // max(1, int(shape[1])))
+    num = den = 0.0  # Python floats (double) across chunks; each chunk's norm is a float32 reduction
+    for i in range(0, int(shape[0]), rows):
+        d = deq[i:i + rows]
+        ref = w[i:i + rows].to(torch.float32)
+        den += float(torch.linalg.vector_norm(ref)) ** 2
+        num += float(torch.linalg.vector_norm(d.sub_(ref))) ** 2
+    del deq
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+def _records(plans: list[LayerPlan], layout: OutputLayout, input_specs: Mapping[str, TensorSpec]) -> list[LayerRecord]:
+    recs = []
+    for p in plans:
+        recs.append(LayerRecord(name=p.name, shape=list(p.shape), dtype=p.dtype, format=p.format, reason=p.reason,
+                                method=p.method if p.quantized else None, bytes_in=input_specs[p.name].nbytes,
+                                bytes_out=layout.nbytes(layout.outputs.get(p.name, []))))
+    return recs
+
+
+def check_paths(input_path, output_path, overwrite: bool) -> None:
+    if output_path is None:
+        return
+    if os.path.exists(output_path) and os.path.exists(input_path) and same_file(input_path, output_path):
+        raise OutputFileError(f"{output_path}: output is the input file; the input is never modified in place")
+    if os.path.abspath(os.fspath(output_path)) == os.path.abspath(os.fspath(input_path)):
+        raise OutputFileError(f"{output_path}: output is the input file; the input is never modified in place")
+    if os.path.isdir(output_path):
+        raise OutputFileError(f"{output_path}: output path is a directory")
+    if os.path.exists(output_path) and not overwrite:
+        raise OutputFileError(f"{output_path}: output file exists (use --overwrite to replace it)")
+    d = os.path.dirname(os.path.abspath(os.fspath(output_path)))
+    if not os.path.isdir(d):
+        raise OutputFileError(f"{output_path}: output directory {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise OutputFileError(f"{output_path}: output directory {d} is not writable")
+
+
+def _check_device(device: str) -> str:
+    device = device or "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise OptionError(f"--device: unknown device {device!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise OptionError(f"--device {device}: CUDA is not available in this torch build / machine")
+    return str(dev)
+
+
+def convert_file(input_path, output_path, options: PlanOptions | None = None, progress: Callable | None = None,
+                 cancel: Callable[[], bool] | None = None, device: str = "cpu", overwrite: bool = False,
+                 dry_run: bool = False, error_stats: bool = True, prefetch: int = 1) -> ConversionReport:
+    """Convert ``input_path`` to ``output_path`` following ``options``; see the module docstring."""
+    options = options or PlanOptions()
+    device = _check_device(device)
+    t0 = time.monotonic()
+    infos, metadata = read_header(input_path)
+    if not dry_run:
+        check_paths(input_path, output_path, overwrite)
+    plans = make_plans(((i.name, i.shape, _dtype_name(i.dtype)) for i in infos.values()), options)
+    input_specs = {n: i.spec for n, i in infos.items()}
+    layout = OutputLayout(plans, input_specs, options, metadata)
+    report = ConversionReport(input=os.fspath(input_path), output=None if dry_run else os.fspath(output_path),
+                              dry_run=dry_run, device=device, layers=_records(plans, layout, input_specs))
+    report.bytes_in = os.path.getsize(input_path)
+    from .safetensors_io import build_header
+
+    header, _ = build_header(layout.specs, layout.metadata)
+    report.bytes_out = len(header) + sum(s.nbytes for s in layout.specs.values())
+    if dry_run:
+        return report
+    recs = {r.name: r for r in report.layers}
+    total = sum(i.nbytes for i in infos.values())
+    with SafetensorsReader(input_path) as reader, \
+            AtomicSafetensorsWriter(output_path, layout.specs, layout.metadata, overwrite=overwrite) as writer:
+        _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch)
+    report.seconds = time.monotonic() - t0
+    return report
+
+
+_STOP = object()
+
+
+def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch):
+    stop = threading.Event()
+    read_q: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
+    write_q: queue.Queue = queue.Queue(maxsize=2)
+    errors: list[BaseException] = []
+
+    def put(q, item):
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def read_loop():
+        try:
+            for p in plans:
+                if stop.is_set():
+                    return
+                if not put(read_q, (p, reader.read(p.name))):
+                    return
+            put(read_q, _STOP)
+        except BaseException as e:  # surfaced in the main thread
+            errors.append(e)
+            stop.set()
+
+    def write_loop():
+        try:
+            while True:
+                try:
+                    item = write_q.get(timeout=0.2)
+                except queue.Empty:
+                    if stop.is_set():
+                        return
+                    continue
+                if item is _STOP:
+                    return
+                for name, t in item:
+                    writer.write(name, t)
+        except BaseException as e:
+            errors.append(e)
+            stop.set()
+
+    def get(q):
+        while True:
+            if errors:
+                raise errors[0]
+            try:
+                return q.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    threads = [threading.Thread(target=read_loop, name="hq-read", daemon=True),
+               threading.Thread(target=write_loop, name="hq-write", daemon=True)]
+    for t in threads:
+        t.start()
+    done = 0
+    try:
+        while True:
+            item = get(read_q)
+            if item is _STOP:
+                break
+            p, t = item
+            if cancel is not None and cancel():
+                raise Cancelled("conversion cancelled")
+            if p.quantized:
+                out, err = _quantize_one(p, t, device, error_stats)
+                recs[p.name].rel_error = err
+                batch = [(f"{p.layer}.{k}", v) for k, v in out.items()]
+                cq = f"{p.layer}.comfy_quant"
+                if cq in layout.comfy_quant:
+                    batch.append((cq, layout.comfy_quant[cq]))
+            else:
+                batch = [(p.name, t)]
+            del t
+            if not put(write_q, batch):
+                break
+            done += reader.infos[p.name].nbytes
+            if progress is not None:
+                progress(done, total, p.name)
+        put(write_q, _STOP)
+        threads[1].join()
+        if errors:
+            raise errors[0]
+    finally:
+        if errors or threads[1].is_alive():
+            stop.set()
+        stop.set()
+        for th in threads:
+            th.join(timeout=30)
+
+
+def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOptions | None = None,
+                        progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
+                        device: str = "cpu", error_stats: bool = True, input_metadata: Mapping[str, str] | None = None):
+    """Quantize an in-memory state dict. Returns ``(new_state_dict, header_metadata, report)``.
+
+    ``header_metadata`` is the safetensors ``__metadata__`` to save with it (``_quantization_metadata``
+    when enabled, plus ``input_metadata``). Tensors that are not quantized are passed through (same
+    objects, no copies). ``progress(done, total, name)`` / ``cancel()`` as in ``convert_file``.
+    """
+    options = options or PlanOptions()
+    device = _check_device(device)
+    t0 = time.monotonic()
+    plans = make_plans(((k, tuple(v.shape), _dtype_name(v.dtype)) for k, v in state_dict.items()), options)
+    input_specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in state_dict.items()}
+    layout = OutputLayout(plans, input_specs, options, input_metadata)
+    report = ConversionReport(device=device, layers=_records(plans, layout, input_specs))
+    recs = {r.name: r for r in report.layers}
+    total = sum(s.nbytes for s in input_specs.values())
+    out: dict[str, torch.Tensor] = {}
+    done = 0
+    for p in plans:
+        if cancel is not None and cancel():
+            raise Cancelled("quantization cancelled")
+        t = state_dict[p.name]
+        if p.quantized:
+            q, err = _quantize_one(p, t.detach().to("cpu") if device == "cpu" else t.detach(), device, error_stats)
+            recs[p.name].rel_error = err
+            for k, v in q.items():
+                out[f"{p.layer}.{k}"] = v
+            cq = f"{p.layer}.comfy_quant"
+            if cq in layout.comfy_quant:
+                out[cq] = layout.comfy_quant[cq]
+        else:
+            out[p.name] = t
+        done += input_specs[p.name].nbytes
+        if progress is not None:
+            progress(done, total, p.name)
+    report.bytes_in = total
+    report.bytes_out = sum(s.nbytes for s in layout.specs.values())
+    report.seconds = time.monotonic() - t0
+    return out, dict(layout.metadata), report
+
+
+__all__ = ["convert_file", "quantize_state_dict", "PlanOptions", "OutputLayout", "make_plans", "check_paths",
+           "encode_comfy_quant", "comfy_quant_dict", "InputFileError"]

@@ -1,0 +1,314 @@
+"""Layer selection: which tensor becomes which format, and why.
+
+Only 2-D ``<layer>.weight`` tensors are candidates; everything else is copied unchanged. For each
+candidate the first rule that applies decides (the reason is recorded for ``--dry-run``/reports):
+
+1. ``--custom-layers REGEX`` matches -> ``--custom-type`` (with ``--custom-scaling-mode``,
+   ``--custom-block-size``, ``--custom-simple``; ``--custom-heur`` may still keep it). Custom layers win
+   over every exclusion, as users of the original tool expect.
+2. ``--layer-config`` has a matching regex -> that entry's format/options (``"skip"`` keeps the layer).
+   Several matches: the MOST SPECIFIC wins = the pattern with the most literal (non-regex) characters,
+   then the longer pattern, then the later entry in the file.
+3. Embedding tables (always), ``--exclude-layers REGEX`` and model presets -> kept in high precision.
+4. ``--heur`` -> kept when the shape suits the format badly (``presets.heuristic_reason``).
+5. Otherwise the layer-config ``_default`` entry if given, else the primary mode.
+
+All regexes use ``re.search`` on the layer name (the tensor name without ``.weight``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from .errors import OptionError
+from .formats import FORMAT_NAMES
+from .presets import EMBEDDING_TABLES, PRESETS, heuristic_reason
+
+PRIMARY_MODES = ("fp8", "int8", "mxfp8", "nvfp4", "bnb4bit")
+CUSTOM_TYPES = ("fp8", "int8", "mxfp8", "nvfp4")
+SCALING_MODES = ("tensor", "row", "block")
+KEEP_WORDS = ("skip", "keep", "none", "high_precision", "full")
+
+
+@dataclass
+class PlanOptions:
+    """Everything that decides the per-layer plan. Field names follow the CLI flags."""
+
+    mode: str = "fp8"
+    scaling_mode: str = "tensor"
+    block_size: int | None = None
+    bnb_quant_type: str = "nf4"
+    bnb_blocksize: int = 64
+    bnb_double_quant: bool = False
+    custom_layers: str | None = None
+    custom_type: str | None = None
+    custom_block_size: int | None = None
+    custom_scaling_mode: str | None = None
+    custom_simple: bool = False
+    custom_heur: bool = False
+    exclude_layers: str | None = None
+    layer_config: Any = None  # path to a JSON file, or an already-parsed dict
+    presets: tuple[str, ...] = ()
+    heur: bool = False
+    method: str = "rtn"  # rounding method (converter.rounding.METHODS); "rtn" == --simple
+    comfy_quant: bool = True
+    save_quant_metadata: bool = True
+    full_precision_matrix_mult: bool = False
+    input_scale: bool = False
+
+
+@dataclass
+class LayerPlan:
+    """The decision for one tensor of the input file."""
+
+    name: str  # tensor name in the input
+    shape: tuple[int, ...]
+    dtype: str  # input dtype, e.g. "bfloat16"
+    layer: str | None = None  # layer prefix for quantized tensors
+    format: str | None = None  # None: copied unchanged
+    opts: dict = field(default_factory=dict)
+    method: str = "rtn"
+    reason: str = ""
+
+    @property
+    def quantized(self) -> bool:
+        return self.format is not None
+
+
+def compile_regex(pattern: str | None, flag: str) -> re.Pattern | None:
+    if pattern is None or pattern == "":
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise OptionError(f"{flag}: invalid regex {pattern!r}: {e}") from None
+
+
+def resolve_format(kind: str, scaling_mode: str | None = "tensor", block_size: int | None = None, *,
+                   bnb_quant_type: str = "nf4", bnb_blocksize: int = 64, bnb_double_quant: bool = False,
+                   where: str = "") -> tuple[str, dict]:
+    """Map a user-level choice (``fp8`` + scaling mode, ``int8``, ``bnb_nf4`` ...) to (format name, codec opts)."""
+    scaling_mode = scaling_mode or "tensor"
+    if scaling_mode in ("block2d", "block3d"):
+        scaling_mode = "block"
+    if scaling_mode not in SCALING_MODES:
+        raise OptionError(f"{where}unknown scaling mode {scaling_mode!r}; choose from {', '.join(SCALING_MODES)}")
+    if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
+        raise OptionError(f"{where}block size must be a positive integer, got {block_size!r}")
+    if kind in ("fp8", "float8"):
+        if scaling_mode == "tensor":
+            return "float8_e4m3fn", {}
+        if scaling_mode == "row":
+            return "float8_e4m3fn_rowwise", {}
+        return "float8_e4m3fn_blockwise", {"group_size": block_size or 128}
+    if kind == "int8":
+        if scaling_mode == "tensor":
+            return "int8_tensorwise", {}
+        if scaling_mode == "row":
+            return "int8_tensorwise", {"per_row": True}
+        return "int8_blockwise", {"group_size": block_size or 128}
+    if kind in ("bnb4bit", "bnb_nf4", "bnb_fp4", "nf4", "fp4"):
+        qt = {"bnb_nf4": "nf4", "bnb_fp4": "fp4", "nf4": "nf4", "fp4": "fp4"}.get(kind, bnb_quant_type)
+        if qt not in ("nf4", "fp4"):
+            raise OptionError(f"{where}unknown bitsandbytes quant type {qt!r}; choose nf4 or fp4")
+        if bnb_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+            raise OptionError(f"{where}bitsandbytes blocksize must be a power of two in 32..4096, got {bnb_blocksize}")
+        return f"bnb_{qt}", {"blocksize": bnb_blocksize, "double_quant": bool(bnb_double_quant)}
+    if kind in FORMAT_NAMES:
+        opts: dict = {}
+        if block_size is not None and kind.endswith("blockwise"):
+            opts["group_size"] = block_size
+        if kind == "int8_tensorwise" and scaling_mode == "row":
+            opts["per_row"] = True
+        return kind, opts
+    known = sorted(set(PRIMARY_MODES) | {"bnb_nf4", "bnb_fp4"} | set(FORMAT_NAMES))
+    raise OptionError(f"{where}unknown format {kind!r}; known: {', '.join(known)}")
+
+
+def _literal_len(pattern: str) -> int:
+    """Number of literal characters in a regex: the specificity measure of --layer-config."""
+    stripped = re.sub(r"\\.", "x", pattern)  # an escaped char is one literal
+    return len(re.sub(r"[\^\$\.\*\+\?\(\)\[\]\{\}\|]", "", stripped))
+
+
+_LC_KEYS = {"format", "type", "scaling_mode", "block_size", "group_size", "per_row", "blocksize",
+            "double_quant", "quant_type", "simple", "method", "full_precision_matrix_mult", "comment"}
+
+
+@dataclass
+class _LCEntry:
+    pattern: str
+    regex: re.Pattern | None
+    fmt: str | None  # None -> keep in high precision
+    opts: dict
+    method: str | None
+    fpmm: bool | None
+    order: int
+
+
+def load_layer_config(cfg: Any, options: PlanOptions) -> tuple[list[_LCEntry], _LCEntry | None]:
+    """Parse ``--layer-config`` (path or dict). Returns (regex entries, _default entry)."""
+    src = "--layer-config"
+    if isinstance(cfg, (str, os.PathLike)):
+        src = f"--layer-config {os.fspath(cfg)}"
+        try:
+            with open(cfg, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except FileNotFoundError:
+            raise OptionError(f"{src}: file not found") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise OptionError(f"{src}: cannot read ({e})") from None
+        except json.JSONDecodeError as e:
+            raise OptionError(f"{src}: invalid JSON ({e})") from None
+    if not isinstance(cfg, Mapping):
+        raise OptionError(f"{src}: must be a JSON object mapping regex -> {{\"format\": ...}}")
+    entries, default = [], None
+    for i, (pattern, spec) in enumerate(cfg.items()):
+        where = f"{src}: entry {pattern!r}: "
+        if isinstance(spec, str):
+            spec = {"format": spec}
+        if not isinstance(spec, Mapping):
+            raise OptionError(f"{where}value must be an object like {{\"format\": \"fp8\"}} or a format name")
+        unknown = set(spec) - _LC_KEYS
+        if unknown:
+            raise OptionError(f"{where}unknown keys {sorted(unknown)}; allowed: {sorted(_LC_KEYS)}")
+        kind = spec.get("format", spec.get("type"))
+        if kind is None:
+            raise OptionError(f"{where}missing \"format\"")
+        method = None
+        if "method" in spec:
+            method = str(spec["method"])
+        elif spec.get("simple"):
+            method = "rtn"
+        fmt, opts = None, {}
+        if str(kind).lower() not in KEEP_WORDS:
+            fmt, opts = resolve_format(
+                str(kind), spec.get("scaling_mode", options.scaling_mode),
+                spec.get("block_size", spec.get("group_size", options.block_size)),
+                bnb_quant_type=spec.get("quant_type", options.bnb_quant_type),
+                bnb_blocksize=spec.get("blocksize", options.bnb_blocksize),
+                bnb_double_quant=spec.get("double_quant", options.bnb_double_quant), where=where)
+            if spec.get("per_row") and fmt == "int8_tensorwise":
+                opts["per_row"] = True
+        regex = None if pattern == "_default" else compile_regex(pattern, f"{src} (entry {pattern!r})")
+        e = _LCEntry(pattern, regex, fmt, opts, method, spec.get("full_precision_matrix_mult"), i)
+        if pattern == "_default":
+            default = e
+        else:
+            entries.append(e)
+    return entries, default
+
+
+def layer_name(tensor_name: str) -> str | None:
+    return tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else None
+
+
+class Planner:
+    """Builds ``LayerPlan``s for tensors; construct once per conversion (compiles every regex)."""
+
+    def __init__(self, options: PlanOptions):
+        self.o = options
+        from .rounding import METHODS
+
+        if options.mode not in PRIMARY_MODES:
+            raise OptionError(f"unknown primary mode {options.mode!r}; choose from {', '.join(PRIMARY_MODES)}")
+        if options.method not in METHODS:
+            raise OptionError(f"unknown rounding method {options.method!r}; known: {', '.join(METHODS)}")
+        self.primary = resolve_format(options.mode, options.scaling_mode, options.block_size,
+                                      bnb_quant_type=options.bnb_quant_type, bnb_blocksize=options.bnb_blocksize,
+                                      bnb_double_quant=options.bnb_double_quant, where="")
+        self.custom_re = compile_regex(options.custom_layers, "--custom-layers")
+        self.custom = None
+        if self.custom_re is not None:
+            if not options.custom_type:
+                raise OptionError("--custom-layers needs --custom-type {fp8,int8,mxfp8,nvfp4}")
+            if options.custom_type not in CUSTOM_TYPES:
+                raise OptionError(f"--custom-type: unknown type {options.custom_type!r}; choose from {', '.join(CUSTOM_TYPES)}")
+            self.custom = resolve_format(options.custom_type, options.custom_scaling_mode or options.scaling_mode,
+                                         options.custom_block_size or options.block_size, where="--custom-type: ")
+        elif options.custom_type and options.custom_layers is None:
+            raise OptionError("--custom-type needs --custom-layers REGEX")
+        self.exclude_re = compile_regex(options.exclude_layers, "--exclude-layers")
+        unknown = [p for p in options.presets if p not in PRESETS]
+        if unknown:
+            raise OptionError(f"unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
+        self.preset_res = [(p, PRESETS[p].matcher()) for p in options.presets]
+        self.embed_re = re.compile(EMBEDDING_TABLES)
+        self.lc_entries, self.lc_default = ([], None)
+        if options.layer_config is not None:
+            self.lc_entries, self.lc_default = load_layer_config(options.layer_config, options)
+        # most specific first; the first match wins
+        self.lc_entries.sort(key=lambda e: (_literal_len(e.pattern), len(e.pattern), e.order), reverse=True)
+
+    def _finish(self, p: LayerPlan, fmt: str, opts: dict, method: str, reason: str, fpmm: bool | None = None) -> LayerPlan:
+        p.format, p.opts, p.method, p.reason = fmt, dict(opts), method, reason
+        if fmt.startswith("bnb_"):
+            p.opts["dtype"] = p.dtype
+        if (fpmm if fpmm is not None else self.o.full_precision_matrix_mult) and not fmt.startswith("bnb_"):
+            p.opts["full_precision_matrix_mult"] = True
+        if self.o.input_scale and fmt.startswith("float8"):
+            p.opts["input_scale"] = 1.0
+        from .rounding import METHODS
+
+        if p.method not in METHODS:
+            raise OptionError(f"layer {p.layer}: unknown rounding method {p.method!r}; known: {', '.join(METHODS)}")
+        return p
+
+    def plan(self, name: str, shape: Iterable[int], dtype: str) -> LayerPlan:
+        shape = tuple(shape)
+        p = LayerPlan(name=name, shape=shape, dtype=dtype)
+        layer = layer_name(name)
+        if layer is None or len(shape) != 2:
+            p.reason = "not a 2-D .weight" if layer is None or len(shape) != 2 else ""
+            return p
+        if dtype not in ("float32", "float16", "bfloat16", "float64"):
+            p.reason = f"dtype {dtype} is not a float weight (already quantized?)"
+            return p
+        if 0 in shape:
+            p.reason = "empty tensor"
+            return p
+        p.layer = layer
+        method = self.o.method
+        if self.custom_re is not None and self.custom_re.search(layer):
+            fmt, opts = self.custom
+            if self.o.custom_heur:
+                why = heuristic_reason(fmt, shape, opts)
+                if why:
+                    p.layer, p.reason = None, f"custom layer, {why}"
+                    return p
+            return self._finish(p, fmt, opts, "rtn" if self.o.custom_simple else method,
+                                f"--custom-layers -> {self.o.custom_type}")
+        for e in self.lc_entries:
+            if e.regex.search(layer):
+                if e.fmt is None:
+                    p.layer, p.reason = None, f"--layer-config {e.pattern!r}: keep"
+                    return p
+                return self._finish(p, e.fmt, e.opts, e.method or method, f"--layer-config {e.pattern!r}", e.fpmm)
+        if self.embed_re.search(layer):
+            p.layer, p.reason = None, "embedding table (kept)"
+            return p
+        if self.exclude_re is not None and self.exclude_re.search(layer):
+            p.layer, p.reason = None, "--exclude-layers"
+            return p
+        for flag, rx in self.preset_res:
+            if rx.search(layer):
+                p.layer, p.reason = None, f"--{flag} preset: high precision"
+                return p
+        if self.lc_default is not None:
+            if self.lc_default.fmt is None:
+                p.layer, p.reason = None, "--layer-config _default: keep"
+                return p
+            fmt, opts, reason = self.lc_default.fmt, self.lc_default.opts, "--layer-config _default"
+            method = self.lc_default.method or method
+        else:
+            (fmt, opts), reason = self.primary, "primary mode"
+        if self.o.heur:
+            why = heuristic_reason(fmt, shape, opts)
+            if why:
+                p.layer, p.reason = None, why
+                return p
+        return self._finish(p, fmt, opts, method, reason, self.lc_default.fpmm if self.lc_default else None)
