@@ -23,6 +23,10 @@ refused: rewriting a multi-GB file costs the same whether it lands beside the in
 refusing keeps the promise that the input is never replaced. An existing output needs
 ``overwrite=True``.
 
+Safety: an edit that changes a key deciding how the stored tensors are read (``group_size``,
+``per_row``, ``orig_shape``) is checked with the loaders' own validation (``metadata.validate_layer``)
+and refused with the layer and the mismatch named. ``format`` can never be edited (``edit_keys.py``).
+
 Flags: the ``--add-keys`` / ``--remove-keys`` / ``--quant-filter`` syntax is in ``edit_keys.py``. A filter
 matching none of the file's quantized layers is an error, as is a file without quantized layers.
 Keys removed that a layer does not have are counted in the report (``keys_absent``), not an error.
@@ -47,6 +51,46 @@ from .safetensors_io import SafetensorsReader
 # ---------------------------------------------------------------------------------------------------
 # --edit-quant
 # ---------------------------------------------------------------------------------------------------
+
+# Keys that change how the stored tensors are read: an edit touching them is checked against the data.
+STRUCTURAL_KEYS = ("group_size", "per_row", "orig_shape")
+
+
+def _check_structure(reader: SafetensorsReader, layer: str, old: Mapping, new: Mapping) -> None:
+    """Refuse an edit after which the layer's metadata no longer describes its stored tensors.
+
+    Only runs when a structural key changed (it reads the layer's tensors). The check is the loaders'
+    own (``metadata.discover_layers`` + ``validate_layer``) on the edited dict."""
+    if all((k in old) == (k in new) and old.get(k) == new.get(k) for k in STRUCTURAL_KEYS):
+        return
+    from .formats import FormatError
+    from .metadata import discover_layers, load_layer_tensors, validate_layer
+
+    cq = layer + COMFY_QUANT_SUFFIX
+    encoded = encode_comfy_quant(new)
+    keys = [n for n in reader.infos if n.startswith(layer + ".") and n != cq] + [cq]
+
+    def get(k: str) -> torch.Tensor:
+        return encoded if k == cq else reader.read(k)
+
+    try:
+        info = discover_layers(keys, None, get)[layer]
+        # Removing orig_shape does not change the logical shape: validate against the one it stated.
+        shape = None if "orig_shape" in new else old.get("orig_shape")
+        validate_layer(info, load_layer_tensors(info, get), shape)
+    except (FormatError, KeyError) as e:
+        changed = [k for k in STRUCTURAL_KEYS if (k in old) != (k in new) or old.get(k) != new.get(k)]
+        raise OptionError(f"{reader.path}: editing {', '.join(changed)} of layer {layer} would make its metadata "
+                          f"disagree with its stored tensors: {e}") from None
+
+
+def _dumps(obj) -> str:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)  # as metadata.py writes headers
+
+
+def _new_counts() -> dict:
+    return {"added": {}, "updated": {}, "removed": {}, "absent": {}}
+
 
 def _apply(cfg: dict, add: Mapping, remove: Iterable[str], counts: dict) -> dict:
     new = dict(cfg)
@@ -103,27 +147,26 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
             if L in tensor_cfgs and L in header_layers and fmt_t != fmt_h:
                 raise InputFileError(f"{input}: layer {L}: .comfy_quant says format {fmt_t!r} but the header says {fmt_h!r}; refusing to edit an inconsistent file")
 
-        counts = {"added": {}, "updated": {}, "removed": {}, "absent": {}}
-        scratch = {"added": {}, "updated": {}, "removed": {}, "absent": {}}
+        counts = _new_counts()
         replace: dict[str, torch.Tensor] = {}
         tensors_changed = header_changed = 0
         final_cfgs: dict[str, dict] = {}
         for L in selected:
             # Key counts are per layer: when a layer has both a tensor and a header entry, the tensor's
             # edit is the one counted (the header gets the same edit).
-            if L in tensor_cfgs:
-                new = _apply(tensor_cfgs[L], add, remove, counts)
-                final_cfgs[L] = new
-                # Compare the JSON text, not the dicts: 1 == 1.0 == True in Python but not in the file.
-                if json.dumps(new) != json.dumps(tensor_cfgs[L]):
-                    replace[L + COMFY_QUANT_SUFFIX] = encode_comfy_quant(new)
-                    tensors_changed += 1
-            if L in header_layers:
-                new_h = _apply(header_layers[L], add, remove, scratch if L in tensor_cfgs else counts)
-                if json.dumps(new_h) != json.dumps(header_layers[L]):
+            new_t = _apply(tensor_cfgs[L], add, remove, counts) if L in tensor_cfgs else None
+            new_h = _apply(header_layers[L], add, remove, _new_counts() if new_t is not None else counts) \
+                if L in header_layers else None
+            final_cfgs[L] = new_t if new_t is not None else new_h
+            _check_structure(reader, L, tensor_cfgs.get(L) or header_layers[L], final_cfgs[L])
+            # Compare JSON text, not dicts: 1 == 1.0 == True in Python but not in the file.
+            if new_t is not None and _dumps(new_t) != _dumps(tensor_cfgs[L]):
+                replace[L + COMFY_QUANT_SUFFIX] = encode_comfy_quant(new_t)
+                tensors_changed += 1
+            if new_h is not None:
+                if _dumps(new_h) != _dumps(header_layers[L]):
                     header_changed += 1
                 header_layers[L] = new_h
-                final_cfgs.setdefault(L, new_h)
 
         metadata = dict(reader.metadata)
         header_written = False
@@ -135,12 +178,12 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
                 layers_out[L] = final_cfgs.get(L, cfg)
             new_qm = dict(qm) if qm is not None else {"format_version": "1.0"}
             new_qm["layers"] = layers_out
-            metadata[QUANT_METADATA_KEY] = json.dumps(new_qm)
+            metadata[QUANT_METADATA_KEY] = _dumps(new_qm)
             header_written = metadata.get(QUANT_METADATA_KEY) != reader.metadata.get(QUANT_METADATA_KEY)
         elif qm is not None and header_changed:
             new_qm = dict(qm)
             new_qm["layers"] = header_layers
-            metadata[QUANT_METADATA_KEY] = json.dumps(new_qm)
+            metadata[QUANT_METADATA_KEY] = _dumps(new_qm)
             header_written = True
 
         nbytes = rewrite_file(reader, output, replace=replace, metadata=metadata, overwrite=overwrite,

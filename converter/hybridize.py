@@ -231,7 +231,7 @@ def make_hybrid_mxfp8(input, output, tensor_scales=None, overwrite: bool = False
             for L in layers:
                 if L in new_layers:
                     new_layers[L] = dict(new_layers[L], format=TARGET_FORMAT)
-            metadata[QUANT_METADATA_KEY] = json.dumps(dict(qm, layers=new_layers))
+            metadata[QUANT_METADATA_KEY] = json.dumps(dict(qm, layers=new_layers), separators=(",", ":"), ensure_ascii=False)
         insert_after = {f"{L}.weight": {f"{L}.weight_scalar": TensorSpec(torch.float32, ())} for L in layers}
         nbytes = rewrite_file(reader, output, replace=replace, insert_after=insert_after, on_read=on_read,
                               metadata=metadata, overwrite=overwrite, progress=progress, cancel=cancel)

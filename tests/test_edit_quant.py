@@ -19,6 +19,7 @@ from hybridquant.converter.edit import edit_quant
 from hybridquant.converter.edit_keys import parse_add_keys, parse_remove_keys
 from hybridquant.converter.errors import Cancelled, InputFileError, NoMatchingLayersError, OptionError, OutputFileError
 from hybridquant.converter.formats import get_codec
+from hybridquant.converter.metadata import discover_layers, load_layer_tensors, validate_layer
 
 QM = "_quantization_metadata"
 LAYERS = {  # layer -> (format, shape)
@@ -119,6 +120,12 @@ def test_add_json_object_with_commas_and_quotes(src, tmp_path):
     assert rep["layers_selected"] == 3 and rep["comfy_quant_tensors_changed"] == 3
     assert rep["header_entries_changed"] == 3 and rep["header_updated"]
     assert rep["keys_added"] == {"full_precision_matrix_mult": 3, "note": 3}
+    # The loaders' view (metadata.py) of the edited file agrees, and every layer still validates.
+    with safe_open(str(out), "pt") as f:
+        infos = discover_layers(list(f.keys()), f.metadata(), f.get_tensor)
+        for layer, (fmt, shape) in LAYERS.items():
+            assert infos[layer].format == fmt and infos[layer].comfy_quant() == cqs[layer]
+            validate_layer(infos[layer], load_layer_tensors(infos[layer], f.get_tensor), shape)
     # The data of the edited layers still decodes exactly as before (only metadata moved).
     with safe_open(str(p), "pt") as a, safe_open(str(out), "pt") as b:
         for layer, (fmt, shape) in LAYERS.items():
@@ -170,6 +177,20 @@ def test_remove_keeps_other_keys_and_header_consistent(src, tmp_path):
     for layer, cfg in cfgs.items():
         want = {k: v for k, v in cfg.items() if k != "orig_shape"}
         assert cqs[layer] == want == header["layers"][layer]
+
+
+def test_structural_edits_checked_against_the_data(src, tmp_path):
+    """Keys that change how tensors are read (per_row, orig_shape, group_size) must fit the stored data."""
+    p, cfgs = src
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(OptionError, match=r"editing per_row of layer blocks\.0\.mlp\.fc1 would make its metadata disagree"):
+        edit_quant(p, out, add_keys="per_row=true", quant_filter="mlp")
+    with pytest.raises(OptionError, match=r"editing orig_shape of layer blocks\.0\.attn\.qkv.*\(32, 64\)"):
+        edit_quant(p, out, add_keys="orig_shape=[32, 64]", quant_filter="attn")
+    assert not out.exists()
+    # Consistent structural edits go through (tensorwise layers ignore group_size; orig_shape may go).
+    edit_quant(p, out, add_keys="orig_shape=[96, 64]", quant_filter="attn")
+    assert all(c["orig_shape"] == [96, 64] for L, c in read_out(out)[0].items() if "attn" in L)
 
 
 def test_quant_filter_selects_layers(src, tmp_path):

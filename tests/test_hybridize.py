@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from hybridquant.converter.errors import LayerError, NoMatchingLayersError, OutputFileError
 from hybridquant.converter.formats import get_codec
 from hybridquant.converter.hybridize import make_hybrid_mxfp8
+from hybridquant.converter.metadata import discover_layers, load_layer_tensors, validate_layer
 
 QM = "_quantization_metadata"
 # layer -> logical shape; one with padding on both axes, one whose metadata omits orig_shape
@@ -144,6 +145,12 @@ def check_hybrid_output(src, out, layers_cfg, *, header=True, tensors_cq=True):
         outs = {k: t_out[f"{L}.{k}"] for k in ("weight", "weight_scale", "weight_scalar")}
         assert torch.equal(hy.dequantize(outs, shape), mx.dequantize(ins, shape))
     assert meta["modelspec.title"] == "tiny flux-like"
+    # The loaders' view (metadata.py): every converted layer is discovered as hybrid_mxfp8 and validates.
+    infos = discover_layers(list(t_out), meta, t_out.__getitem__)
+    for L, shape in MX_LAYERS.items():
+        assert infos[L].format == "hybrid_mxfp8"
+        validate_layer(infos[L], load_layer_tensors(infos[L], t_out.__getitem__), shape)
+    assert infos[FP8_LAYER].format == "float8_e4m3fn"
     if header:
         assert json.loads(meta[QM])["layers"][FP8_LAYER] == {"format": "float8_e4m3fn"}
     if tensors_cq:
