@@ -19,7 +19,8 @@ Conventions (DESIGN.md §2)
   (float32, 0-dim or [1]) and optionally ``<layer>.scale_input``. The data layout is exactly
   ``float8_e4m3fn`` (``float8_e5m2`` when the marker is e5m2) with ``weight_scale`` / ``input_scale``
   under other names; a 2-element marker means "no fp8 matmul", recorded as
-  ``full_precision_matrix_mult: true`` (what ComfyUI does). A ``.scale_weight`` without any marker is
+  ``full_precision_matrix_mult: true`` (what ComfyUI does). A ``scale_input`` equal to 1.0 is a
+  placeholder and is left out (as current ComfyUI does). A ``.scale_weight`` without any marker is
   still read as ``float8_e4m3fn`` (the weight's dtype is then checked by ``validate_layer``).
 
 Precedence: a layer described by both a ``.comfy_quant`` tensor and the header must agree on the format
@@ -51,7 +52,9 @@ Public API (used by the converter, the ComfyUI loaders and the editor)
     ``{"weight": "x.weight", "weight_scale": "x.scale_weight"}``), ``meta`` (the raw dict as read:
     ``.comfy_quant``/header dict, BNB quant-state dict, or the synthesised legacy dict), ``source``
     (``"comfy_quant"``, ``"header"``, ``"bnb"`` or ``"legacy_scaled_fp8"``), ``orig_shape`` (logical
-    ``(M, N)`` when the metadata says, else None). ``info.comfy_quant()`` is the dict to write back.
+    ``(M, N)`` when the metadata says, else None), ``dropped`` (keys of the layer that carry no data
+    and that a loader/converter should delete: a legacy ``scale_input`` of 1.0). ``info.comfy_quant()``
+    is the dict to write back.
 ``load_layer_tensors(info, get_tensor) -> dict[str, Tensor]``: the layer's tensors by suffix.
 ``validate_layer(info, tensors, shape=None) -> None``
     ``get_codec(info.format).validate(layer, tensors, shape, **info.options)``. ``shape``: the module's
@@ -78,7 +81,6 @@ BNB_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
 BNB_FORMATS = {"nf4": "bnb_nf4", "fp4": "bnb_fp4"}
 BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
 LEGACY_MARKER = "scaled_fp8"
-LEGACY_SUFFIXES = {"scale_weight": "weight_scale", "scale_input": "input_scale"}
 # Layouts stored unpadded at the logical shape: their weight's shape IS the logical shape.
 UNPADDED_FORMATS = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise",
                               "int8_tensorwise", "int8_blockwise"})
@@ -99,6 +101,7 @@ class LayerInfo:
     meta: dict = field(default_factory=dict)
     source: str = "comfy_quant"
     orig_shape: tuple[int, int] | None = None
+    dropped: tuple[str, ...] = ()  # keys of this layer deliberately ignored (legacy 1.0 scale_input)
 
     def comfy_quant(self) -> dict | None:
         """The ``.comfy_quant`` dict to write for this layer (None for bitsandbytes layers)."""
@@ -282,12 +285,22 @@ def _discover_legacy(keys, keyset, found: dict, get_tensor) -> None:
         meta = {"format": fmt}
         if marker is not None and marker.numel() == 2:
             meta["full_precision_matrix_mult"] = True
-        tensors = {"weight": f"{layer}.weight"}
-        for old, new in LEGACY_SUFFIXES.items():
-            if f"{layer}.{old}" in keyset:
-                tensors[new] = f"{layer}.{old}"
+        tensors = {"weight": f"{layer}.weight", "weight_scale": k}
+        si = f"{layer}.scale_input"
+        # A scale_input of exactly 1.0 is the placeholder older tools wrote for "no static input
+        # scale"; current ComfyUI drops it too, so activations are not clamped to ±448 unscaled.
+        dropped = ()
+        if si in keyset:
+            if _is_one(get_tensor(si)):
+                dropped = (si,)
+            else:
+                tensors["input_scale"] = si
         found[layer] = LayerInfo(layer, fmt, {k2: v for k2, v in meta.items() if k2 != "format"},
-                                 tensors, meta, "legacy_scaled_fp8", None)
+                                 tensors, meta, "legacy_scaled_fp8", None, dropped)
+
+
+def _is_one(t: torch.Tensor) -> bool:
+    return isinstance(t, torch.Tensor) and t.numel() == 1 and float(t.reshape(())) == 1.0
 
 
 # ---- tensors and validation -----------------------------------------------------------------------

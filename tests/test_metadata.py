@@ -241,8 +241,8 @@ def legacy_file(prefix="model.diffusion_model.", marker_dtype=torch.float8_e4m3f
         layer = f"{prefix}blocks.{i}.lin"
         sd[f"{layer}.weight"] = out["weight"]
         sd[f"{layer}.scale_weight"] = out["weight_scale"].reshape(1) if i else out["weight_scale"]
-        if input_scale:
-            sd[f"{layer}.scale_input"] = torch.tensor(1.0)
+        if input_scale:  # 1.0 is the "no static scale" placeholder older tools wrote
+            sd[f"{layer}.scale_input"] = torch.tensor(1.0 if i else 0.75)
         sd[f"{layer}.bias"] = torch.zeros(24)
         ref[layer] = codec.dequantize(out, (24, 16))
     sd[f"{prefix}final.weight"] = torch.randn(4, 24, dtype=torch.bfloat16)
@@ -255,8 +255,11 @@ def test_discover_legacy_scaled_fp8(tmp_path):
     assert list(layers) == list(ref)
     for name, info in layers.items():
         assert (info.format, info.source) == ("float8_e4m3fn", "legacy_scaled_fp8")
-        assert info.tensors == {"weight": f"{name}.weight", "weight_scale": f"{name}.scale_weight",
-                                "input_scale": f"{name}.scale_input"}
+        expect = {"weight": f"{name}.weight", "weight_scale": f"{name}.scale_weight"}
+        if name.endswith("blocks.0.lin"):  # blocks.1's scale_input is the 1.0 placeholder: left out
+            expect["input_scale"] = f"{name}.scale_input"
+        assert info.tensors == expect
+        assert info.dropped == (() if name.endswith("blocks.0.lin") else (f"{name}.scale_input",))
         assert info.comfy_quant() == {"format": "float8_e4m3fn"}
         md.validate_layer(info, loaded[name])
         assert torch.equal(get_codec(info.format).dequantize(loaded[name], (24, 16), **info.options), ref[name])
@@ -342,5 +345,6 @@ def test_stock_comfyui_agrees_on_header_and_legacy_names(comfy):
         assert theirs == {name: info.comfy_quant() for name, info in ours.items()}
         for name, info in ours.items():
             assert torch.equal(out_sd[f"{name}.weight_scale"], sd[info.tensors["weight_scale"]])
+            assert (f"{name}.input_scale" in out_sd) == ("input_scale" in info.tensors)
     out_sd, _ = comfy.utils.convert_old_quants({}, "", dict(header))
     assert {k[: -len(".comfy_quant")]: json.loads(bytes(v.tolist())) for k, v in out_sd.items()} == md.parse_header(header)
