@@ -216,3 +216,31 @@ def test_validate_errors_name_layer():
         get_codec("bnb_fp4").validate("L", t, (17, 33))
     assert detect_bnb_format(t) == "bnb_nf4" and detect_bnb_format({"weight": w}) is None
     assert c.metadata() is None
+
+
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_stored_scale_params_requantize(qt, nested):
+    c = get_codec(f"bnb_{qt}")
+    w = _weight((12, 40), torch.bfloat16, seed=9)
+    q, st = F.quantize_4bit(w, blocksize=64, compress_statistics=nested, quant_type=qt)
+    layer = {"weight": q, **{f"weight.{k}": v for k, v in st.as_dict(packed=True).items()}}
+    opts = c.quant_state_options(layer)
+    assert opts == {"blocksize": 64, "double_quant": nested, "dtype": "bfloat16"}
+    p = c.stored_scale_params(layer, (12, 40))
+    if nested:
+        # rows spanning 4 decades: a small block's double-quantized absmax decodes NEGATIVE (in
+        # bitsandbytes too); requantizing with the stored params must still reproduce the values
+        assert bool((p["absmax"] < 0).any())
+        st2 = F.QuantState.from_dict(_strip(layer), CPU)
+        assert torch.equal(F.dequantize_blockwise(st2.absmax, st2.state2) + st2.offset, p["absmax"])
+    fq = c.dequantize(layer, (12, 40))
+    again = c.quantize(fq, params=p, **opts)
+    for k in layer:
+        if k.startswith("weight.quant_state."):  # same JSON (ours may carry reserved trailing spaces)
+            assert _json(again[k]) == _json(layer[k])
+        elif k != "weight":
+            assert torch.equal(again[k], layer[k]), k  # statistics unchanged
+    assert torch.equal(c.dequantize(again, (12, 40)), fq)
+    if qt == "nf4":
+        assert torch.equal(again["weight"], q)

@@ -114,3 +114,12 @@ def test_all_zero_and_validate():
         H.validate("L", {**t, "weight_scalar": torch.tensor(float("nan"))}, (5, 7))
     with pytest.raises(FormatError, match="L.weight_scalar: expected dtype"):
         H.validate("L", {**t, "weight_scalar": torch.tensor(1.0, dtype=torch.float16)}, (5, 7))
+
+
+def test_stored_scale_params_keep_scalar():
+    w = _spanning_weight(20, 40)
+    t = H.quantize(w, scalar=0.37)
+    p = H.stored_scale_params(t, (20, 40))
+    again = H.quantize(H.dequantize(t, (20, 40)), params=p)
+    assert float(again["weight_scalar"]) == pytest.approx(0.37)
+    assert all(torch.equal(again[k].view(torch.uint8), t[k].view(torch.uint8)) for k in ("weight", "weight_scale"))

@@ -136,3 +136,13 @@ def test_reads_e8m0_typed_scales_and_metadata():
     q, s = ck.quantize_mxfp8(w, pad_32x=True)  # comfy-kitchen's in-memory dtype: float8_e8m0fnu
     assert torch.equal(C.dequantize({"weight": q, "weight_scale": s}, (33, 64)), C.fake_quantize(w))
     assert C.metadata() == {"format": "mxfp8"}
+
+
+def test_stored_scale_params_requantize():
+    w = _weight((17, 33))
+    q, s = ck.quantize_mxfp8(w, pad_32x=True)
+    layer = {"weight": q, "weight_scale": s}
+    p = C.stored_scale_params(layer, (17, 33))
+    again = C.quantize(C.dequantize(layer, (17, 33)), params=p)
+    assert torch.equal(again["weight"].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(again["weight_scale"], s.view(torch.uint8))

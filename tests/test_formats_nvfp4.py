@@ -122,3 +122,13 @@ def test_validate_errors_name_layer():
     with pytest.raises(FormatError, match="group_size"):
         C.output_specs((16, 16), group_size=32)
     assert C.metadata() == {"format": "nvfp4"}
+
+
+def test_stored_scale_params_requantize():
+    w = _weight((17, 33))
+    q, s = ck.quantize_nvfp4(w, w.abs().amax() / 2688.0, pad_16x=True)
+    layer = {"weight": q, "weight_scale": s, "weight_scale_2": w.abs().amax() / 2688.0}
+    p = C.stored_scale_params(layer, (17, 33))
+    again = C.quantize(C.dequantize(layer, (17, 33)), params=p)
+    assert torch.equal(again["weight"], q)
+    assert torch.equal(again["weight_scale"].view(torch.uint8), s.view(torch.uint8))

@@ -42,7 +42,9 @@ Encoding (bitsandbytes' reference CPU path, matched bit for bit):
   ``nested_quant_map[code] * nested_absmax[block256] + offset`` (two float32 roundings).
 
 Rounding decomposition: ``S`` = ``absmax_eff`` of the element's block; the grid is the code book with
-the tie rule above. ``quantize(w)`` without params follows bitsandbytes exactly, which for nested
+the tie rule above. With nested absmax, ``S`` can be NEGATIVE for a block whose absmax is far below
+the mean (the 8-bit code of ``absmax - offset`` overshoots); bitsandbytes decodes such a block with
+its sign flipped, and so must every reader. Callers must divide by ``S`` itself where ``S != 0``. ``quantize(w)`` without params follows bitsandbytes exactly, which for nested
 absmax picks codes relative to the TRUE absmax while the file stores the nested approximation.
 ``quantize(w, params)`` picks codes relative to ``params["absmax"]`` (the stored, nested-dequantized
 value), which is what ``round_to_grid(w / S) * S`` assumes; so for ``double_quant`` the two may differ
@@ -302,7 +304,10 @@ class _BnbCodec(Codec):
     def _codes(self, flat: torch.Tensor, absmax: torch.Tensor, bs: int) -> torch.Tensor:
         n = flat.numel()
         full = n - n % bs
-        div = absmax.clamp(min=_ABSMAX_FLOOR)
+        # bitsandbytes clamps the divisor to 1e-38. A nested (double-quantized) absmax can decode to a
+        # NEGATIVE value for a block far below the mean absmax (its files then flip that block's sign
+        # on decode); dividing by that value keeps round_to_grid(w / S) * S == dequantize there too.
+        div = torch.where(absmax >= 0, absmax.clamp(min=_ABSMAX_FLOOR), absmax)
         # bitsandbytes: reciprocal-multiply for full blocks, a division for the partial last block.
         x = (flat[:full].reshape(-1, bs) * (1.0 / div[: full // bs]).reshape(-1, 1)).reshape(-1)
         if full < n:
@@ -353,6 +358,27 @@ class _BnbCodec(Codec):
             return tensors["weight.absmax"].to(torch.float32)
         offset = torch.tensor(float(qs["nested_offset"]), dtype=torch.float32)
         return nested_dequantize(tensors["weight.absmax"], tensors["weight.nested_absmax"], tensors["weight.nested_quant_map"], offset, qs["nested_blocksize"])
+
+    def stored_scale_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
+        """The ``scale_params`` that reproduce a stored layer's absmax (nested parts included).
+
+        Quantizing with them (and the layer's ``quant_state_options``) changes only ``weight``."""
+        qs = self._validate(layer, tensors, shape)
+        params = {"absmax": self.effective_absmax(tensors, qs)}
+        if qs["nested"]:
+            if qs["nested_blocksize"] != NESTED_BLOCKSIZE:
+                raise FormatError(f"{layer}: nested_blocksize {qs['nested_blocksize']} cannot be rewritten (bitsandbytes uses {NESTED_BLOCKSIZE})")
+            params.update({
+                "absmax_codes": tensors["weight.absmax"],
+                "nested_absmax": tensors["weight.nested_absmax"],
+                "nested_offset": torch.tensor(float(qs["nested_offset"]), dtype=torch.float32),
+            })
+        return params
+
+    def quant_state_options(self, tensors: Mapping[str, torch.Tensor], layer: str = "layer") -> dict:
+        """``{"blocksize", "double_quant", "dtype"}`` of a stored layer, as ``quantize`` takes them."""
+        qs = read_quant_state(layer, tensors)
+        return {"blocksize": qs["blocksize"], "double_quant": qs["nested"], "dtype": qs["dtype"]}
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, layer: str = "layer", **opts) -> torch.Tensor:
         qs = self._validate(layer, tensors, shape)

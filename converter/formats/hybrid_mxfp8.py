@@ -103,6 +103,11 @@ class HybridMXFP8(MXFP8):
             out["weight_scalar"] = _scalar_tensor(scalar, w.device, f"{name}_scalar")
         return out
 
+    def stored_scale_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
+        params = super().stored_scale_params(tensors, shape, layer)
+        params["weight_scalar"] = tensors["weight_scalar"].reshape(())
+        return params
+
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
         super().validate(layer, tensors, shape, **opts)
         s = require(layer, tensors, "weight_scalar", torch.float32)

@@ -179,6 +179,11 @@ class MXFP8(Codec):
         codes = as_e8m0_codes(tensors["weight_scale"], f"{layer}.weight_scale")
         return from_blocked(codes, mp, np_ // BLOCK, name=f"{layer}.weight_scale")[:m, : ceil_div(n, BLOCK)]
 
+    def stored_scale_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
+        """The ``scale_params`` that reproduce a stored layer's scales (for requantizing in place)."""
+        self.validate(layer, tensors, shape)
+        return {"weight_scale": self.logical_codes(tensors, shape, layer)}
+
     def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, **opts) -> torch.Tensor:
         layer = opts.get("layer", "layer")
         self.validate(layer, tensors, shape)

@@ -146,6 +146,11 @@ class NVFP4(Codec):
         b = from_blocked(tensors["weight_scale"], mp, np_ // BLOCK, name=f"{layer}.weight_scale")
         return {"weight_scale": b[:m, : ceil_div(n, BLOCK)], "weight_scale_2": tensors["weight_scale_2"].reshape(())}
 
+    def stored_scale_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
+        """The ``scale_params`` that reproduce a stored layer's scales (for requantizing in place)."""
+        self.validate(layer, tensors, shape)
+        return self.logical_params(tensors, shape, layer)
+
     def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, layer: str = "layer", **opts) -> torch.Tensor:
         self.validate(layer, tensors, shape)
         m, n = check_shape(shape)
