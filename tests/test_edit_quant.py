@@ -379,3 +379,67 @@ def test_parse_remove_keys():
     with pytest.raises(OptionError, match="names no keys"):
         parse_remove_keys(" , ")
 
+
+# ------------------------------------------------------------------------------------------------
+# Through the convert_to_quant CLI (a real FP8 file made by the CLI itself)
+# ------------------------------------------------------------------------------------------------
+
+def run_cli(*args, subprocess_=False):
+    """Run ``convert_to_quant`` with ``args``: in-process through ``cli.main`` (fast), or as a real
+    ``python -m hybridquant.converter`` process when ``subprocess_`` is true."""
+    import contextlib
+    import io
+    import subprocess
+    import sys
+    import types
+
+    argv = [str(a) for a in args]
+    if subprocess_:
+        return subprocess.run([sys.executable, "-m", "hybridquant.converter", *argv], capture_output=True, text=True, timeout=300)
+    from hybridquant.converter.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_cli_edit_quant_end_to_end(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    src = tmp_path / "model.safetensors"
+    save_file({"blk.0.attn.weight": (torch.randn(64, 128, generator=g) * 0.05).to(torch.bfloat16),
+               "blk.0.attn.bias": torch.zeros(64, dtype=torch.bfloat16),
+               "blk.1.mlp.weight": torch.randn(96, 64, generator=g).to(torch.bfloat16)}, str(src),
+              metadata={"modelspec.title": "cli"})
+    q = tmp_path / "fp8.safetensors"
+    r = run_cli("-i", src, "-o", q, "--simple", "-q")
+    assert r.returncode == 0, r.stderr
+    q_before = file_hash(q)
+    base_cqs, base_header, _, _ = read_out(q)
+    assert base_cqs["blk.0.attn"]["format"] == "float8_e4m3fn"
+
+    e1 = tmp_path / "edited.safetensors"
+    r = run_cli("-i", q, "-o", e1, "--edit-quant", "--add-keys", '{"full_precision_matrix_mult": true, "note": "a, \\"b\\""}',
+                "--quant-filter", r"attn$", "-q", subprocess_=True)
+    assert r.returncode == 0, r.stderr
+    cqs, header, meta, _ = read_out(e1)
+    want = dict(base_cqs["blk.0.attn"], full_precision_matrix_mult=True, note='a, "b"')
+    assert cqs["blk.0.attn"] == want == header["layers"]["blk.0.attn"]
+    assert cqs["blk.1.mlp"] == base_cqs["blk.1.mlp"] == header["layers"]["blk.1.mlp"]
+    assert meta["modelspec.title"] == "cli"
+    assert_others_identical(q, e1, {"blk.0.attn"})
+    assert file_hash(q) == q_before
+
+    e2 = tmp_path / "restored.safetensors"
+    r = run_cli("-i", e1, "-o", e2, "--edit_quant", "--remove_keys", "note, full_precision_matrix_mult", "-q")
+    assert r.returncode == 0, r.stderr
+    assert raw_hashes(e2) == raw_hashes(q)
+    assert read_out(e2)[1] == base_header
+
+    r = run_cli("-i", q, "-o", tmp_path / "x.safetensors", "--edit-quant", "--add-keys", "a=1", "--quant-filter", "attn(")
+    assert r.returncode == 2 and "invalid regular expression" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("-i", q, "-o", e1, "--edit-quant", "--add-keys", "a=1")
+    assert r.returncode == 2 and "exists" in r.stderr
+    r = run_cli("-i", q, "-o", q, "--edit-quant", "--remove-keys", "format", "--overwrite")
+    assert r.returncode == 2 and "refusing to remove 'format'" in r.stderr
+    assert file_hash(q) == q_before

@@ -365,3 +365,80 @@ def test_output_rules(mxfile, tmp_path):
     assert load(out)[0]
     assert sha(p) == before
 
+
+# ------------------------------------------------------------------------------------------------
+# Through the convert_to_quant CLI: MXFP8 and FP8 files made by the CLI, then --make-hybrid-mxfp8
+# ------------------------------------------------------------------------------------------------
+
+def run_cli(*args, subprocess_=False):
+    """Run ``convert_to_quant`` with ``args``: in-process through ``cli.main`` (fast), or as a real
+    ``python -m hybridquant.converter`` process when ``subprocess_`` is true."""
+    import contextlib
+    import io
+    import subprocess
+    import sys
+    import types
+
+    argv = [str(a) for a in args]
+    if subprocess_:
+        return subprocess.run([sys.executable, "-m", "hybridquant.converter", *argv], capture_output=True, text=True, timeout=300)
+    from hybridquant.converter.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def test_cli_make_hybrid_with_tensor_scales(tmp_path):
+    from hybridquant.converter.formats.hybrid_mxfp8 import to_tensorwise_fp8
+
+    g = torch.Generator().manual_seed(5)
+    ws = {"blk.0.attn": torch.randn(64, 128, generator=g) * 0.05, "blk.1.mlp": torch.randn(48, 80, generator=g)}
+    ws["blk.0.attn"][3, 7] = 1.5  # an outlier
+    src = tmp_path / "model.safetensors"
+    save_file({**{f"{k}.weight": v.to(torch.bfloat16) for k, v in ws.items()}, "norm.weight": torch.ones(64)}, str(src))
+    mxf, fp8 = tmp_path / "mx.safetensors", tmp_path / "fp8.safetensors"
+    for out, flags in ((mxf, ["--mxfp8"]), (fp8, [])):
+        r = run_cli("-i", src, "-o", out, "--simple", "-q", *flags)
+        assert r.returncode == 0, r.stderr
+    mx_before = sha(mxf)
+
+    hy = tmp_path / "hybrid.safetensors"
+    r = run_cli("-i", mxf, "-o", hy, "--make-hybrid-mxfp8", "--tensor-scales", fp8, "-q", subprocess_=True)
+    assert r.returncode == 0, r.stderr
+    t_mx, _ = load(mxf)
+    t_fp8, _ = load(fp8)
+    t_hy, meta = load(hy)
+    assert sha(mxf) == mx_before
+    hcodec, mcodec = get_codec("hybrid_mxfp8"), get_codec("mxfp8")
+    for L, w in ws.items():
+        shape = tuple(w.shape)
+        assert json.loads(bytes(t_hy[f"{L}.comfy_quant"].tolist()))["format"] == "hybrid_mxfp8"
+        assert json.loads(meta[QM])["layers"][L]["format"] == "hybrid_mxfp8"
+        # The scalar is the FP8 file's tensorwise scale, bit for bit.
+        assert torch.equal(t_hy[f"{L}.weight_scalar"], t_fp8[f"{L}.weight_scale"].float().reshape(()))
+        tensors = {k: t_hy[f"{L}.{k}"] for k in ("weight", "weight_scale", "weight_scalar")}
+        # The MXFP8 part decodes exactly like the MXFP8 file.
+        assert torch.equal(hcodec.dequantize(tensors, shape),
+                           mcodec.dequantize({k: t_mx[f"{L}.{k}"] for k in ("weight", "weight_scale")}, shape))
+        q, scale = to_tensorwise_fp8(tensors, shape)
+        deq = q[: shape[0], : shape[1]].float() * scale.float()
+        wf = w.to(torch.bfloat16).float()
+        rel = float((deq - wf).norm() / wf.norm())
+        assert rel < 0.1, (L, rel)
+    assert torch.equal(t_hy["norm.weight"], t_mx["norm.weight"])
+
+    # Without --tensor-scales (underscore spelling): the scalar comes from the block scales.
+    hy2 = tmp_path / "hybrid2.safetensors"
+    r = run_cli("-i", mxf, "-o", hy2, "--make_hybrid_mxfp8", "-q")
+    assert r.returncode == 0, r.stderr
+    t2, _ = load(hy2)
+    for L in ws:
+        assert float(t2[f"{L}.weight_scalar"]) == max_block_scale(t2[f"{L}.weight_scale"])
+
+    r = run_cli("-i", fp8, "-o", tmp_path / "no.safetensors", "--make-hybrid-mxfp8")
+    assert r.returncode == 2 and "no MXFP8 layers" in r.stderr and "Traceback" not in r.stderr
+    r = run_cli("-i", mxf, "-o", tmp_path / "no.safetensors", "--make-hybrid-mxfp8", "--tensor-scales", src)
+    assert r.returncode == 2 and "--tensor-scales" in r.stderr and "none of the 2 MXFP8 layers" in r.stderr
+    assert not (tmp_path / "no.safetensors").exists()
