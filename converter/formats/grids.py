@@ -237,7 +237,7 @@ class GridCodec(Codec):
     def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, **opts) -> torch.Tensor:
         shape = check_shape(shape)
         kind, bs = self.layout(opts, tensors)
-        x = tensors["weight"].to(torch.float32)
+        x = tensors["weight"].to(torch.float32, copy=True)  # scaled in place below: never the caller's
         return apply_grid_(x, kind, tensors["weight_scale"], bs, "mul").to(dtype)
 
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
