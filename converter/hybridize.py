@@ -44,12 +44,12 @@ from typing import Mapping
 
 import torch
 
-from .errors import InputFileError, LayerError, NoMatchingLayersError
+from .errors import InputFileError, LayerError, NoMatchingLayersError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec, round_up
 from .rewrite import (COMFY_QUANT_SUFFIX, QUANT_METADATA_KEY, CancelFn, ProgressFn, check_output_path,
                       encode_comfy_quant, parse_quant_header, read_layer_configs, rewrite_file)
-from .safetensors_io import SafetensorsReader
+from .safetensors_io import SafetensorsReader, same_file
 
 log = logging.getLogger("hybridquant.converter.hybridize")
 
@@ -148,6 +148,8 @@ def make_hybrid_mxfp8(input, output, tensor_scales=None, overwrite: bool = False
     mx = get_codec(SOURCE_FORMAT)
     with SafetensorsReader(input) as reader:
         check_output_path(input, output, overwrite)
+        if tensor_scales is not None and os.path.exists(output) and same_file(tensor_scales, output):
+            raise OutputFileError(f"{output}: output equals the --tensor-scales file; write to a new file")
         tensor_cfgs = read_layer_configs(reader)
         qm = parse_quant_header(reader.metadata, input)
         header_layers = dict(qm.get("layers", {})) if qm is not None else {}
@@ -192,7 +194,10 @@ def make_hybrid_mxfp8(input, output, tensor_scales=None, overwrite: bool = False
                                             f"{input} has a tensorwise FP8 scale there ({sample})")
             computed_fallback = [L for L in layers if L not in imported]
             if computed_fallback:
-                detail = "; ".join(f"{L} ({why[L]})" for L in computed_fallback)
+                shown = computed_fallback[:20]  # the full list is in the report's computed_layers
+                detail = "; ".join(f"{L} ({why[L]})" for L in shown)
+                if len(computed_fallback) > len(shown):
+                    detail += f"; ... and {len(computed_fallback) - len(shown)} more"
                 if strict_scales:
                     raise NoMatchingLayersError(f"--tensor-scales {tensor_scales}: no usable scale for "
                                                 f"{len(computed_fallback)} of {len(layers)} MXFP8 layers: {detail}")

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from hybridquant.converter.errors import LayerError, NoMatchingLayersError, OutputFileError
+from hybridquant.converter.errors import InputFileError, LayerError, NoMatchingLayersError, OutputFileError
 from hybridquant.converter.formats import get_codec
 from hybridquant.converter.hybridize import make_hybrid_mxfp8
 from hybridquant.converter.metadata import discover_layers, load_layer_tensors, validate_layer
@@ -354,6 +354,14 @@ def test_broken_mxfp8_layer_named(tmp_path):
 def test_output_rules(mxfile, tmp_path):
     p, _, _ = mxfile
     before = sha(p)
+    fp8 = tmp_path / "fp8.safetensors"
+    build_fp8(fp8)
+    fp8_before = sha(fp8)
+    with pytest.raises(OutputFileError, match="equals the --tensor-scales file"):
+        make_hybrid_mxfp8(p, fp8, tensor_scales=fp8, overwrite=True)
+    assert sha(fp8) == fp8_before
+    with pytest.raises(InputFileError, match="does not exist"):
+        make_hybrid_mxfp8(p, tmp_path / "o.safetensors", tensor_scales=tmp_path / "missing.safetensors")
     with pytest.raises(OutputFileError, match="equals the input"):
         make_hybrid_mxfp8(p, p, overwrite=True)
     out = tmp_path / "exists.safetensors"
