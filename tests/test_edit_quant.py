@@ -323,6 +323,27 @@ def test_cancel_leaves_no_output(src, tmp_path):
     assert [f for f in os.listdir(tmp_path) if "partial" in f] == []
 
 
+def test_sigint_mid_write_leaves_no_output(src, tmp_path):
+    """A real SIGINT (Ctrl+C) delivered while the output is half written: no output, input intact."""
+    import signal
+
+    p, _ = src
+    before = file_hash(p)
+    out = tmp_path / "out.safetensors"
+    sent = []
+
+    def progress(done, total, name):
+        if not sent and done < total:
+            sent.append(name)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(KeyboardInterrupt):
+        edit_quant(p, out, add_keys="x=1", progress=progress)
+    assert sent and not out.exists()
+    assert [f for f in os.listdir(tmp_path) if "partial" in f] == []
+    assert file_hash(p) == before
+
+
 def test_needs_an_edit(src, tmp_path):
     p, _ = src
     with pytest.raises(OptionError, match="needs --add-keys"):

@@ -351,6 +351,33 @@ def test_broken_mxfp8_layer_named(tmp_path):
         make_hybrid_mxfp8(p, tmp_path / "o.safetensors")
 
 
+def test_sigkill_mid_write_leaves_no_output(mxfile, tmp_path):
+    """SIGKILL while the hybrid file is half written: the target never appears, the input is intact,
+    and the next run removes the dead process's temp file."""
+    import os
+    import subprocess
+    import sys
+
+    p, _, _ = mxfile
+    before = sha(p)
+    out = tmp_path / "hybrid.safetensors"
+    script = (
+        "import os, signal, sys\n"
+        "from hybridquant.converter.hybridize import make_hybrid_mxfp8\n"
+        "def progress(done, total, name):\n"
+        "    if done < total and name.endswith('.weight_scalar'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "make_hybrid_mxfp8(sys.argv[1], sys.argv[2], progress=progress)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script, str(p), str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -9, r.stderr
+    assert not out.exists()
+    assert [f for f in os.listdir(tmp_path) if "partial" in f], "the killed writer's temp file should be left behind"
+    assert sha(p) == before
+    make_hybrid_mxfp8(p, out)
+    assert out.exists() and [f for f in os.listdir(tmp_path) if "partial" in f] == []
+
+
 def test_output_rules(mxfile, tmp_path):
     p, _, _ = mxfile
     before = sha(p)
