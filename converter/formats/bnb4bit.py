@@ -47,9 +47,12 @@ the mean (the 8-bit code of ``absmax - offset`` overshoots); bitsandbytes decode
 its sign flipped, and so must every reader. Callers must divide by ``S`` itself where ``S != 0``. ``quantize(w)`` without params follows bitsandbytes exactly, which for nested
 absmax picks codes relative to the TRUE absmax while the file stores the nested approximation.
 ``quantize(w, params)`` picks codes relative to ``params["absmax"]`` (the stored, nested-dequantized
-value), which is what ``round_to_grid(w / S) * S`` assumes; so for ``double_quant`` the two may differ
-in a few codes (non-nested they are identical). ``quantize`` computes ``w * (1/S)`` like bitsandbytes;
-``round_to_grid(w / S)`` can differ from it only for a value within one float32 ulp of a midpoint.
+value), which is what ``round_to_grid`` assumes; so for ``double_quant`` the two may differ in a few
+codes (non-nested they are identical). Like bitsandbytes, ``quantize`` scales by a reciprocal, so the
+exact identity is ``round_to_grid(w * (1 / S)) * S == dequantize(quantize(w, params))``; with
+``w / S`` an element can differ where the two land on either side of a midpoint (seen a few times in
+millions of bf16 elements). Conversions on CPU and CUDA write the same bytes (the nested statistics
+are computed on the CPU).
 """
 
 from __future__ import annotations
@@ -162,7 +165,14 @@ def _json_len(quant_type, blocksize, dtype, shape, nested, pad) -> tuple[int, in
 
 
 def nested_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Double-quantize a float32 absmax vector the way bitsandbytes' CPU path does."""
+    """Double-quantize a float32 absmax vector the way bitsandbytes' CPU path does.
+
+    Runs on the CPU whatever ``absmax``'s device (it is small: one value per block): the float32 mean
+    is a reduction whose rounding depends on the device, and the CPU one is bitsandbytes' reference,
+    so the bytes written do not depend on the GPU used for converting. Results go back to the device.
+    """
+    device = absmax.device
+    absmax = absmax.detach().to("cpu", torch.float32)
     code, lut = _nested_lut(absmax.device)
     offset = absmax.mean()
     if not bool(torch.isfinite(offset)):
@@ -176,7 +186,7 @@ def nested_quantize(absmax: torch.Tensor) -> dict[str, torch.Tensor]:
     y = (padded * inv[:, None]).clamp(-1.0, 1.0)
     idx = ((y + 1.0) * 0.5 * 65535.0 + 0.5).to(torch.int64)  # float -> int truncates, like the C cast
     codes = torch.where(nabs[:, None] > 0, lut[idx], torch.zeros_like(lut[idx])).reshape(-1)[:nb]
-    return {"codes": codes, "nested_absmax": nabs, "offset": offset}
+    return {"codes": codes.to(device), "nested_absmax": nabs.to(device), "offset": offset.to(device)}
 
 
 def nested_dequantize(codes: torch.Tensor, nested_absmax: torch.Tensor, nested_map: torch.Tensor, offset, nested_blocksize: int = NESTED_BLOCKSIZE) -> torch.Tensor:
