@@ -245,3 +245,17 @@ def test_stored_scale_params_requantize(qt, nested):
     assert torch.equal(c.dequantize(again, (12, 40)), fq)
     if qt == "nf4":
         assert torch.equal(again["weight"], q)
+
+
+def test_layers_share_no_storage(tmp_path):
+    # safetensors refuses to save tensors that alias each other (e.g. one code-book tensor reused)
+    from safetensors.torch import load_file, save_file
+
+    c = get_codec("bnb_nf4")
+    sd = {}
+    for i, nested in enumerate((False, True, True)):
+        for k, v in c.quantize(_weight((8, 64), seed=i), double_quant=nested).items():
+            sd[f"l{i}.{k}"] = v
+    save_file(sd, str(tmp_path / "m.safetensors"))
+    back = load_file(str(tmp_path / "m.safetensors"))
+    assert all(torch.equal(back[k], v) for k, v in sd.items())

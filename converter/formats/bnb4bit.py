@@ -351,13 +351,13 @@ class _BnbCodec(Codec):
         if nested:
             dyn, _ = _nested_lut(flat.device)
             out["weight.absmax"] = params["absmax_codes"].to(device=flat.device, dtype=torch.uint8)
-            out["weight.quant_map"] = TABLES[self.quant_type].to(flat.device)
+            out["weight.quant_map"] = TABLES[self.quant_type].to(flat.device, copy=True)  # never shared: safetensors refuses aliased tensors
             out["weight.nested_absmax"] = params["nested_absmax"].to(device=flat.device, dtype=torch.float32)
             out["weight.nested_quant_map"] = dyn.clone()
             offset = float(params["nested_offset"].item())
         else:
             out["weight.absmax"] = params["absmax"].to(device=flat.device, dtype=torch.float32)
-            out["weight.quant_map"] = TABLES[self.quant_type].to(flat.device)
+            out["weight.quant_map"] = TABLES[self.quant_type].to(flat.device, copy=True)  # never shared: safetensors refuses aliased tensors
             offset = None
         js = quant_state_json(self.quant_type, bs, dname, w.shape, offset, pad_to)
         out[f"weight.quant_state.bitsandbytes__{self.quant_type}"] = torch.frombuffer(bytearray(js), dtype=torch.uint8).to(flat.device)
