@@ -323,6 +323,16 @@ def test_cancel_leaves_no_output(src, tmp_path):
     assert [f for f in os.listdir(tmp_path) if "partial" in f] == []
 
 
+def test_bad_input_files(tmp_path):
+    with pytest.raises(InputFileError, match="does not exist"):
+        edit_quant(tmp_path / "missing.safetensors", tmp_path / "o.safetensors", add_keys="x=1")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"this is not a safetensors file at all")
+    with pytest.raises(InputFileError, match="not a safetensors file"):
+        edit_quant(junk, tmp_path / "o.safetensors", add_keys="x=1")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
 def test_sigint_mid_write_leaves_no_output(src, tmp_path):
     """A real SIGINT (Ctrl+C) delivered while the output is half written: no output, input intact."""
     import signal
