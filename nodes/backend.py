@@ -37,10 +37,17 @@ def prepare(sd, metadata):
     return prepare_state_dict(sd, metadata or {})
 
 
+def adopt(patcher):
+    """``ops.adopt_patcher``: LoRAs on 4-bit layers are applied on the fly (never requantized)."""
+    if patcher is None:
+        return None
+    return _ops_module().adopt_patcher(patcher)
+
+
 def _with_dynamic_flag(fn, kwargs: dict) -> dict:
-    # Current ComfyUI's "dynamic" model patcher manages weights itself; our ops keep packed data in
-    # their own parameters, so we ask for the classic patcher where the loader lets us choose.
-    # See ops' documentation of the disable_dynamic flag.
+    # Current ComfyUI's "dynamic" model patcher (aimdo) manages weight/bias itself; our layers hold
+    # scales and packed data besides them, so we ask for the classic patcher where the loader lets
+    # us choose (ops' documented usage).
     try:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -70,7 +77,7 @@ def diffusion_model_from_state_dict(sd: dict, metadata: dict, ops_class, source:
     if model is None:
         raise RuntimeError(f"{source}: ComfyUI could not detect the model type of this diffusion model "
                            f"(no known architecture matches its layer names/shapes)")
-    return model
+    return adopt(model)
 
 
 def load_diffusion_model(path: str, override: str = "auto"):
@@ -97,6 +104,9 @@ def load_checkpoint(path: str, override: str = "auto", embedding_directory=None)
     if out is None:
         raise RuntimeError(f"{path}: ComfyUI could not detect the checkpoint type")
     model, clip, vae = out[:3]
+    adopt(model)
+    if clip is not None:
+        adopt(clip.patcher)
     return model, clip, vae, ops_class
 
 
@@ -118,7 +128,9 @@ def load_clip(paths: list[str], clip_type: str, override: str = "auto", embeddin
     fn = comfy.sd.load_text_encoder_state_dicts
     kwargs = _with_dynamic_flag(fn, {"embedding_directory": embedding_directory, "clip_type": ct,
                                      "model_options": {"custom_operations": ops_class}})
-    return fn(sds, **kwargs), ops_class
+    clip = fn(sds, **kwargs)
+    adopt(clip.patcher)
+    return clip, ops_class
 
 
 def clip_types() -> list[str]:

@@ -13,19 +13,20 @@ ETA, final summary) for the web extension. Cancel: the converter's ``cancel`` ca
 quantized and the write itself is atomic, so a cancelled run leaves no file.
 
 Not redoing work: ComfyUI already reuses a node's outputs when its inputs are unchanged. On top of
-that we keep the last result per (model object, its patches, options) in memory, so a re-run that
-ComfyUI's cache misses (another node id, cache eviction, ``--cache-none``) does not quantize again.
+that we keep the last result keyed by (options, content fingerprint of the patched weights) in
+memory, so a re-run that ComfyUI's cache misses (its cache was evicted by another workflow, the
+loader ran again, ``--cache-none``) does not quantize again.
 ``fingerprint_inputs`` makes ComfyUI re-run the node when the file it saved has been deleted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import threading
 import time
-import weakref
 
 from ._api import io
 from . import quantize_options as qo
@@ -35,7 +36,7 @@ CATEGORY = "HybridQuant"
 
 _lock = threading.Lock()
 _RUNS = {"count": 0}  # real quantizations in this process (reported in the summary)
-_LAST: dict = {}  # options key -> {"model": weakref, "patches": uuid, "result": (...), "file": path}
+_LAST: dict = {}  # options key + content fingerprint -> {"result": (MODEL, summary), "file": path}
 _SAVED: dict = {}  # options key -> last saved absolute path (for fingerprint_inputs)
 
 
@@ -155,18 +156,37 @@ def _cancelled() -> bool:
     return mm.processing_interrupted()
 
 
+def content_fingerprint(sd: dict) -> str:
+    """Fingerprint of a state dict's CONTENT: names, dtypes, shapes, a float64 sum over every element
+    and a strided sample of the raw bytes of each tensor. Cheap next to quantizing (one read pass) and
+    independent of object identity, so a MODEL re-loaded by an upstream node still matches."""
+    import torch
+
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k]
+        flat = t.reshape(-1)
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if flat.numel():
+            h.update(repr(float(torch.sum(flat, dtype=torch.float64))).encode())
+            step = max(1, flat.numel() // 4096)
+            h.update(flat[::step][:4096].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def quantize_model(model, settings: dict, node_id=None):
     """Quantize ``model``'s diffusion model; returns (new MODEL, summary str, saved path or None, reused)."""
     from .backend import diffusion_model_from_state_dict, pick_ops
 
-    key = qo.options_key(settings)
+    sd = _diffusion_state_dict(model)
+    key = qo.options_key(settings) + "|" + content_fingerprint(sd)
     with _lock:
         hit = _LAST.get(key)
-    if hit is not None and hit["model"]() is model.model and hit["patches"] == getattr(model, "patches_uuid", None):
+    if hit is not None:
         saved = hit["file"]
         if not settings["save"] or (saved and os.path.isfile(saved)):
             new_model, summary = hit["result"]
-            summary = summary + "\n(reused the earlier result for the same model and options: not quantized again)"
+            summary = summary + "\n(reused the earlier result for the same weights and options: not quantized again)"
             _send("hybridquant.done", {"node": node_id, "prompt_id": _prompt_id(), "summary": summary,
                                        "file": saved, "reused": True})
             return new_model, summary, saved, True
@@ -175,7 +195,6 @@ def quantize_model(model, settings: dict, node_id=None):
 
     options = qo.build_options(settings)
     t0 = time.monotonic()
-    sd = _diffusion_state_dict(model)
     progress = _Progress(node_id, len(sd))
     try:
         new_sd, header_metadata, report = quantize_state_dict(sd, options, progress=progress, cancel=_cancelled)
@@ -203,8 +222,7 @@ def quantize_model(model, settings: dict, node_id=None):
                               getattr(ops_class, "__name__", str(ops_class)))
     with _lock:
         _LAST.clear()  # keep one result: a quantized model is large
-        _LAST[key] = {"model": weakref.ref(model.model), "patches": getattr(model, "patches_uuid", None),
-                      "result": (new_model, summary), "file": saved}
+        _LAST[key] = {"result": (new_model, summary), "file": saved}
         if saved:
             _SAVED[key] = saved
     log.info("HybridQuant: %s", summary.splitlines()[0])

@@ -26,7 +26,7 @@ def mixed_file(comfy_server, synthetic_models):
     src = comfy_server.models("diffusion_models") / synthetic_models["unet"]
     dst = comfy_server.models("diffusion_models") / MIXED
     if not dst.exists():
-        convert_file(src, dst, PlanOptions(mode="bnb4bit", custom_layers=r"attn\.qkv", custom_type="fp8"), error_stats=False)
+        convert_file(src, dst, PlanOptions(mode="bnb4bit", custom_layers=r"attn\.qkv", custom_type="fp8"))
     return dst
 
 
