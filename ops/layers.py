@@ -186,7 +186,7 @@ def make_linear(base):
 
         def _hq_requantize(self, w, tensors):
             shape = (self.out_features, self.in_features)
-            params = qd.scale_params(self.hq_format, self.hq_opts, tensors, shape, self.hq_bnb)
+            params = qd.scale_params(self.hq_format, tensors, shape, self.hq_name)
             codec = get_codec(self.hq_format)
             opts = dict(self.hq_opts)
             if self.hq_bnb is not None:

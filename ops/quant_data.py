@@ -73,55 +73,35 @@ def read_layer(state_dict, prefix: str, shape: tuple[int, int]):
 
 def _consumed(info, prefix: str) -> set[str]:
     used = {key[len(prefix):] for key in info.tensors.values()}
+    used |= {key[len(prefix):] for key in getattr(info, "dropped", ())}
     return used | {"bias", "comfy_quant", STORAGE_SUFFIX, "weight"}
 
 
-def bnb_state(info) -> dict:
+def bnb_state(info) -> dict:  # noqa: D401
     """The parsed bitsandbytes quant state (quant_type, blocksize, dtype, shape, nested_*)."""
     return dict(info.meta)
 
 
-def scale_params(fmt: str, opts: dict, tensors: dict, shape, bnb_meta: dict | None = None) -> dict:
+def scale_params(fmt: str, tensors: dict, shape, layer: str) -> dict:
     """The codec ``params`` that reproduce the stored scales exactly (for fixed-scale requantization).
 
     Requantizing a patched weight with the STORED scales means only ``weight`` changes, so ComfyUI's
     backup of ``weight`` restores the layer bit for bit on unpatch.
     """
     codec = get_codec(fmt)
-    if fmt in MX_FORMATS:
-        return {"weight_scale": codec.logical_codes(tensors, shape)}
-    if fmt.startswith("bnb_"):
-        nested = "weight.nested_absmax" in tensors
-        qs = {"nested": nested, "blocksize": bnb_meta["blocksize"],
-              "nested_offset": bnb_meta.get("nested_offset"), "nested_blocksize": bnb_meta.get("nested_blocksize", 256)}
-        eff = codec.effective_absmax(tensors, qs)
-        if not nested:
-            return {"absmax": eff}
-        return {"absmax": eff, "absmax_codes": tensors["weight.absmax"], "nested_absmax": tensors["weight.nested_absmax"],
-                "nested_offset": torch.tensor(float(bnb_meta["nested_offset"]))}
-    if fmt == "nvfp4":
-        fn = getattr(codec, "stored_scale_params", None)
-        if fn is None:
-            raise NotImplementedError("nvfp4 codec exposes no stored_scale_params")
-        return fn(tensors, shape)
-    return {"weight_scale": tensors["weight_scale"]}
+    fn = getattr(codec, "stored_scale_params", None)
+    if fn is not None:
+        return fn(tensors, shape, layer)
+    return {"weight_scale": tensors["weight_scale"]}  # FP8 / INT8 grids: the stored scale is the param
 
 
 def to_tensorwise(fmt: str, tensors: dict, shape, layer: str):
-    """MXFP8 / Hybrid MXFP8 -> (e4m3 [M, N], float32 scale []) re-expressed exactly once at load.
-
-    Uses the hybrid codec's ``to_tensorwise_fp8`` (block codes shifted relative to the tensorwise scalar).
-    A plain MXFP8 layer has no ``weight_scalar``: the largest decoded block scale is used, which is what
-    the converter writes for Hybrid MXFP8 by default.
-    """
+    """MXFP8 / Hybrid MXFP8 -> (e4m3 [M, N], float32 scale []) re-expressed once at load by the hybrid
+    codec (block codes shifted relative to the tensorwise scalar; plain MXFP8 uses the codec's
+    default scalar)."""
     from ..converter.formats import hybrid_mxfp8
 
-    t = dict(tensors)
-    if "weight_scalar" not in t:
-        codes = get_codec("mxfp8").logical_codes(t, shape, layer)
-        top = int(codes.max())
-        t["weight_scalar"] = torch.tensor(2.0 ** (top - 127) if top > 0 else 1.0, dtype=torch.float32)
-    w, s = hybrid_mxfp8.to_tensorwise_fp8(t, shape)
+    w, s = hybrid_mxfp8.to_tensorwise_fp8(tensors, shape, layer)
     return w.contiguous(), s.to(torch.float32).reshape(())
 
 
