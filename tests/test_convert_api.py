@@ -1,0 +1,81 @@
+"""The library API the ComfyUI node uses: ``quantize_state_dict`` and ``convert_file`` agree; progress and
+cancel callbacks; the planner's rules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from convert_helpers import load_all, make_weights, write_checkpoint
+from hybridquant.converter.convert import convert_file, quantize_state_dict
+from hybridquant.converter.errors import Cancelled, OptionError
+from hybridquant.converter.plan import Planner, PlanOptions
+
+
+def test_state_dict_and_file_agree(tmp_path):
+    src = tmp_path / "in.safetensors"
+    w = write_checkpoint(src)
+    opts = PlanOptions(mode="bnb4bit", custom_layers="img_mlp", custom_type="int8", custom_scaling_mode="row",
+                       presets=("flux1",), method="rtn")
+    calls = []
+    rep = convert_file(src, tmp_path / "out.safetensors", opts, progress=lambda d, t, n: calls.append((d, t, n)))
+    from convert_helpers import METADATA
+
+    sd, md, rep2 = quantize_state_dict(w, opts, input_metadata=METADATA)
+    on_disk, md_disk = load_all(tmp_path / "out.safetensors")
+    assert set(sd) == set(on_disk)
+    for k in sd:
+        a, b = sd[k], on_disk[k]
+        assert a.dtype == b.dtype and a.shape == b.shape, k
+        assert torch.equal(a.view(torch.uint8) if a.element_size() == 1 else a,
+                           b.view(torch.uint8) if b.element_size() == 1 else b), k
+    assert md == md_disk
+    assert rep.formats() == rep2.formats() == {"bnb_nf4": 7, "int8_tensorwise": 2}
+    assert calls[-1][0] == calls[-1][1] and len(calls) == len(w)
+    assert [r.rel_error for r in rep.layers] == [r.rel_error for r in rep2.layers]
+    assert sd["img_in.weight"] is w["img_in.weight"]  # kept layers are passed through, not copied
+
+
+def test_cancel_removes_output(tmp_path):
+    src = tmp_path / "in.safetensors"
+    write_checkpoint(src)
+    n = {"calls": 0}
+
+    def cancel():
+        n["calls"] += 1
+        return n["calls"] > 3
+
+    out = tmp_path / "out.safetensors"
+    with pytest.raises(Cancelled):
+        convert_file(src, out, PlanOptions(method="rtn"), cancel=cancel)
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+    with pytest.raises(Cancelled):
+        quantize_state_dict(make_weights(), PlanOptions(method="rtn"), cancel=cancel)
+
+
+def test_planner_rules():
+    p = Planner(PlanOptions(custom_layers="attn", custom_type="nvfp4", exclude_layers="attn|mlp", presets=("t5xxl",)))
+    assert p.plan("blocks.0.attn.weight", (64, 64), "bfloat16").format == "nvfp4"  # custom beats exclusion
+    assert p.plan("blocks.0.mlp.weight", (64, 64), "bfloat16").reason == "--exclude-layers"
+    assert p.plan("shared.weight", (64, 64), "bfloat16").format is None  # embedding table
+    assert p.plan("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", (32, 64), "float32").format is None
+    assert p.plan("blocks.0.x.weight", (64, 64), "float8_e4m3fn").format is None  # already quantized
+    assert p.plan("blocks.0.x.weight", (64, 64, 3), "float32").format is None
+    assert p.plan("blocks.0.x.bias", (64, 64), "float32").format is None
+    assert p.plan("model.diffusion_model.blocks.0.x.weight", (64, 64), "float16").format == "float8_e4m3fn"
+    with pytest.raises(OptionError, match="unknown preset"):
+        Planner(PlanOptions(presets=("sd15",)))
+    with pytest.raises(OptionError, match="unknown rounding method"):
+        Planner(PlanOptions(method="magic"))
+
+
+@pytest.mark.parametrize("flag,name", [("flux1", "model.diffusion_model.img_in"), ("flux2", "double_stream_modulation_img.lin"),
+                                       ("chroma", "distilled_guidance_layer.layers.0.in_layer"), ("qwen", "time_text_embed.timestep_embedder.linear_1"),
+                                       ("wan", "time_projection.1"), ("hunyuan", "txt_in.individual_token_refiner.blocks.0.mlp.fc1"),
+                                       ("zimage", "cap_embedder.1"), ("ltxv", "adaln_single.linear"), ("t5xxl", "shared")])
+def test_presets_keep_their_layers(flag, name):
+    p = Planner(PlanOptions(presets=(flag,)))
+    assert p.plan(f"{name}.weight", (64, 64), "bfloat16").format is None
+    assert p.plan("blocks.0.attn.qkv.weight", (64, 64), "bfloat16").format == "float8_e4m3fn"
