@@ -89,8 +89,18 @@ def round_up(a: int, b: int) -> int:
 
 
 def check_finite(w: torch.Tensor, name: str = "weight") -> None:
-    """Raise NonFiniteError if ``w`` has NaN/Inf. One reduction, no copy of ``w``."""
-    if w.is_floating_point() and not bool(torch.isfinite(w).all()):
+    """Raise NonFiniteError if ``w`` has NaN/Inf. One reduction, no copy of ``w``.
+
+    A float32 sum is finite only if every element is finite (any NaN, or Inf of either sign, makes
+    it NaN/Inf), so the common all-finite case costs one streaming pass with no ``|w|``-sized
+    temporary. Only when the sum is not finite (bad values, or a genuine float32 overflow of huge
+    weights) do we pay for the exact elementwise check.
+    """
+    if not w.is_floating_point() or w.numel() == 0:
+        return
+    if bool(torch.isfinite(w.sum(dtype=torch.float32))):
+        return
+    if not bool(torch.isfinite(w).all()):
         n_nan = int(torch.isnan(w).sum())
         n_inf = int(torch.isinf(w).sum())
         raise NonFiniteError(f"{name}: contains {n_nan} NaN and {n_inf} Inf values; refusing to quantize")
