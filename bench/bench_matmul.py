@@ -95,9 +95,15 @@ def main():
                 r["deq+bf16 nf4"] = bench(lambda: F.linear(x, bf.dequantize_4bit(packed, qs)))
             rows.append(r)
             print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}, flush=True)
-    cols = ["fp8 triton", "fp8 compile", "fp8 eager", "hybrid->fp8", "deq+bf16 fp8", "nf4 bnb", "deq+bf16 nf4"]
+    for r in rows:  # what the layer runs: linear_paths applies matmul_fp8.worth_it per call
+        r["fp8 layer"] = r["fp8 triton"] if matmul_fp8.worth_it(r["M"], r["N"], r["K"]) else r["deq+bf16 fp8"]
+        if "nf4 bnb" in r:
+            r["nf4 layer"] = r["nf4 bnb"] if r["M"] == 1 else r["deq+bf16 nf4"]
+    cols = ["fp8 layer", "nf4 layer", "fp8 triton", "fp8 compile", "fp8 eager", "hybrid->fp8", "deq+bf16 fp8", "nf4 bnb", "deq+bf16 nf4"]
     lines = [f"Device: {name}; torch {torch.__version__}; times are medians of triton.testing.do_bench.",
-             "Each cell: time in ms (speed-up vs bf16 F.linear measured in the same run; >1 = faster).", "",
+             "Each cell: time in ms (speed-up vs bf16 F.linear measured in the same run; >1 = faster).",
+             "'fp8 layer' / 'nf4 layer': the column the layer's per-call rule picks (FP8 GEMM when M >= 1024 and",
+             "N*K >= 16M, else dequantize+bf16; bitsandbytes GEMV for M = 1, else bitsandbytes dequantize+bf16).", "",
              "| M | K | N | bf16 ms | " + " | ".join(cols) + " | fp8 err | hybrid err | nf4 err |",
              "|---" * (4 + len(cols) + 3) + "|"]
     for r in rows:

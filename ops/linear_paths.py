@@ -57,6 +57,8 @@ def _pick(layer, x) -> str:
 
 def run(layer, x: torch.Tensor, tensors: dict, bias, fns) -> torch.Tensor:
     path = "dequant" if fns else _pick(layer, x)
+    if path == "fp8" and not matmul_fp8.worth_it(x.numel() // x.shape[-1], layer.out_features, layer.in_features):
+        path = "dequant"  # per call, not a demotion: small GEMMs are faster dequantized (measured)
     if path != "dequant" and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
         try:
             return _fast(path, layer, x, tensors, bias)
@@ -107,4 +109,9 @@ def _bnb_linear(layer, x, tensors, bias):
         offset = torch.tensor(float(meta["nested_offset"]), device=dev)
     qs = QuantState(absmax=tensors["weight.absmax"], shape=torch.Size(meta["shape"]), code=tensors["weight.quant_map"],
                     blocksize=meta["blocksize"], quant_type=meta["quant_type"], dtype=x.dtype, offset=offset, state2=state2)
-    return bnb.matmul_4bit(x, tensors["weight"].t(), quant_state=qs, bias=bias)
+    if x.numel() == x.shape[-1]:
+        return bnb.matmul_4bit(x, tensors["weight"].t(), quant_state=qs, bias=bias)  # one row: 4-bit GEMV
+    # More rows: bitsandbytes' CUDA dequantize + bf16 GEMM (what matmul_4bit does, minus its overhead).
+    import bitsandbytes.functional as bf
+
+    return F.linear(x, bf.dequantize_4bit(tensors["weight"], qs).to(x.dtype), bias)

@@ -52,8 +52,17 @@ def _sd(case):
 
 
 @pytest.mark.parametrize("case", list(EXPECTED))
-def test_gpu_path_matches_reference(comfy, case):
+def test_gpu_path_matches_reference(comfy, case, monkeypatch):
+    import comfy.model_management
     import hybridquant.ops as ops
+
+    # The in-process ComfyUI was started with --cpu; a real GPU session loads with the GPU as its
+    # torch device, which is what decides the load-time MX -> tensorwise re-expression.
+    monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("cuda"))
+    from hybridquant.ops import matmul_fp8
+
+    monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)  # exercise the FP8 GEMM on these small layers
+    monkeypatch.setattr(matmul_fp8, "MIN_WEIGHT_ELEMENTS", 1)
 
     if case in H.CODEC_CASES and not H.codec_available(case.split("+")[0]):
         pytest.skip("codec missing")
