@@ -140,11 +140,13 @@ class Collector:
                 dev = self.device if self.device is not None else x2.device
                 if acc is None:
                     acc = self.acc[name] = _Acc(n, dev, self.dtype, n <= self.max_full_dim)
-                xf = x2.to(device=acc.sqsum.device, dtype=self.dtype)
+                # Reduce on the input's device (GPU matmul), then add into the accumulator's device:
+                # moves N^2 numbers per call instead of the activations.
+                xf = x2.to(dtype=self.dtype)
                 if acc.full:
-                    acc.xtx.addmm_(xf.t(), xf)
-                acc.sqsum.add_(xf.square().sum(dim=0))
-                acc.absmax = torch.maximum(acc.absmax, xf.abs().amax(dim=0).to(torch.float32))
+                    acc.xtx.add_((xf.t() @ xf).to(acc.xtx.device))
+                acc.sqsum.add_(xf.square().sum(dim=0).to(acc.sqsum.device))
+                acc.absmax = torch.maximum(acc.absmax, xf.abs().amax(dim=0).to(device=acc.absmax.device, dtype=torch.float32))
                 acc.count += int(xf.shape[0])
             return None
         return hook
