@@ -467,6 +467,14 @@ def test_cli_edit_quant_end_to_end(tmp_path):
     assert raw_hashes(e2) == raw_hashes(q)
     assert read_out(e2)[1] == base_header
 
+    # A file converted without the header gets one from its .comfy_quant tensors (--save-quant-metadata).
+    nh, nh_edit = tmp_path / "noheader.safetensors", tmp_path / "noheader_edit.safetensors"
+    r = run_cli("-i", src, "-o", nh, "--simple", "--no-quant-metadata", "-q")
+    assert r.returncode == 0 and read_out(nh)[1] is None, r.stderr
+    r = run_cli("-i", nh, "-o", nh_edit, "--edit-quant", "--save-quant-metadata", "-q")
+    assert r.returncode == 0, r.stderr
+    assert read_out(nh_edit)[1] == base_header and raw_hashes(nh_edit) == raw_hashes(nh)
+
     r = run_cli("-i", q, "-o", tmp_path / "x.safetensors", "--edit-quant", "--add-keys", "a=1", "--quant-filter", "attn(")
     assert r.returncode == 2 and "invalid regular expression" in r.stderr and "Traceback" not in r.stderr
     r = run_cli("-i", q, "-o", e1, "--edit-quant", "--add-keys", "a=1")
