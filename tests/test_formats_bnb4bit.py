@@ -193,6 +193,8 @@ def test_amax_override_and_errors():
         w2[0, 0] = bad
         with pytest.raises(NonFiniteError, match="unet.fc1.weight"):
             c.quantize(w2, name="unet.fc1.weight")
+        with pytest.raises(NonFiniteError, match="unet.fc1.weight"):
+            c.quantize(w2, params=c.scale_params(w), name="unet.fc1.weight")
 
 
 def test_validate_errors_name_layer():

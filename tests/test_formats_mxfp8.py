@@ -81,6 +81,9 @@ def test_non_finite_raises_naming_tensor(bad):
     w[3, 7] = bad
     with pytest.raises(NonFiniteError, match="blocks.3.attn.weight"):
         C.quantize(w, name="blocks.3.attn.weight")
+    p = C.scale_params(_weight((8, 40)))
+    with pytest.raises(NonFiniteError, match="blocks.3.attn.weight"):
+        C.quantize(w, params=p, name="blocks.3.attn.weight")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -89,6 +89,9 @@ def test_non_finite_raises_naming_tensor(bad):
     w[0, 0] = bad
     with pytest.raises(NonFiniteError, match="double_blocks.0.img_mlp.0.weight"):
         C.quantize(w, name="double_blocks.0.img_mlp.0.weight")
+    p = C.scale_params(_weight((8, 40)))
+    with pytest.raises(NonFiniteError, match="double_blocks.0.img_mlp.0.weight"):
+        C.quantize(w, params=p, name="double_blocks.0.img_mlp.0.weight")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -62,7 +62,8 @@ from typing import Mapping
 
 import torch
 
-from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, check_finite, require
+from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, require
+from .mxfp8 import CHUNK_ELEMS, amax_of_blocks, require_finite
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -264,23 +265,27 @@ class _BnbCodec(Codec):
     # ---- scale decomposition ------------------------------------------------------------------
     @staticmethod
     def _flat(w: torch.Tensor, name: str) -> torch.Tensor:
+        """The flattened weight in its own dtype (no float32 copy; finiteness is checked on absmax)."""
         if w.dim() != 2:
             raise FormatError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
         if not w.is_floating_point():
             raise FormatError(f"{name}: expected a floating-point weight, got {w.dtype}")
-        check_finite(w, name)
-        return w.detach().reshape(-1).to(torch.float32)
+        return w.detach().reshape(-1)
 
     def block_amax(self, w: torch.Tensor, name: str = "weight", **opts) -> torch.Tensor:
         """float32 ``[ceil(n/bs)]`` absmax over the flattened weight, as bitsandbytes stores it."""
         bs, _, _ = self._opts(**opts)
         flat = self._flat(w, name)
         n = flat.numel()
-        full = n - n % bs
-        amax = flat[:full].reshape(-1, bs).abs().amax(dim=1)
-        if full < n:
-            tail = flat[full:].abs().amax().clamp(min=_ABSMAX_FLOOR)
-            amax = torch.cat([amax, tail.reshape(1)])
+        nfull = n // bs
+        amax = torch.empty(ceil_div(n, bs), dtype=torch.float32, device=flat.device)
+        step = max(1, CHUNK_ELEMS // bs)
+        for b0 in range(0, nfull, step):
+            b1 = min(nfull, b0 + step)
+            amax[b0:b1] = amax_of_blocks(flat[b0 * bs : b1 * bs].to(torch.float32).view(-1, bs))
+        if nfull * bs < n:
+            amax[-1] = flat[nfull * bs :].to(torch.float32).abs().amax().clamp(min=_ABSMAX_FLOOR)
+        require_finite(amax, w, name)
         return amax
 
     def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
@@ -311,22 +316,31 @@ class _BnbCodec(Codec):
         return vals[torch.searchsorted(mids, x.contiguous(), side="left")]
 
     # ---- encode / decode ----------------------------------------------------------------------
-    def _codes(self, flat: torch.Tensor, absmax: torch.Tensor, bs: int) -> torch.Tensor:
+    def _pack(self, flat: torch.Tensor, absmax: torch.Tensor, bs: int) -> torch.Tensor:
+        """Codes of the flattened weight relative to ``absmax``, packed high nibble first ``[ceil(n/2), 1]``."""
         n = flat.numel()
-        full = n - n % bs
+        nfull = n // bs
+        full = nfull * bs
         # bitsandbytes clamps the divisor to 1e-38. A nested (double-quantized) absmax can decode to a
         # NEGATIVE value for a block far below the mean absmax (its files then flip that block's sign
-        # on decode); dividing by that value keeps round_to_grid(w / S) * S == dequantize there too.
+        # on decode); scaling by that value keeps round_to_grid(w * (1/S)) * S == dequantize there too.
         div = torch.where(absmax >= 0, absmax.clamp(min=_ABSMAX_FLOOR), absmax)
-        # bitsandbytes: reciprocal-multiply for full blocks, a division for the partial last block.
-        x = (flat[:full].reshape(-1, bs) * (1.0 / div[: full // bs]).reshape(-1, 1)).reshape(-1)
-        if full < n:
-            x = torch.cat([x, flat[full:] / div[-1]])
-        x = x.clamp(-1.0, 1.0)
-        if n % 2:
-            x = torch.nn.functional.pad(x, (0, 1))
+        recip = 1.0 / div[:nfull]  # bitsandbytes: reciprocal-multiply for full blocks ...
         _, mids, slot_code = _grid(self.quant_type, flat.device)
-        return slot_code[torch.searchsorted(mids, x, side="left")]
+        packed = torch.empty(ceil_div(n, 2), dtype=torch.uint8, device=flat.device)
+        step = max(1, CHUNK_ELEMS // bs)
+        for b0 in range(0, nfull, step):
+            b1 = min(nfull, b0 + step)
+            x = (flat[b0 * bs : b1 * bs].to(torch.float32).view(-1, bs) * recip[b0:b1].unsqueeze(1)).clamp_(-1.0, 1.0)
+            codes = slot_code[torch.searchsorted(mids, x.view(-1), side="left")]
+            packed[b0 * bs // 2 : b1 * bs // 2] = (codes[0::2] << 4) | codes[1::2]
+        if full < n:  # ... and a division for the partial last block
+            x = (flat[full:].to(torch.float32) / div[-1]).clamp_(-1.0, 1.0)
+            if (n - full) % 2:
+                x = torch.nn.functional.pad(x, (0, 1))
+            codes = slot_code[torch.searchsorted(mids, x, side="left")]
+            packed[full // 2 :] = (codes[0::2] << 4) | codes[1::2]
+        return packed.view(-1, 1)
 
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
         bs, nested, dtype = self._opts(**opts)
@@ -341,12 +355,11 @@ class _BnbCodec(Codec):
         else:
             if "absmax" not in params or tuple(params["absmax"].shape) != (nb,):
                 raise FormatError(f"{name}: scale params need 'absmax' of shape ({nb},)")
+            self.block_amax(w, name=name, blocksize=bs)  # NaN/Inf check (one read of w)
             if nested and "absmax_codes" not in params:
                 params = self.scale_params(w, amax=params["absmax"], name=name, blocksize=bs, double_quant=True)
             code_amax = params["absmax"].to(device=flat.device, dtype=torch.float32)
-        codes = self._codes(flat, code_amax, bs)
-        packed = ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)
-        out = {"weight": packed}
+        out = {"weight": self._pack(flat, code_amax, bs)}
         _, pad_to = _json_len(self.quant_type, bs, dname, w.shape, nested, dtype is None)
         if nested:
             dyn, _ = _nested_lut(flat.device)
@@ -395,10 +408,22 @@ class _BnbCodec(Codec):
         n = _numel(shape)
         bs = qs["blocksize"]
         packed = tensors["weight"].reshape(-1)
-        codes = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:n]
-        vals = TABLES[self.quant_type].to(packed.device)[codes.long()]
+        table = TABLES[self.quant_type].to(packed.device)
         absmax = self.effective_absmax(tensors, qs).to(packed.device)
-        return (vals * absmax.repeat_interleave(bs)[:n]).reshape(tuple(shape)).to(dtype)
+        out = torch.empty(n, dtype=torch.float32, device=packed.device)
+
+        def values(p: torch.Tensor) -> torch.Tensor:
+            return table[torch.stack([p >> 4, p & 0x0F], dim=1).view(-1).to(torch.int32)]
+
+        nfull = n // bs
+        step = max(1, CHUNK_ELEMS // bs)
+        for b0 in range(0, nfull, step):
+            b1 = min(nfull, b0 + step)
+            v = values(packed[b0 * bs // 2 : b1 * bs // 2]).view(-1, bs)
+            out[b0 * bs : b1 * bs] = v.mul_(absmax[b0:b1].unsqueeze(1)).view(-1)
+        if nfull * bs < n:
+            out[nfull * bs :] = values(packed[nfull * bs // 2 :])[: n - nfull * bs] * absmax[-1]
+        return out.view(tuple(shape)).to(dtype)
 
     def _validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape) -> dict:
         try:

@@ -29,7 +29,7 @@ from typing import Mapping
 
 import torch
 
-from .base import Codec, FormatError, TensorSpec, ceil_div, check_finite, require, round_up
+from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, check_finite, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
 
 BLOCK = 32
@@ -55,23 +55,57 @@ def check_shape(shape) -> tuple[int, int]:
 
 
 def check_weight(w: torch.Tensor, name: str) -> torch.Tensor:
-    """2-D float weight -> float32 (same device); NonFiniteError for NaN/Inf."""
+    """A 2-D float weight, detached, in its own dtype (no copy). Finiteness is checked by the callers
+    from their block maxima (NaN/Inf propagate through max), so no ``|w|``-sized temporary is made."""
     if w.dim() != 2:
         raise FormatError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
     if not w.is_floating_point():
         raise FormatError(f"{name}: expected a floating-point weight, got {w.dtype}")
-    check_finite(w, name)
-    return w.detach().to(torch.float32)
+    return w.detach()
 
 
-def blockwise_amax(w32: torch.Tensor, block: int) -> torch.Tensor:
-    """float32 amax of each 1×``block`` block along dim 1 -> ``[M, ceil(N/block)]`` (zero padding)."""
-    m, n = w32.shape
+# Rows are processed in chunks of about this many elements so that the float32 temporaries of a
+# quantization stay small (~16 MiB) whatever the layer size: peak memory is the output plus a chunk.
+CHUNK_ELEMS = 1 << 22
+
+
+def row_chunks(rows: int, cols: int, chunk_elems: int = CHUNK_ELEMS):
+    step = max(1, chunk_elems // max(cols, 1))
+    for r0 in range(0, rows, step):
+        yield r0, min(rows, r0 + step)
+
+
+def padded_blocks(w: torch.Tensor, r0: int, r1: int, block: int) -> torch.Tensor:
+    """float32 copy of rows ``r0:r1`` of ``w``, columns zero-padded to a multiple of ``block``,
+    viewed as ``[rows, ceil(N/block), block]`` (a fresh tensor: callers may modify it in place)."""
+    n = w.shape[1]
     nb = ceil_div(n, block)
-    a = w32.abs()
-    if nb * block != n:
-        a = torch.nn.functional.pad(a, (0, nb * block - n))
-    return a.reshape(m, nb, block).amax(dim=2)
+    buf = torch.zeros((r1 - r0, nb * block), dtype=torch.float32, device=w.device)
+    buf[:, :n] = w[r0:r1]
+    return buf.view(r1 - r0, nb, block)
+
+
+def amax_of_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    """``|x|`` maximum over the last dim without an ``|x|`` temporary; NaN/Inf propagate."""
+    # abs_ on the small result: maximum(+0, -0) may return -0 for an all-zero block
+    return torch.maximum(blocks.amax(dim=-1), blocks.amin(dim=-1).neg()).abs_()
+
+
+def require_finite(amax: torch.Tensor, w: torch.Tensor, name: str) -> None:
+    """Block maxima are non-finite iff ``w`` holds NaN/Inf; then raise with the counts."""
+    if not bool(torch.isfinite(amax).all()):
+        check_finite(w, name)
+        raise NonFiniteError(f"{name}: contains NaN or Inf values; refusing to quantize")
+
+
+def blockwise_amax(w: torch.Tensor, block: int, name: str = "weight") -> torch.Tensor:
+    """float32 amax of each 1×``block`` block along dim 1 -> ``[M, ceil(N/block)]`` (zero padding)."""
+    m, n = w.shape
+    out = torch.empty((m, ceil_div(n, block)), dtype=torch.float32, device=w.device)
+    for r0, r1 in row_chunks(m, n):
+        out[r0:r1] = amax_of_blocks(padded_blocks(w, r0, r1, block))
+    require_finite(out, w, name)
+    return out
 
 
 def expand_blocks(s: torch.Tensor, shape: tuple[int, int], block: int) -> torch.Tensor:
@@ -93,6 +127,13 @@ def e8m0_decode(codes: torch.Tensor) -> torch.Tensor:
     """uint8 E8M0 codes -> float32 ``2^(c-127)``; code 0 -> 0."""
     c = codes.to(torch.int32)
     s = torch.ldexp(torch.ones_like(c, dtype=torch.float32), c - E8M0_BIAS)
+    return torch.where(c == 0, torch.zeros_like(s), s)
+
+
+def e8m0_inverse(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 E8M0 codes -> float32 ``2^(127-c)`` (exact, subnormal for c = 254); code 0 -> 0."""
+    c = codes.to(torch.int32)
+    s = torch.ldexp(torch.ones_like(c, dtype=torch.float32), E8M0_BIAS - c)
     return torch.where(c == 0, torch.zeros_like(s), s)
 
 
@@ -130,18 +171,18 @@ class MXFP8(Codec):
 
     # ---- scale decomposition ------------------------------------------------------------------
     def block_amax(self, w: torch.Tensor, name: str = "weight", **opts) -> torch.Tensor:
-        return blockwise_amax(check_weight(w, name), BLOCK)
+        return blockwise_amax(check_weight(w, name), BLOCK, name)
 
     def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
         """``{"weight_scale": uint8 E8M0 codes [M, ceil(N/32)]}`` (logical grid, not swizzled)."""
         _check_group_size(opts)
-        w32 = check_weight(w, name)
-        grid = (w32.shape[0], ceil_div(w32.shape[1], BLOCK))
+        w = check_weight(w, name)
+        grid = (w.shape[0], ceil_div(w.shape[1], BLOCK))
         if amax is None:
-            amax = blockwise_amax(w32, BLOCK)
+            amax = blockwise_amax(w, BLOCK, name)
         elif tuple(amax.shape) != grid:
             raise FormatError(f"{name}: amax has shape {tuple(amax.shape)}, expected the block grid {grid}")
-        return {"weight_scale": e8m0_codes_from_amax(amax.to(w32.device))}
+        return {"weight_scale": e8m0_codes_from_amax(amax.to(w.device))}
 
     def element_scale(self, params: Mapping[str, torch.Tensor], shape, **opts) -> torch.Tensor:
         """float32 ``[M, N]``: ``2^(c-127)`` per element, 0 in all-zero blocks (code 0)."""
@@ -154,22 +195,28 @@ class MXFP8(Codec):
 
     # ---- encode / decode ----------------------------------------------------------------------
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
-        w32 = check_weight(w, name)
-        m, n = w32.shape
-        if params is None:
-            params = self.scale_params(w32, name=name, **opts)
         _check_group_size(opts)
-        codes = as_e8m0_codes(params["weight_scale"], f"{name}_scale").to(w32.device)
-        if tuple(codes.shape) != (m, ceil_div(n, BLOCK)):
-            raise FormatError(f"{name}: scale params have shape {tuple(codes.shape)}, expected {(m, ceil_div(n, BLOCK))}")
-        s = expand_blocks(e8m0_decode(codes), (m, n), BLOCK)
-        x = torch.where(s > 0, w32 / torch.where(s > 0, s, torch.ones_like(s)), torch.zeros_like(w32))
+        w = check_weight(w, name)
+        m, n = w.shape
+        nb = ceil_div(n, BLOCK)
+        given = None
+        if params is not None:
+            given = as_e8m0_codes(params["weight_scale"], f"{name}_scale").to(w.device)
+            if tuple(given.shape) != (m, nb):
+                raise FormatError(f"{name}: scale params have shape {tuple(given.shape)}, expected {(m, nb)}")
         mp, np_ = self.padded_shape((m, n))
-        q = torch.zeros((mp, np_), dtype=torch.float8_e4m3fn, device=w32.device)
-        q[:m, :n] = e4m3_saturate(x)
-        # Padding rows/blocks are all-zero blocks: code 0.
-        grid = torch.zeros((mp, np_ // BLOCK), dtype=torch.uint8, device=w32.device)
-        grid[:m, : codes.shape[1]] = codes
+        q = torch.zeros((mp, np_), dtype=torch.float8_e4m3fn, device=w.device)
+        grid = torch.zeros((mp, nb), dtype=torch.uint8, device=w.device)  # padding rows: code 0
+        for r0, r1 in row_chunks(m, np_):
+            blocks = padded_blocks(w, r0, r1, BLOCK)
+            amax = amax_of_blocks(blocks)
+            require_finite(amax, w, name)
+            codes = e8m0_codes_from_amax(amax) if given is None else given[r0:r1]
+            grid[r0:r1] = codes
+            # x = w / 2^e as w * 2^-e: both are the exactly rounded value of the same real number.
+            blocks.mul_(e8m0_inverse(codes).unsqueeze(-1))
+            blocks.masked_fill_((codes == 0).unsqueeze(-1), 0.0)  # code-0 blocks store +0
+            q[r0:r1] = blocks.clamp_(-E4M3_MAX, E4M3_MAX).view(r1 - r0, np_).to(torch.float8_e4m3fn)
         return {"weight": q, "weight_scale": to_blocked(grid)}
 
     def logical_codes(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "weight") -> torch.Tensor:
@@ -189,8 +236,10 @@ class MXFP8(Codec):
         self.validate(layer, tensors, shape)
         m, n = check_shape(shape)
         codes = self.logical_codes(tensors, (m, n), layer)
-        q = tensors["weight"][:m, :n].to(torch.float32)
-        return (q * expand_blocks(e8m0_decode(codes), (m, n), BLOCK)).to(dtype)
+        np_ = self.padded_shape((m, n))[1]
+        out = tensors["weight"][:m].to(torch.float32).view(m, np_ // BLOCK, BLOCK)
+        out.mul_(e8m0_decode(codes).unsqueeze(-1))
+        return out.view(m, np_)[:, :n].to(dtype).contiguous()
 
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
         try:

@@ -32,7 +32,7 @@ import torch
 
 from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
-from .mxfp8 import E4M3_MAX, blockwise_amax, check_shape, check_weight, expand_blocks
+from .mxfp8 import E4M3_MAX, amax_of_blocks, blockwise_amax, check_shape, check_weight, expand_blocks, padded_blocks, require_finite, row_chunks
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -40,14 +40,18 @@ E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 # Midpoints between consecutive magnitudes and whether a value exactly on it goes UP (the upper
 # neighbour has the even code) — round-to-nearest-even on the 3-bit magnitude index.
 _MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+# As bucketize boundaries: index = #{b : a > b}; "a >= m" is "a > (the float below m)".
+_BOUNDS = torch.tensor([m for m, _ in _MIDPOINTS], dtype=torch.float32)
+_BOUNDS = torch.where(torch.tensor([up for _, up in _MIDPOINTS]), torch.nextafter(_BOUNDS, torch.zeros(())), _BOUNDS)
+_bounds_cache: dict = {}
 
 
 def e2m1_magnitude_index(a: torch.Tensor) -> torch.Tensor:
     """|x| (float32, already <= 6) -> magnitude index 0..7, round to nearest, ties to even index."""
-    idx = torch.zeros(a.shape, dtype=torch.uint8, device=a.device)
-    for mid, tie_up in _MIDPOINTS:
-        idx += (a >= mid if tie_up else a > mid).to(torch.uint8)
-    return idx
+    key = str(a.device)
+    if key not in _bounds_cache:
+        _bounds_cache[key] = _BOUNDS.to(a.device)
+    return torch.bucketize(a, _bounds_cache[key], out_int32=True).to(torch.uint8)
 
 
 def _values(device) -> torch.Tensor:
@@ -80,7 +84,7 @@ class NVFP4(Codec):
 
     # ---- scale decomposition ------------------------------------------------------------------
     def block_amax(self, w: torch.Tensor, name: str = "weight", **opts) -> torch.Tensor:
-        return blockwise_amax(check_weight(w, name), BLOCK)
+        return blockwise_amax(check_weight(w, name), BLOCK, name)
 
     def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
         """``{"weight_scale": e4m3 [M, ceil(N/16)], "weight_scale_2": f32 []}`` (not swizzled).
@@ -88,13 +92,13 @@ class NVFP4(Codec):
         With ``amax`` (block grid) given, the global scale is derived from ``amax.max()``.
         """
         _check_group_size(opts)
-        w32 = check_weight(w, name)
-        grid = (w32.shape[0], ceil_div(w32.shape[1], BLOCK))
+        w = check_weight(w, name)
+        grid = (w.shape[0], ceil_div(w.shape[1], BLOCK))
         if amax is None:
-            amax = blockwise_amax(w32, BLOCK)
+            amax = blockwise_amax(w, BLOCK, name)
         elif tuple(amax.shape) != grid:
             raise FormatError(f"{name}: amax has shape {tuple(amax.shape)}, expected the block grid {grid}")
-        amax = amax.to(device=w32.device, dtype=torch.float32)
+        amax = amax.to(device=w.device, dtype=torch.float32)
         s2 = amax.max() / (E4M3_MAX * E2M1_MAX)
         b = (amax / E2M1_MAX) / torch.where(s2 > 0, s2, torch.ones_like(s2))
         b = torch.where(s2 > 0, b, torch.zeros_like(b)).clamp(max=E4M3_MAX)
@@ -115,28 +119,36 @@ class NVFP4(Codec):
 
     # ---- encode / decode ----------------------------------------------------------------------
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
-        w32 = check_weight(w, name)
-        m, n = w32.shape
-        if params is None:
-            params = self.scale_params(w32, name=name, **opts)
         _check_group_size(opts)
+        w = check_weight(w, name)
+        m, n = w.shape
+        if params is None:
+            params = self.scale_params(w, name=name)  # one pass for the block maxima (and NaN/Inf)
+            checked = True
+        else:
+            checked = False
         nb = ceil_div(n, BLOCK)
         b = params["weight_scale"]
         s2 = params["weight_scale_2"]
         if b.dtype != torch.float8_e4m3fn or tuple(b.shape) != (m, nb) or s2.numel() != 1:
             raise FormatError(f"{name}: nvfp4 scale params must be e4m3 [{m}, {nb}] block scales and a one-element global scale")
-        b, s2 = b.to(w32.device), s2.to(device=w32.device, dtype=torch.float32).reshape(())
-        s = expand_blocks(self._block_scale({"weight_scale": b, "weight_scale_2": s2}), (m, n), BLOCK)
-        nz = s != 0
-        x = torch.where(nz, w32 / torch.where(nz, s, torch.ones_like(s)), torch.zeros_like(w32))
-        x = x.clamp(-E2M1_MAX, E2M1_MAX)
-        codes = e2m1_magnitude_index(x.abs()) | (torch.signbit(x).to(torch.uint8) << 3)
+        b, s2 = b.to(w.device), s2.to(device=w.device, dtype=torch.float32).reshape(())
+        scale = self._block_scale({"weight_scale": b, "weight_scale_2": s2})  # [m, nb]
         mp, np_ = self.padded_shape((m, n))
-        full = torch.zeros((mp, np_), dtype=torch.uint8, device=w32.device)
-        full[:m, :n] = codes
-        packed = (full[:, 0::2] << 4) | full[:, 1::2]
-        grid = torch.zeros((mp, np_ // BLOCK), dtype=torch.float8_e4m3fn, device=w32.device)
-        grid[:m, :nb] = b
+        packed = torch.zeros((mp, np_ // 2), dtype=torch.uint8, device=w.device)
+        for r0, r1 in row_chunks(m, np_):
+            blocks = padded_blocks(w, r0, r1, BLOCK)
+            if not checked:
+                require_finite(amax_of_blocks(blocks), w, name)
+            s = scale[r0:r1].unsqueeze(-1)
+            nz = s != 0
+            blocks.div_(torch.where(nz, s, torch.ones_like(s)))  # a division, as comfy-kitchen does
+            blocks.masked_fill_(~nz, 0.0).clamp_(-E2M1_MAX, E2M1_MAX)
+            sign = torch.signbit(blocks).to(torch.uint8) << 3  # kept for values rounding to 0
+            codes = (e2m1_magnitude_index(blocks.abs_()) | sign).view(r1 - r0, np_)
+            packed[r0:r1] = (codes[:, 0::2] << 4) | codes[:, 1::2]
+        grid = torch.zeros((mp, nb), dtype=torch.float8_e4m3fn, device=w.device)
+        grid[:m] = b
         return {"weight": packed, "weight_scale": to_blocked(grid), "weight_scale_2": s2.clone()}
 
     def logical_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
