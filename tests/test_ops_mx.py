@@ -1,0 +1,87 @@
+"""SM >= 10 block-scaled MXFP8 path WITHOUT a Blackwell GPU: the capability is MOCKED
+(``capabilities.override_capability``) and ``matmul_mx._scaled_mm`` is replaced by an emulator that
+checks the arguments cuBLAS needs (e4m3 operands, e8m0 scales in the blocked layout, BlockWise1x32,
+SWIZZLE_32_4_4, second operand column-major) and computes the product from exactly those arguments
+with the mxfp8 codec's decoder, on CPU. Numerics vs the dequantized reference: the activation is
+quantized to MXFP8 (e4m3, 3 mantissa bits: <= 2^-4 relative per element), bound 0.05 relative.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests import ops_helpers as H
+
+pytestmark = pytest.mark.comfyui
+
+
+def test_path_decision_by_capability(comfy):
+    from hybridquant.ops import capabilities as caps
+
+    assert caps.decide_path((10, 0)) == caps.PATH_MX
+    assert caps.decide_path((12, 0)) == caps.PATH_MX
+    assert caps.decide_path((9, 0)) == caps.PATH_FP8
+    assert caps.decide_path((8, 9)) == caps.PATH_FP8
+    assert caps.decide_path((8, 6)) == caps.PATH_DEQUANT
+    assert caps.decide_path(None) == caps.PATH_DEQUANT
+
+
+def test_mx_path_arguments_and_numerics_mocked(comfy, monkeypatch):
+    from hybridquant.converter.formats import get_codec
+    from hybridquant.ops import capabilities as caps, matmul_mx
+
+    calls = []
+
+    def emulate(a, b, *, scale_a, scale_recipe_a, scale_b, scale_recipe_b, swizzle_a, swizzle_b, output_dtype):
+        assert a.dtype == b.dtype == torch.float8_e4m3fn
+        assert scale_a.dtype == scale_b.dtype == torch.float8_e8m0fnu
+        assert scale_recipe_a == scale_recipe_b == F.ScalingType.BlockWise1x32
+        assert swizzle_a == swizzle_b == F.SwizzleType.SWIZZLE_32_4_4
+        assert a.stride(1) == 1 and b.stride(0) == 1  # row-major A, column-major B
+        assert a.shape[1] % 32 == 0 and a.shape[1] == b.shape[0]
+        codec = get_codec("mxfp8")
+        da = codec.dequantize({"weight": a, "weight_scale": scale_a.view(torch.uint8)}, tuple(a.shape))
+        wt = b.t()
+        dw = codec.dequantize({"weight": wt, "weight_scale": scale_b.view(torch.uint8)}, tuple(wt.shape))
+        calls.append(tuple(a.shape))
+        return (da @ dw.t()).to(output_dtype)
+
+    monkeypatch.setattr(matmul_mx, "_scaled_mm", emulate)
+    caps.override_capability("cpu", (10, 0))
+    try:
+        for case in ("mxfp8", "hybrid_mxfp8"):
+            sd, ref = H.build({"a": case, "b": case, "c": case})
+            m = H.load_ours(sd)
+            assert m.a.hq_format == case  # stays MX: no re-expression on SM >= 10
+            x = H.inputs()
+            y = m(x)
+            assert m.a.hq_paths["cpu"] == "mx" and len(calls) >= 3
+            y_ref = H.reference_model(ref)(x)
+            err = float((y - y_ref).norm() / y_ref.norm())
+            assert err < 0.05, err
+    finally:
+        caps.clear_overrides()
+
+
+def test_hopper_reexpression_and_fp8_path_on_cpu(comfy, monkeypatch):
+    """Capability mocked as SM 9.0: MX weights become tensorwise FP8 at load and run torch._scaled_mm
+    (which has a CPU implementation); outputs vs the dequantized reference (bound 0.05, as above)."""
+    from hybridquant.ops import capabilities as caps, matmul_fp8
+
+    monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
+    monkeypatch.setattr(matmul_fp8, "MIN_WEIGHT_ELEMENTS", 1)
+    caps.override_capability("cpu", (9, 0))
+    try:
+        sd, ref = H.build({"a": "hybrid_mxfp8", "b": "float8_e4m3fn", "c": "mxfp8"})
+        m = H.load_ours(sd)
+        assert m.a.hq_format == "float8_e4m3fn" and m.a.weight.shape == (96, 80)
+        x = H.inputs()
+        y = m(x)
+        assert m.a.hq_paths["cpu"] == "fp8"  # 96x80: K, N multiples of 16
+        assert m.b.hq_paths["cpu"] == "dequant"  # N = 40: cuBLAS FP8 needs multiples of 16
+        y_ref = H.reference_model(ref)(x)
+        assert float((y - y_ref).norm() / y_ref.norm()) < 0.05
+    finally:
+        caps.clear_overrides()
