@@ -132,10 +132,27 @@ def main(argv=None) -> int:
     print(f"input: {src} {size / 1e9:.3f} GB")
     results = {}
     ours_out = work / "ours_fp8.safetensors"
+    ours_args = ["-i", str(src), "-o", str(ours_out), "--simple", "--comfy_quant", "--device", "cpu", "--overwrite",
+                 "-q", *a.extra.split()]
     _warm(src)
-    results["ours"] = timed([a.ours, "-i", str(src), "-o", str(ours_out), "--simple", "--comfy_quant",
-                             "--device", "cpu", "--overwrite", "-q", *a.extra.split()])
+    results["ours"] = timed([a.ours, *ours_args])
     print("ours  :", results["ours"]["stdout"].strip().replace("\n", "\n        "))
+    # the peer computes no error statistics; ours does by default (one dequantization per layer)
+    _warm(src)
+    results["ours_nostats"] = timed([a.ours, *ours_args, "--no-error-stats"])
+    peer_py = Path(a.peer).parent / "python"
+    if not a.skip_peer and peer_py.exists():
+        # Our converter once more, run by the peer venv's interpreter: the SAME torch build (CPU wheel) as
+        # the peer, so the RSS comparison is not skewed by torch's import size (the project's .venv has a
+        # CUDA build whose import alone is ~600 MB RSS on this machine, ~220 MB for the CPU wheel).
+        pypath = work / "pypath"
+        pypath.mkdir(exist_ok=True)
+        link = pypath / "hybridquant"
+        if not link.exists():
+            link.symlink_to(REPO)
+        env = dict(os.environ, PYTHONPATH=str(pypath))
+        _warm(src)
+        results["ours_same_torch"] = timed([str(peer_py), "-m", "hybridquant.converter", *ours_args], env=env)
     if not a.skip_peer:
         if not Path(a.peer).exists():
             raise SystemExit(f"peer converter not found at {a.peer}: run bash bench/peer_env.sh")
@@ -147,14 +164,19 @@ def main(argv=None) -> int:
                                  "--device", "cpu"])
         _compare(ours_out, peer_out)
     print()
-    print(f"{'converter':<28}{'wall s':>10}{'peak RSS MB':>14}")
+    print(f"{'converter':<28}{'wall s':>10}{'peak RSS MB':>14}   (torch {torch.__version__} in .venv)")
+    labels = {"ours": "ours, .venv torch", "ours_nostats": "ours, --no-error-stats",
+              "ours_same_torch": "ours, peer's torch (CPU)",
+              "peer": "peer convert-to-quant 1.3.4"}
     for k, r in results.items():
-        label = "ours (convert_to_quant)" if k == "ours" else "peer convert-to-quant 1.3.4"
-        print(f"{label:<28}{r['wall_s']:>10.2f}{r['peak_rss'] / 1e6:>14.0f}")
+        print(f"{labels[k]:<28}{r['wall_s']:>10.2f}{r['peak_rss'] / 1e6:>14.0f}")
     if "peer" in results:
-        o, p = results["ours"], results["peer"]
-        print(f"speed-up (peer wall / ours wall): {p['wall_s'] / o['wall_s']:.1f}x   "
-              f"RSS ratio (peer / ours): {p['peak_rss'] / o['peak_rss']:.1f}x")
+        p = results["peer"]
+        for k in ("ours", "ours_nostats", "ours_same_torch"):
+            if k in results:
+                o = results[k]
+                print(f"{labels[k]:<28} speed-up (peer wall / ours wall): {p['wall_s'] / o['wall_s']:5.1f}x   "
+                      f"RSS ratio (peer / ours): {p['peak_rss'] / o['peak_rss']:4.1f}x")
     print(f"ours: {size / 1e6 / results['ours']['wall_s']:.0f} MB/s of input, peak RSS {results['ours']['peak_rss'] / 1e9:.2f} GB "
           f"for a {size / 1e9:.2f} GB input")
     print(f"load average after: {os.getloadavg()}")

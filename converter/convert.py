@@ -130,7 +130,7 @@ def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats: bool)
 
 
 def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shape, opts: dict,
-                   chunk_elems: int = 1 << 20) -> float:
+                   chunk_elems: int = 1 << 23) -> float:
     """||W - dequant(Q)|| / ||W|| in float32. The difference is taken in row chunks, in place, so the
     only full-size temporary is the codec's float32 dequantization (no float32 copy of W)."""
     # BNB's "dtype" option (the weight's original dtype) would collide with dequantize's output dtype
@@ -220,8 +220,11 @@ _STOP = object()
 
 def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch):
     stop = threading.Event()
-    read_q: queue.Queue = queue.Queue(maxsize=max(prefetch, 1))
-    write_q: queue.Queue = queue.Queue(maxsize=2)
+    # Input tensors alive at once: the one being quantized + ``prefetch`` read ahead. The reader takes
+    # a slot BEFORE reading, so a blocked reader never holds an extra tensor (bounded peak memory).
+    slots = threading.Semaphore(1 + max(prefetch, 0))
+    read_q: queue.Queue = queue.Queue()
+    write_q: queue.Queue = queue.Queue(maxsize=1)
     errors: list[BaseException] = []
 
     def put(q, item):
@@ -236,6 +239,9 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
     def read_loop():
         try:
             for p in plans:
+                while not slots.acquire(timeout=0.2):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
                 if not put(read_q, (p, reader.read(p.name))):
@@ -293,7 +299,8 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
                     batch.append((cq, layout.comfy_quant[cq]))
             else:
                 batch = [(p.name, t)]
-            del t
+            del t, item
+            slots.release()
             if not put(write_q, batch):
                 break
             done += reader.infos[p.name].nbytes
