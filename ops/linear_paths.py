@@ -15,7 +15,11 @@ any CUDA + bitsandbytes  bnb_nf4 / bnb_fp4 (bitsandbytes        --
 ``dequant`` (CPU ...)    --                                     dequantize + ``F.linear``
 =======================  =====================================  ==================================
 
-Rowwise/blockwise FP8, INT8 and NVFP4 always dequantize per call (stored quantized, no full copy).
+On top of the device path, ``per_call`` picks per call by the number of rows (measured rule):
+the FP8 GEMM only for large GEMMs; tensorwise / per-row-scaled 8-bit weights (FP8 tensorwise/rowwise,
+INT8 tensorwise/per-row) otherwise run the Triton 8-bit GEMV (<= 16 rows) or cast + GEMM + output
+scale on CUDA (``matmul_small``). Blockwise FP8/INT8 and NVFP4 dequantize per call (stored quantized,
+no full copy).
 ``full_precision_matrix_mult`` and any ``weight_function`` (LoRA, low-VRAM patch) force the dequantize
 path: patches are defined on the float weight. A fast path that raises at run time demotes only that
 layer on that device, with one log line (``capabilities.log_demotion``).
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from . import capabilities as caps
 from . import matmul_fp8
 from . import matmul_mx
+from . import matmul_small
 from . import quant_data as qd
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
@@ -55,16 +60,44 @@ def _pick(layer, x) -> str:
     return path
 
 
+def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
+    """The kernels to try for this call, fastest first (``dequant`` is always the last resort).
+
+    Measured on an H100 (bench/RESULTS_H100.md): the FP8 GEMM only pays off for large GEMMs
+    (``matmul_fp8.worth_it``); below that, weights whose scale factors out of the GEMM run the Triton
+    8-bit GEMV (<= 16 rows) or cast + bf16 GEMM + output scale (``matmul_small``).
+    """
+    rows = x.numel() // x.shape[-1]
+    if path == "fp8" and matmul_fp8.worth_it(rows, layer.out_features, layer.in_features):
+        return ["fp8", "dequant"]
+    if path in ("mx", "bnb"):
+        return [path, "dequant"]
+    out = []
+    if (not layer.hq_fp_mm and x.device.type == "cuda" and layer.hq_format in matmul_small.SCALE_OUT_FORMATS
+            and x.dtype in (torch.bfloat16, torch.float16)):
+        if rows <= matmul_small.GEMV_MAX_ROWS:
+            out.append("gemv")
+        out.append("scaled_dequant")
+    return out + ["dequant"]
+
+
 def run(layer, x: torch.Tensor, tensors: dict, bias, fns) -> torch.Tensor:
-    path = "dequant" if fns else _pick(layer, x)
-    if path == "fp8" and not matmul_fp8.worth_it(x.numel() // x.shape[-1], layer.out_features, layer.in_features):
-        path = "dequant"  # per call, not a demotion: small GEMMs are faster dequantized (measured)
-    if path != "dequant" and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+    if fns:  # patches are defined on the float weight
+        return dequant_linear(layer, x, tensors, bias, fns)
+    demoted = layer.hq_paths.setdefault("demoted", set())
+    for path in per_call(_pick(layer, x), layer, x):
+        if path == "dequant":
+            break
+        if (caps.device_key(x.device), path) in demoted:
+            continue
         try:
-            return _fast(path, layer, x, tensors, bias)
+            out = _fast(path, layer, x, tensors, bias)
+            layer.hq_last_path = path
+            return out
         except FAST_ERRORS as e:
             caps.log_demotion(layer.hq_name, path, e)
-            layer.hq_paths[caps.device_key(x.device)] = "dequant"
+            demoted.add((caps.device_key(x.device), path))
+    layer.hq_last_path = "dequant"
     return dequant_linear(layer, x, tensors, bias, fns)
 
 
@@ -72,6 +105,10 @@ def _fast(path, layer, x, tensors, bias):
     if path == "fp8":
         return matmul_fp8.fp8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
                                      input_scale=layer.hq_static_input_scale, out_dtype=x.dtype)
+    if path == "gemv":
+        return matmul_small.gemv(x, tensors["weight"], tensors["weight_scale"], bias)
+    if path == "scaled_dequant":
+        return matmul_small.scaled_dequant(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "mx":
         return matmul_mx.mx_linear(x, tensors["weight"], tensors["weight_scale"],
                                    (layer.out_features, layer.in_features), bias)

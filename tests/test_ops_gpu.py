@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import ops_helpers as H
+import ops_helpers as H
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -35,6 +35,9 @@ class Wide(torch.nn.Module):
 EXPECTED = {"float8_e4m3fn": "fp8", "float8_e4m3fn+input_scale": "fp8", "mxfp8": "fp8", "hybrid_mxfp8": "fp8",
             "bnb_nf4": "bnb", "bnb_nf4+nested": "bnb", "bnb_fp4": "bnb", "int8_tensorwise": "dequant",
             "float8_e4m3fn_rowwise": "dequant", "int8_blockwise": "dequant", "nvfp4": "dequant"}
+
+
+SCALE_OUT = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fn_rowwise", "int8_tensorwise", "mxfp8", "hybrid_mxfp8"}
 
 
 def _sd(case):
@@ -61,7 +64,7 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
     monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("cuda"))
     from hybridquant.ops import matmul_fp8
 
-    monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)  # exercise the FP8 GEMM on these small layers
+    monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 65)  # the FP8 GEMM at 128 rows on these small layers
     monkeypatch.setattr(matmul_fp8, "MIN_WEIGHT_ELEMENTS", 1)
 
     if case in H.CODEC_CASES and not H.codec_available(case.split("+")[0]):
@@ -70,15 +73,28 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
     m = Wide(ops.choose_ops(sd.keys(), {}))
     m.load_state_dict(ops.prepare_state_dict(sd, {}))
     m.to("cuda")
-    x = torch.randn(64, D_IN, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(128, D_IN, device="cuda", dtype=torch.bfloat16)
     y = m(x)
     assert m.a.hq_paths["cuda:0"] == EXPECTED[case], (m.a.hq_paths, m.a.hq_format)
     h = torch.nn.functional.gelu(x.float() @ ref["a"].cuda().t() + ref["a.bias"].cuda())
     y_ref = h @ ref["b"].cuda().t()
     err = float((y.float() - y_ref).norm() / y_ref.norm())
     bound = 0.05 if EXPECTED[case] == "fp8" else 0.01
+    if EXPECTED[case] == "fp8":
+        assert m.a.hq_last_path == "fp8"
     print(f"{case}: path {EXPECTED[case]}, rel err {err:.5f}")
     assert err < bound
+    # few rows (text encoders, single-token steps): 8-bit GEMV / cast+GEMM+scale for the scale-out formats
+    for rows, expect in ((4, "gemv"), (64, "scaled_dequant")):
+        xs = x[:rows]
+        ys = m.b(torch.nn.functional.gelu(m.a(xs)))
+        if case.split("+")[0] in SCALE_OUT:
+            assert m.a.hq_last_path == expect, (rows, m.a.hq_last_path)
+        hs = torch.nn.functional.gelu(xs.float() @ ref["a"].cuda().t() + ref["a.bias"].cuda())
+        ys_ref = hs @ ref["b"].cuda().t()
+        err_s = float((ys.float() - ys_ref).norm() / ys_ref.norm())
+        print(f"  {rows} rows: {m.a.hq_last_path}, rel err {err_s:.5f}")
+        assert err_s < bound
     # cpu <-> cuda round trip keeps the outputs identical
     m.to("cpu")
     m.to("cuda")

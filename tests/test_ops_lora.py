@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests import ops_helpers as H
+import ops_helpers as H
 
 pytestmark = pytest.mark.comfyui
 

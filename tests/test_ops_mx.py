@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests import ops_helpers as H
+import ops_helpers as H
 
 pytestmark = pytest.mark.comfyui
 
