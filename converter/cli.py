@@ -25,6 +25,13 @@ def _rounding():
     return rounding.METHODS, getattr(rounding, "DEFAULT_METHOD", "rtn")
 
 
+def _method_help() -> str:
+    from . import rounding
+
+    helps = getattr(rounding, "METHOD_HELP", {})
+    return "; ".join(f"{m}: {helps[m]}" if m in helps else m for m in rounding.METHODS)
+
+
 def _flag(*names: str) -> list[str]:
     """Dash and underscore spellings of each long flag."""
     out: list[str] = []
@@ -38,7 +45,8 @@ def _flag(*names: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     methods, default_method = _rounding()
     rtn_note = ("round to nearest (RTN); it is currently the only method, so the default rounds to nearest too"
-                if default_method == "rtn" else f"round to nearest (RTN) instead of the default {default_method!r}")
+                if default_method == "rtn" else f"round to nearest (RTN) instead of the default method {default_method!r} "
+                                                "(see --method); fastest")
     p = argparse.ArgumentParser(
         prog="convert_to_quant",
         description="Quantize a .safetensors checkpoint layer by layer (streaming; the output is written "
@@ -83,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument(f"--{flag}", dest=f"preset_{flag}", action="store_true", help=f"preset: keep {preset.title}")
     q = p.add_argument_group("rounding")
     q.add_argument("--simple", action="store_true", help=rtn_note)
-    q.add_argument("--method", choices=list(methods), default=None, help=f"rounding method (default {default_method})")
+    q.add_argument("--method", choices=list(methods), default=None,
+                   help=f"rounding method (default {default_method!r}; with --calibration {_calibrated_method()!r}). "
+                        + _method_help())
+    q.add_argument("--calibration", metavar="FILE", help="calibration statistics (.safetensors) for calibrated rounding")
     md = p.add_argument_group("metadata")
     md.add_argument(*_flag("--comfy_quant"), dest="comfy_quant", action="store_true", default=True,
                     help="write per-layer .comfy_quant tensors (on by default)")
@@ -124,9 +135,15 @@ def options_from_args(a) -> PlanOptions:
         custom_scaling_mode=a.custom_scaling_mode, custom_simple=a.custom_simple, custom_heur=a.custom_heur,
         exclude_layers=a.exclude_layers, layer_config=a.layer_config,
         presets=tuple(f for f in PRESETS if getattr(a, f"preset_{f}")), heur=a.heur,
-        method="rtn" if a.simple else (a.method or default_method),
+        method="rtn" if a.simple else (a.method or (_calibrated_method() if a.calibration else default_method)),
         comfy_quant=a.comfy_quant, save_quant_metadata=True if a.save_quant_metadata is None else a.save_quant_metadata,
         full_precision_matrix_mult=a.full_precision_matrix_mult, input_scale=a.input_scale)
+
+
+def _calibrated_method() -> str:
+    from . import rounding
+
+    return getattr(rounding, "CALIBRATED_METHOD", getattr(rounding, "DEFAULT_METHOD", "rtn"))
 
 
 def default_output(inp: str, suffix: str) -> str:
@@ -181,7 +198,7 @@ def _run(a) -> int:
     opts = options_from_args(a)
     out = a.output or default_output(a.input, _mode_suffix(opts))
     rep = convert_file(a.input, out, opts, progress=progress, device=a.device, overwrite=a.overwrite,
-                       dry_run=a.dry_run, error_stats=a.error_stats)
+                       dry_run=a.dry_run, error_stats=a.error_stats, calibration=a.calibration)
     if a.dry_run:
         print(rep.plan_table())
     print(rep.summary())

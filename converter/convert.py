@@ -115,13 +115,25 @@ def make_plans(infos_in_order, options: PlanOptions) -> list[LayerPlan]:
     return [planner.plan(name, shape, dtype) for name, shape, dtype in infos_in_order]
 
 
-def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats: bool) -> tuple[dict[str, torch.Tensor], float | None]:
+def _prepare_calibration(plans: list[LayerPlan], calibration):
+    """The rounding package's hook: checks that every calibrated layer has statistics (one error listing
+    all that do not, before any work) and sets calibrated FP8 input scales. Returns the open file or None."""
+    if calibration is None and not any(p.quantized and p.method == "gptq" for p in plans):
+        return None
+    from .rounding.calibration import prepare_calibration
+
+    return prepare_calibration(plans, calibration)
+
+
+def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats: bool,
+                  calib=None) -> tuple[dict[str, torch.Tensor], float | None]:
     codec = get_codec(p.format)
     opts = codec_opts(p)
     wd = w.to(device, non_blocking=True) if device != "cpu" else w
+    stats = calib.stats_for(p.layer, int(p.shape[1]), device=device) if calib is not None and p.method != "rtn" else None
     try:
-        out = quantize_weight(codec, wd, method=p.method, **opts)
-    except FormatError as e:  # NonFiniteError is a FormatError
+        out = quantize_weight(codec, wd, method=p.method, stats=stats, **opts)
+    except (FormatError, ValueError) as e:  # NonFiniteError is a FormatError; rounding raises ValueError
         raise LayerError(f"layer {p.layer} ({p.name}): {e}") from None
     err = relative_error(codec, out, wd, p.shape, opts) if error_stats else None
     if device != "cpu":
@@ -186,7 +198,8 @@ def _check_device(device: str) -> str:
 
 def convert_file(input_path, output_path, options: PlanOptions | None = None, progress: Callable | None = None,
                  cancel: Callable[[], bool] | None = None, device: str = "cpu", overwrite: bool = False,
-                 dry_run: bool = False, error_stats: bool = True, prefetch: int = 1) -> ConversionReport:
+                 dry_run: bool = False, error_stats: bool = True, prefetch: int = 1,
+                 calibration=None) -> ConversionReport:
     """Convert ``input_path`` to ``output_path`` following ``options``; see the module docstring."""
     options = options or PlanOptions()
     device = _check_device(device)
@@ -195,6 +208,7 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
     if not dry_run:
         check_paths(input_path, output_path, overwrite)
     plans = make_plans(((i.name, i.shape, _dtype_name(i.dtype)) for i in infos.values()), options)
+    calib = _prepare_calibration(plans, calibration)
     input_specs = {n: i.spec for n, i in infos.items()}
     layout = OutputLayout(plans, input_specs, options, metadata)
     report = ConversionReport(input=os.fspath(input_path), output=None if dry_run else os.fspath(output_path),
@@ -205,12 +219,19 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
     header, _ = build_header(layout.specs, layout.metadata)
     report.bytes_out = len(header) + sum(s.nbytes for s in layout.specs.values())
     if dry_run:
+        if calib is not None:
+            calib.close()
         return report
     recs = {r.name: r for r in report.layers}
     total = sum(i.nbytes for i in infos.values())
-    with SafetensorsReader(input_path) as reader, \
-            AtomicSafetensorsWriter(output_path, layout.specs, layout.metadata, overwrite=overwrite) as writer:
-        _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch)
+    try:
+        with SafetensorsReader(input_path) as reader, \
+                AtomicSafetensorsWriter(output_path, layout.specs, layout.metadata, overwrite=overwrite) as writer:
+            _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch,
+                          calib)
+    finally:
+        if calib is not None:
+            calib.close()
     report.seconds = time.monotonic() - t0
     return report
 
@@ -218,7 +239,8 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
 _STOP = object()
 
 
-def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch):
+def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch,
+                  calib=None):
     stop = threading.Event()
     # Input tensors alive at once: the one being quantized + ``prefetch`` read ahead. The reader takes
     # a slot BEFORE reading, so a blocked reader never holds an extra tensor (bounded peak memory).
@@ -291,7 +313,7 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
             if cancel is not None and cancel():
                 raise Cancelled("conversion cancelled")
             if p.quantized:
-                out, err = _quantize_one(p, t, device, error_stats)
+                out, err = _quantize_one(p, t, device, error_stats, calib)
                 recs[p.name].rel_error = err
                 batch = [(f"{p.layer}.{k}", v) for k, v in out.items()]
                 cq = f"{p.layer}.comfy_quant"
@@ -320,7 +342,8 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
 
 def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOptions | None = None,
                         progress: Callable | None = None, cancel: Callable[[], bool] | None = None,
-                        device: str = "cpu", error_stats: bool = True, input_metadata: Mapping[str, str] | None = None):
+                        device: str = "cpu", error_stats: bool = True, input_metadata: Mapping[str, str] | None = None,
+                        calibration=None):
     """Quantize an in-memory state dict. Returns ``(new_state_dict, header_metadata, report)``.
 
     ``header_metadata`` is the safetensors ``__metadata__`` to save with it (``_quantization_metadata``
@@ -331,6 +354,15 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOpt
     device = _check_device(device)
     t0 = time.monotonic()
     plans = make_plans(((k, tuple(v.shape), _dtype_name(v.dtype)) for k, v in state_dict.items()), options)
+    calib = _prepare_calibration(plans, calibration)
+    try:
+        return _quantize_sd(state_dict, plans, options, calib, progress, cancel, device, error_stats, input_metadata, t0)
+    finally:
+        if calib is not None:
+            calib.close()
+
+
+def _quantize_sd(state_dict, plans, options, calib, progress, cancel, device, error_stats, input_metadata, t0):
     input_specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in state_dict.items()}
     layout = OutputLayout(plans, input_specs, options, input_metadata)
     report = ConversionReport(device=device, layers=_records(plans, layout, input_specs))
@@ -343,7 +375,7 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOpt
             raise Cancelled("quantization cancelled")
         t = state_dict[p.name]
         if p.quantized:
-            q, err = _quantize_one(p, t.detach().to("cpu") if device == "cpu" else t.detach(), device, error_stats)
+            q, err = _quantize_one(p, t.detach().to("cpu") if device == "cpu" else t.detach(), device, error_stats, calib)
             recs[p.name].rel_error = err
             for k, v in q.items():
                 out[f"{p.layer}.{k}"] = v

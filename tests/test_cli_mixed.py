@@ -159,3 +159,45 @@ def test_report_json_and_summary(src, tmp_path):
     assert rep["bytes_out"] == out.stat().st_size
     assert set(rep["error_stats"]) == {"float8_e4m3fn", "int8_tensorwise"}
     assert "relative error int8_tensorwise" in proc.stdout and "converting" in proc.stderr
+
+
+def _calibration_file(path, weights, layers):
+    from hybridquant.converter.safetensors_io import write_safetensors
+
+    g = torch.Generator().manual_seed(3)
+    t = {}
+    for layer in layers:
+        n = weights[f"{layer}.weight"].shape[1]
+        x = torch.randn(512, n, generator=g) * torch.linspace(0.1, 3.0, n)  # uneven channel energy
+        t[f"{layer}.input_xtx"] = x.T @ x / x.shape[0]
+        t[f"{layer}.input_sqmean"] = x.square().mean(0)
+        t[f"{layer}.input_absmax"] = x.abs().amax(0)
+        t[f"{layer}.input_count"] = torch.tensor(x.shape[0])
+    write_safetensors(path, t, {"hybridquant_calibration": "1", "source": "test"})
+
+
+def test_calibration_flag(src, tmp_path):
+    """--calibration selects the calibrated method, feeds per-layer statistics, and calibrates
+    --input_scale; a calibrated method without statistics is a clear error listing the layers."""
+    path, w = src
+    layers = ["double_blocks.0.img_mlp.0", "double_blocks.0.img_mlp.2"]
+    calib = tmp_path / "calib.safetensors"
+    _calibration_file(calib, w, layers)
+    out = tmp_path / "o.safetensors"
+    proc = run_cli("-i", path, "-o", out, "--method", "gptq", check=False)
+    assert proc.returncode == 2 and "--calibration" in proc.stderr and "Traceback" not in proc.stderr
+    run_cli("-i", path, "-o", out, "-q", "--custom-layers", "img_mlp", "--custom-type", "fp8", "--exclude-layers", ".",
+            "--input_scale", "--calibration", calib, "--report", tmp_path / "r.json")
+    rep = {r["name"]: r for r in json.loads((tmp_path / "r.json").read_text())["layers"]}
+    assert rep["double_blocks.0.img_mlp.0.weight"]["method"] == "gptq"
+    assert rep["double_blocks.0.img_mlp.0.weight"]["rel_error"] < 0.06
+    tensors, _ = load_all(out)
+    absmax = float(_read(calib, "double_blocks.0.img_mlp.0.input_absmax").max())
+    assert float(tensors["double_blocks.0.img_mlp.0.input_scale"]) == pytest.approx(absmax / 448, rel=1e-6)
+
+
+def _read(path, key):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.get_tensor(key)
