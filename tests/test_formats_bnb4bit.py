@@ -261,3 +261,15 @@ def test_layers_share_no_storage(tmp_path):
     save_file(sd, str(tmp_path / "m.safetensors"))
     back = load_file(str(tmp_path / "m.safetensors"))
     assert all(torch.equal(back[k], v) for k, v in sd.items())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+@pytest.mark.parametrize("qt", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+def test_cuda_matches_cpu(qt, nested):
+    # the nested statistics are computed on the CPU, so the bytes do not depend on the device
+    c = get_codec(f"bnb_{qt}")
+    w = _weight((300, 129), torch.bfloat16)
+    a, b = c.quantize(w, double_quant=nested), c.quantize(w.cuda(), double_quant=nested)
+    assert all(torch.equal(a[k], b[k].cpu()) for k in a)
+    assert torch.equal(c.dequantize(b, (300, 129)).cpu(), c.dequantize(a, (300, 129)))

@@ -149,3 +149,13 @@ def test_stored_scale_params_requantize():
     again = C.quantize(C.dequantize(layer, (17, 33)), params=p)
     assert torch.equal(again["weight"].view(torch.uint8), q.view(torch.uint8))
     assert torch.equal(again["weight_scale"], s.view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+@pytest.mark.parametrize("name", ["mxfp8", "hybrid_mxfp8"])
+def test_cuda_matches_cpu(name):
+    c = get_codec(name)
+    w = _weight((300, 129), torch.bfloat16)
+    a, b = c.quantize(w), c.quantize(w.cuda())
+    assert all(torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].cpu().reshape(-1).view(torch.uint8)) for k in a)
+    assert torch.equal(c.dequantize(b, (300, 129)).cpu(), c.dequantize(a, (300, 129)))

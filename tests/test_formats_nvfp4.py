@@ -135,3 +135,11 @@ def test_stored_scale_params_requantize():
     again = C.quantize(C.dequantize(layer, (17, 33)), params=p)
     assert torch.equal(again["weight"], q)
     assert torch.equal(again["weight_scale"].view(torch.uint8), s.view(torch.uint8))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (CI has none)")
+def test_cuda_matches_cpu():
+    w = _weight((300, 129), torch.bfloat16)
+    a, b = C.quantize(w), C.quantize(w.cuda())
+    assert all(torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].cpu().reshape(-1).view(torch.uint8)) for k in a)
+    assert torch.equal(C.dequantize(b, (300, 129)).cpu(), C.dequantize(a, (300, 129)))

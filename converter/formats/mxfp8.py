@@ -114,9 +114,15 @@ def expand_blocks(s: torch.Tensor, shape: tuple[int, int], block: int) -> torch.
     return s.repeat_interleave(block, dim=1)[:, :n].reshape(m, n)
 
 
+def div_const(x: torch.Tensor, c: float) -> torch.Tensor:
+    """``x / c`` correctly rounded on every device: CUDA turns a division by a Python scalar into a
+    multiplication by its rounded reciprocal (1 ulp off at times), a division by a tensor it does not."""
+    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
+
+
 def e8m0_codes_from_amax(amax: torch.Tensor) -> torch.Tensor:
     """uint8 E8M0 codes ``ceil(log2(amax/448)) + 127`` clamped to [1, 254]; 0 where amax == 0."""
-    q = amax.to(torch.float32) / E4M3_MAX
+    q = div_const(amax.to(torch.float32), E4M3_MAX)
     mant, exp = torch.frexp(q)  # q = mant * 2^exp, mant in [0.5, 1): log2 q is exact iff mant == 0.5
     e = exp.to(torch.int32) - (mant == 0.5).to(torch.int32)
     codes = (e + E8M0_BIAS).clamp(1, 254)

@@ -32,7 +32,7 @@ import torch
 
 from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
-from .mxfp8 import E4M3_MAX, amax_of_blocks, blockwise_amax, check_shape, check_weight, expand_blocks, padded_blocks, require_finite, row_chunks
+from .mxfp8 import E4M3_MAX, amax_of_blocks, div_const, blockwise_amax, check_shape, check_weight, expand_blocks, padded_blocks, require_finite, row_chunks
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -99,8 +99,8 @@ class NVFP4(Codec):
         elif tuple(amax.shape) != grid:
             raise FormatError(f"{name}: amax has shape {tuple(amax.shape)}, expected the block grid {grid}")
         amax = amax.to(device=w.device, dtype=torch.float32)
-        s2 = amax.max() / (E4M3_MAX * E2M1_MAX)
-        b = (amax / E2M1_MAX) / torch.where(s2 > 0, s2, torch.ones_like(s2))
+        s2 = div_const(amax.max(), E4M3_MAX * E2M1_MAX)
+        b = div_const(amax, E2M1_MAX) / torch.where(s2 > 0, s2, torch.ones_like(s2))
         b = torch.where(s2 > 0, b, torch.zeros_like(b)).clamp(max=E4M3_MAX)
         return {"weight_scale": b.to(torch.float8_e4m3fn), "weight_scale_2": s2.reshape(())}
 
