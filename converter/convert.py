@@ -141,19 +141,61 @@ def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats: bool,
     return out, err
 
 
+_ROW_PROBES = (1, 33, 257)
+_row_split_cache: dict = {}
+
+
+def row_split(codec, n: int, opts: dict) -> dict[str, bool] | None:
+    """Which output tensors of ``codec`` are indexed by weight row, derived from ``output_specs`` alone:
+    a tensor whose first dim equals M for every probe M (1, 33, 257) is per-row, one whose shape never
+    changes is global (a tensorwise scale, a code book). Any other dependence on M (padding, swizzled or
+    flattened layouts, row blocks) -> None: that layout cannot be cut into row chunks and is decoded whole."""
+    key = (codec.name, n, tuple(sorted((k, repr(v)) for k, v in opts.items())))
+    if key in _row_split_cache:
+        return _row_split_cache[key]
+    try:
+        probes = [codec.output_specs((m, n), **opts) for m in _ROW_PROBES]
+    except Exception:
+        probes = None
+    split: dict[str, bool] | None = {} if probes else None
+    for suffix in (probes[0] if probes else {}):
+        shapes = [tuple(p[suffix].shape) if suffix in p else None for p in probes]
+        if all(s is not None and len(s) >= 1 and s[0] == m for s, m in zip(shapes, _ROW_PROBES)):
+            split[suffix] = True
+        elif all(s == shapes[0] for s in shapes):
+            split[suffix] = False
+        else:
+            split = None
+            break
+    _row_split_cache[key] = split
+    return split
+
+
 def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shape, opts: dict,
-                   chunk_elems: int = 1 << 23) -> float:
-    """||W - dequant(Q)|| / ||W|| in float32. The difference is taken in row chunks, in place, so the
-    only full-size temporary is the codec's float32 dequantization (no float32 copy of W)."""
+                   chunk_elems: int = 1 << 22) -> float:
+    """||W - dequant(Q)||_F / ||W||_F in float32 (accumulated in double across chunks).
+
+    Row-separable layouts (see ``row_split``: FP8/INT8 tensorwise and per-row) are dequantized in row
+    chunks with the codec's own ``dequantize``, so no full-size float32 copy ever exists; other layouts are
+    dequantized whole and compared in row chunks."""
     # BNB's "dtype" option (the weight's original dtype) would collide with dequantize's output dtype
-    deq = codec.dequantize(out, shape, torch.float32, **{k: v for k, v in opts.items() if k != "dtype"})
-    rows = max(1, chunk_elems // max(1, int(shape[1])))
+    dopts = {k: v for k, v in opts.items() if k != "dtype"}
+    m, n = int(shape[0]), int(shape[1])
+    rows = max(1, chunk_elems // max(1, n))
+    split = row_split(codec, n, dopts) if m > rows else None
+    deq = None if split is not None else codec.dequantize(out, shape, torch.float32, **dopts)
     num = den = 0.0  # Python floats (double) across chunks; each chunk's norm is a float32 reduction
-    for i in range(0, int(shape[0]), rows):
-        d = deq[i:i + rows]
-        ref = w[i:i + rows].to(torch.float32)
+    for i in range(0, m, rows):
+        j = min(m, i + rows)
+        if deq is None:
+            part = {k: (v[i:j] if split.get(k) else v) for k, v in out.items()}
+            d = codec.dequantize(part, (j - i, n), torch.float32, **dopts)
+        else:
+            d = deq[i:j]
+        ref = w[i:j].to(torch.float32)
         den += float(torch.linalg.vector_norm(ref)) ** 2
         num += float(torch.linalg.vector_norm(d.sub_(ref))) ** 2
+        del d, ref
     del deq
     return (num / den) ** 0.5 if den > 0 else 0.0
 
