@@ -63,7 +63,7 @@ from typing import Mapping
 import torch
 
 from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, require
-from .mxfp8 import CHUNK_ELEMS, amax_of_blocks, require_finite
+from .mxfp8 import amax_of_blocks, chunk_elems, require_finite
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -279,7 +279,7 @@ class _BnbCodec(Codec):
         n = flat.numel()
         nfull = n // bs
         amax = torch.empty(ceil_div(n, bs), dtype=torch.float32, device=flat.device)
-        step = max(1, CHUNK_ELEMS // bs)
+        step = max(1, chunk_elems(flat.device) // bs)
         for b0 in range(0, nfull, step):
             b1 = min(nfull, b0 + step)
             amax[b0:b1] = amax_of_blocks(flat[b0 * bs : b1 * bs].to(torch.float32).view(-1, bs))
@@ -328,7 +328,7 @@ class _BnbCodec(Codec):
         recip = 1.0 / div[:nfull]  # bitsandbytes: reciprocal-multiply for full blocks ...
         _, mids, slot_code = _grid(self.quant_type, flat.device)
         packed = torch.empty(ceil_div(n, 2), dtype=torch.uint8, device=flat.device)
-        step = max(1, CHUNK_ELEMS // bs)
+        step = max(1, chunk_elems(flat.device) // bs)
         for b0 in range(0, nfull, step):
             b1 = min(nfull, b0 + step)
             x = (flat[b0 * bs : b1 * bs].to(torch.float32).view(-1, bs) * recip[b0:b1].unsqueeze(1)).clamp_(-1.0, 1.0)
@@ -416,7 +416,7 @@ class _BnbCodec(Codec):
             return table[torch.stack([p >> 4, p & 0x0F], dim=1).view(-1).to(torch.int32)]
 
         nfull = n // bs
-        step = max(1, CHUNK_ELEMS // bs)
+        step = max(1, chunk_elems(packed.device) // bs)
         for b0 in range(0, nfull, step):
             b1 = min(nfull, b0 + step)
             v = values(packed[b0 * bs // 2 : b1 * bs // 2]).view(-1, bs)

@@ -136,7 +136,7 @@ class NVFP4(Codec):
         scale = self._block_scale({"weight_scale": b, "weight_scale_2": s2})  # [m, nb]
         mp, np_ = self.padded_shape((m, n))
         packed = torch.zeros((mp, np_ // 2), dtype=torch.uint8, device=w.device)
-        for r0, r1 in row_chunks(m, np_):
+        for r0, r1 in row_chunks(m, np_, w.device):
             blocks = padded_blocks(w, r0, r1, BLOCK)
             if not checked:
                 require_finite(amax_of_blocks(blocks), w, name)
