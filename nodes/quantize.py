@@ -224,7 +224,7 @@ def quantize_model(model, settings: dict, node_id=None):
         _LAST.clear()  # keep one result: a quantized model is large
         _LAST[key] = {"result": (new_model, summary), "file": saved}
         if saved:
-            _SAVED[key] = saved
+            _SAVED[qo.options_key(settings)] = saved
     log.info("HybridQuant: %s", summary.splitlines()[0])
     _send("hybridquant.done", {"node": node_id, "prompt_id": progress.prompt_id, "summary": summary,
                                "file": saved, "reused": False})

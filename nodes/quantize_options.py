@@ -50,8 +50,9 @@ def rounding_choices() -> list[str]:
 
 def check_prefix(prefix: str) -> str:
     """A relative 'dir/name' prefix with no '..', absolute path or odd characters."""
-    p = (prefix or "").strip().replace("\\", "/").strip("/")
-    if not p or not _PREFIX_RE.match(p) or any(part in ("..", ".") for part in p.split("/")):
+    raw = (prefix or "").strip().replace("\\", "/")
+    p = raw.rstrip("/")
+    if raw.startswith("/") or re.match(r"^[A-Za-z]:", raw) or not p or not _PREFIX_RE.match(p) or any(part in ("..", ".") for part in p.split("/")):
         raise ValueError(f"filename_prefix {prefix!r}: use a relative name like 'hybridquant/my_model' "
                          "(letters, digits, '_', '-', '.', ' ' and '/'; no '..')")
     return p

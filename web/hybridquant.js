@@ -56,7 +56,40 @@ function summaryLines(s) {
 }
 
 const LINE_H = 16;
-const MAP_H = 44;
+const LEGEND_H = 14;
+
+// Word-wrap text lines to the panel width (a long summary line must not be squeezed by fillText).
+let measureCtx = null;
+function wrapLines(lines, width) {
+  measureCtx = measureCtx || document.createElement("canvas").getContext("2d");
+  measureCtx.font = "12px sans-serif";
+  const max = Math.max(40, width - 20);
+  const out = [];
+  for (const line of lines) {
+    const words = String(line).split(" ");
+    let cur = "";
+    for (const w of words) {
+      const next = cur ? `${cur} ${w}` : w;
+      if (cur && measureCtx.measureText(next).width > max) {
+        out.push(cur);
+        cur = w;
+      } else {
+        cur = next;
+      }
+    }
+    out.push(cur);
+  }
+  return out;
+}
+
+// Grid of the per-layer map for a panel width: one cell per layer, rows of at most ~3 px cells.
+function mapGeometry(n, width) {
+  const w = width - 20;
+  const cols = Math.max(1, Math.min(n, Math.floor(w / 3)));
+  const rows = Math.ceil(n / cols);
+  const ch = rows <= 2 ? 10 : Math.max(2, Math.floor(30 / rows));
+  return { cols, rows, cw: w / cols, ch, h: rows * ch + LEGEND_H + 6 };
+}
 
 // Canvas-drawn widget: text lines + optional per-layer map + optional progress bar.
 function makePanel(node, name) {
@@ -68,7 +101,7 @@ function makePanel(node, name) {
     options: { serialize: false },
     draw(ctx, node, width, y) {
       const st = node.__hq || {};
-      const lines = st.lines || [];
+      const lines = wrapLines(st.lines || [], width);
       const x = 10;
       ctx.save();
       ctx.fillStyle = "#1d1f24";
@@ -89,15 +122,15 @@ function makePanel(node, name) {
         yy += 14;
       }
       if (st.map && st.map.length) {
-        drawMap(ctx, st, x, yy + 2, width - 2 * x, MAP_H - 16);
+        drawMap(ctx, st, x, yy + 2, mapGeometry(st.map.length, width));
       }
       ctx.restore();
     },
     computeSize(width) {
       const st = node.__hq || {};
-      let h = 8 + LINE_H * Math.max(1, (st.lines || []).length);
+      let h = 8 + LINE_H * Math.max(1, wrapLines(st.lines || [], width).length);
       if (st.progress != null) h += 14;
-      if (st.map && st.map.length) h += MAP_H;
+      if (st.map && st.map.length) h += mapGeometry(st.map.length, width).h;
       return [width, h];
     },
   };
@@ -106,12 +139,10 @@ function makePanel(node, name) {
 }
 
 // One cell per layer, in natural layer order, wrapped into rows; legend under it.
-function drawMap(ctx, st, x, y, w, h) {
+function drawMap(ctx, st, x, y, geo) {
   const n = st.map.length;
-  const cols = Math.max(1, Math.min(n, Math.floor(w / 3)));
-  const rows = Math.ceil(n / cols);
-  const cw = w / cols;
-  const ch = Math.max(2, Math.min(10, (h - 12) / rows));
+  const { cols, rows, cw, ch } = geo;
+  const w = cols * cw;
   for (let i = 0; i < n; i++) {
     ctx.fillStyle = colorOf(st.legend[st.map[i]]);
     ctx.fillRect(x + (i % cols) * cw, y + Math.floor(i / cols) * ch, Math.max(1, cw - 0.5), ch - 0.5);
@@ -130,7 +161,7 @@ function drawMap(ctx, st, x, y, w, h) {
 }
 
 function refresh(node) {
-  node.setSize([node.size[0], Math.max(node.size[1], node.computeSize()[1])]);
+  node.setSize([node.size[0], node.computeSize()[1]]);
   node.setDirtyCanvas(true, true);
 }
 

@@ -68,6 +68,15 @@ class Chromium:
         shutil.rmtree(self.profile, ignore_errors=True)
 
 
+def _frames(stack) -> list[str]:
+    """Script URLs of a CDP stack trace (async parents included)."""
+    out = []
+    while stack:
+        out += [f.get("url", "") for f in stack.get("callFrames", [])]
+        stack = stack.get("parent")
+    return out
+
+
 class Page:
     """One page target: ``call`` sends a CDP command; events are collected into ``console``/``errors``."""
 
@@ -75,8 +84,9 @@ class Page:
         self.ws = ws
         self._id = 0
         self._pending: dict[int, asyncio.Future] = {}
-        self.console: list[dict] = []  # {"level", "text", "url"}
-        self.exceptions: list[str] = []
+        self.console: list[dict] = []  # {"level", "text", "url", "frames": [script urls of the stack]}
+        self.exceptions: list[dict] = []  # {"text", "frames"}
+        self.requests: list[str] = []  # every URL the page requested (Network domain)
         self._reader = asyncio.ensure_future(self._read())
 
     @classmethod
@@ -85,7 +95,7 @@ class Page:
             target = await r.json(content_type=None)
         ws = await session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0)
         page = cls(ws)
-        for domain in ("Runtime", "Log", "Page"):
+        for domain in ("Runtime", "Log", "Page", "Network"):
             await page.call(f"{domain}.enable")
         return page
 
@@ -98,15 +108,20 @@ class Page:
                     fut.set_result(data)
                 continue
             method, p = data.get("method"), data.get("params", {})
-            if method == "Runtime.consoleAPICalled":
+            if method == "Network.requestWillBeSent":
+                self.requests.append(p.get("request", {}).get("url", ""))
+            elif method == "Runtime.consoleAPICalled":
                 text = " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
-                self.console.append({"level": p.get("type"), "text": text, "url": ""})
+                self.console.append({"level": p.get("type"), "text": text, "url": "",
+                                     "frames": _frames(p.get("stackTrace"))})
             elif method == "Log.entryAdded":
                 e = p.get("entry", {})
-                self.console.append({"level": e.get("level"), "text": e.get("text", ""), "url": e.get("url", "")})
+                self.console.append({"level": e.get("level"), "text": e.get("text", ""), "url": e.get("url", ""),
+                                     "frames": _frames(e.get("stackTrace"))})
             elif method == "Runtime.exceptionThrown":
                 d = p.get("exceptionDetails", {})
-                self.exceptions.append((d.get("exception", {}) or {}).get("description") or d.get("text", ""))
+                text = (d.get("exception", {}) or {}).get("description") or d.get("text", "")
+                self.exceptions.append({"text": text, "frames": _frames(d.get("stackTrace")) + [d.get("url", "")]})
 
     async def call(self, method: str, params: dict | None = None, timeout: float = 30.0) -> dict:
         self._id += 1

@@ -80,7 +80,9 @@ class ComfyServer:
     def start(self, timeout: float = 180.0) -> None:
         self.prepare()
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--disable-auto-launch", *self.extra_args]
+               "--base-directory", str(self.base), "--disable-auto-launch",
+               # the default database lives in the ComfyUI tree's user/ dir: keep it in memory
+               "--database-url", "sqlite:///:memory:", *self.extra_args]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.pop("HYBRIDQUANT_COMFYUI", None)
         self._log = open(self.log_path, "wb")

@@ -25,8 +25,11 @@ import torch
 
 def _init_(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
+    # Buffers too: ComfyUI's MMDiT registers pos_embed as a buffer created with torch.empty, so
+    # leaving it alone gives garbage (sometimes huge or NaN) that differs from run to run.
+    tensors = list(module.named_parameters()) + [(n, b) for n, b in module.named_buffers() if b.is_floating_point()]
     with torch.no_grad():
-        for name, p in module.named_parameters():
+        for name, p in tensors:
             leaf = name.rsplit(".", 1)[-1]
             if p.ndim >= 2 and "embedding" not in name and "pos_embed" not in name:
                 fan_in = p[0].numel()
@@ -53,12 +56,8 @@ def sd3_mmdit_state_dict(depth: int = 2, seed: int = 0, pos_embed_max_size: int 
         dtype=torch.float32, device="cpu", operations=comfy.ops.disable_weight_init,
     )
     _init_(model, seed)
-    # pos_embed is a buffer-like Parameter in ComfyUI's MMDiT; make sure it is set too
     sd = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    g = torch.Generator().manual_seed(seed + 1)
-    for k, v in sd.items():
-        if not torch.isfinite(v).all():  # anything left uninitialised by the module's own code
-            sd[k] = torch.randn(v.shape, generator=g) * 0.02
+    assert all(torch.isfinite(v).all() for v in sd.values())
     return sd
 
 

@@ -1,0 +1,139 @@
+""""Quantize Model" in-process against the real ComfyUI (CPU): file naming, caching, Cancel, input checks.
+
+The node runs exactly as ComfyUI calls it (``execute`` classmethod) on a MODEL loaded by our own
+loader from a tiny SD3 MMDiT built from ComfyUI's model class (tests/e2e/synthetic.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from safetensors.torch import save_file
+
+pytestmark = pytest.mark.comfyui
+
+INPUTS = dict(format="bnb_nf4", preset="none", custom_layers=r"attn\.qkv", custom_format="fp8 tensorwise",
+              rounding="rtn", save=True, filename_prefix="hq_test/tiny")
+
+
+@pytest.fixture
+def env(comfy, tmp_path, monkeypatch):
+    import folder_paths
+
+    from e2e.synthetic import sd3_mmdit_state_dict
+
+    dm = tmp_path / "diffusion_models"
+    dm.mkdir()
+    table = dict(folder_paths.folder_names_and_paths)
+    table["diffusion_models"] = ([str(dm)], table["diffusion_models"][1])
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
+    save_file(sd3_mmdit_state_dict(depth=2, seed=3), str(dm / "tiny.safetensors"))
+    from hybridquant.nodes import quantize
+
+    monkeypatch.setattr(quantize, "_LAST", {})
+    monkeypatch.setattr(quantize, "_SAVED", {})
+    return dm
+
+
+def _model(dm):
+    from hybridquant.nodes.backend import load_diffusion_model
+
+    model, _ = load_diffusion_model(str(dm / "tiny.safetensors"))
+    return model
+
+
+def _run(model, **kw):
+    from hybridquant.nodes.quantize import QuantizeModel
+
+    out = QuantizeModel.execute(model, **(INPUTS | kw))
+    return out.result if hasattr(out, "result") else out.args
+
+
+def test_never_overwrites_and_does_not_quantize_twice(env):
+    from hybridquant.nodes.quantize import QuantizeModel, quantization_runs
+
+    (env / "hq_test").mkdir()
+    squatter = env / "hq_test" / "tiny_00001.safetensors"
+    squatter.write_bytes(b"someone else's file")
+    model = _model(env)
+    runs0 = quantization_runs()
+    qmodel, summary = _run(model)
+    assert squatter.read_bytes() == b"someone else's file"
+    saved = env / "hq_test" / "tiny_00002.safetensors"
+    assert saved.is_file() and str(saved) in summary
+    assert quantization_runs() == runs0 + 1
+    assert "bnb_nf4" in summary and "float8_e4m3fn" in summary
+
+    # Same weights (a freshly loaded MODEL object) and options: reused, no new file.
+    fp1 = QuantizeModel.fingerprint_inputs(**INPUTS)
+    _, summary2 = _run(_model(env))
+    assert "not quantized again" in summary2
+    assert quantization_runs() == runs0 + 1
+    assert sorted(p.name for p in (env / "hq_test").iterdir()) == ["tiny_00001.safetensors", "tiny_00002.safetensors"]
+
+    # The saved file was deleted: ComfyUI must see a change (fingerprint) and the node re-quantizes.
+    os.unlink(saved)
+    assert QuantizeModel.fingerprint_inputs(**INPUTS) != fp1
+    _, summary3 = _run(model)
+    assert quantization_runs() == runs0 + 2 and "not quantized again" not in summary3
+    assert saved.is_file()
+
+
+def test_quantized_model_output_samples_like_the_saved_file(env, comfy):
+    import torch
+
+    from hybridquant.nodes.backend import load_diffusion_model
+
+    qmodel, summary = _run(_model(env))
+    saved = env / "hq_test" / "tiny_00001.safetensors"
+    reloaded, ops_class = load_diffusion_model(str(saved))
+    assert ops_class.__name__ == "HybridBNB4bitOps"
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    ctx = torch.randn(1, 77, 4096, generator=torch.Generator().manual_seed(1))
+    y = torch.randn(1, 2048, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0.5])
+    outs = []
+    for m in (qmodel, reloaded):
+        comfy.model_management.load_models_gpu([m])
+        with torch.no_grad():
+            outs.append(m.model.apply_model(x, t, c_crossattn=ctx, y=y).float())
+    assert torch.isfinite(outs[0]).all()
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_cancel_writes_nothing(env, comfy):
+    import comfy.model_management as mm
+
+    from hybridquant.nodes.quantize import quantization_runs
+
+    model = _model(env)
+    runs0 = quantization_runs()
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _run(model)
+    finally:
+        mm.interrupt_current_processing(False)
+    assert quantization_runs() == runs0
+    assert not (env / "hq_test").exists() or not list((env / "hq_test").iterdir())
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"custom_layers": "attn(("}, "custom_layers"),
+    ({"filename_prefix": "../escape"}, "filename_prefix"),
+    ({"filename_prefix": "/abs/path"}, "filename_prefix"),
+    ({"filename_prefix": "C:/x"}, "filename_prefix"),
+    ({"format": "float128"}, "format"),
+])
+def test_validate_inputs_names_the_bad_input(comfy, kw, msg):
+    from hybridquant.nodes.quantize import QuantizeModel
+
+    res = QuantizeModel.validate_inputs(**(INPUTS | kw))
+    assert isinstance(res, str) and msg in res, res
+
+
+def test_save_off_writes_nothing(env):
+    _, summary = _run(_model(env), save=False)
+    assert "not saved" in summary
+    assert not (env / "hq_test").exists()
