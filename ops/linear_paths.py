@@ -134,21 +134,21 @@ def dequant_linear(layer, x, tensors, bias, fns):
 
 
 def _bnb_linear(layer, x, tensors, bias):
+    """bitsandbytes ``matmul_4bit``: its 4-bit GEMV for one row, its CUDA dequantize + GEMM otherwise.
+
+    The QuantState is rebuilt per call from the (possibly just moved) tensors: plain Python objects,
+    no copies. The nested offset stays a CPU 0-dim tensor: creating it on the GPU would be a
+    host-to-device copy per call (measured: 0.06 ms instead of 0.012 ms at M=1 on an H100).
+    """
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
 
     meta = layer.hq_bnb
-    dev = x.device
     state2, offset = None, None
     if "weight.nested_absmax" in tensors:
         state2 = QuantState(absmax=tensors["weight.nested_absmax"], blocksize=meta["nested_blocksize"],
                             code=tensors["weight.nested_quant_map"], dtype=getattr(torch, meta.get("nested_dtype", "float32")))
-        offset = torch.tensor(float(meta["nested_offset"]), device=dev)
+        offset = torch.tensor(float(meta["nested_offset"]))
     qs = QuantState(absmax=tensors["weight.absmax"], shape=torch.Size(meta["shape"]), code=tensors["weight.quant_map"],
                     blocksize=meta["blocksize"], quant_type=meta["quant_type"], dtype=x.dtype, offset=offset, state2=state2)
-    if x.numel() == x.shape[-1]:
-        return bnb.matmul_4bit(x, tensors["weight"].t(), quant_state=qs, bias=bias)  # one row: 4-bit GEMV
-    # More rows: bitsandbytes' CUDA dequantize + bf16 GEMM (what matmul_4bit does, minus its overhead).
-    import bitsandbytes.functional as bf
-
-    return F.linear(x, bf.dequantize_4bit(tensors["weight"], qs).to(x.dtype), bias)
+    return bnb.matmul_4bit(x, tensors["weight"].t(), quant_state=qs, bias=bias)

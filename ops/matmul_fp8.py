@@ -123,17 +123,18 @@ def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None = None
     return QUANTIZERS[impl](x, input_scale)
 
 
-# Measured on an H100 (bench/RESULTS_H100.md): the FP8 path has a fixed per-call cost (~0.1 ms: two
-# quantizer launches + the GEMM launch) that only pays off when the GEMM is large; below this the
-# dequantize + bf16 path is faster (e.g. M=4096, K=N=3072: 0.16 ms dequant vs 0.22 ms FP8; M=4096,
-# K=3072, N=12288: 0.62 ms dequant vs 0.27 ms FP8, bf16 0.44 ms).
-MIN_ROWS = 1024
-MIN_WEIGHT_ELEMENTS = 16 * 1024 * 1024
+# Measured on an H100 (bench/RESULTS_H100.md, three runs): the FP8 path has a fixed per-call cost
+# (two quantizer launches + the GEMM launch, ~0.05-0.1 ms of CPU time) that pays off only for large
+# GEMMs; below the rule the layer uses the 8-bit GEMV / cast+GEMM paths (``matmul_small``). E.g.
+# M=256, K=N=3072: cast+GEMM 0.054 ms vs FP8 0.066 ms; M=256, K=12288, N=3072: FP8 0.043 ms vs 0.17 ms;
+# M=4096, K=3072, N=12288: FP8 0.27 ms vs bf16 0.44 ms.
+MIN_ROWS = 128
+MIN_WORK = 4e9  # M * N * K
 
 
 def worth_it(m_rows: int, n_out: int, k_in: int) -> bool:
-    """Whether the FP8 GEMM beats dequantize + bf16 for this call's shape (measured rule, above)."""
-    return m_rows >= MIN_ROWS and n_out * k_in >= MIN_WEIGHT_ELEMENTS
+    """Whether the FP8 GEMM beats the other 8-bit paths for this call's shape (measured rule, above)."""
+    return m_rows >= MIN_ROWS and m_rows * n_out * k_in >= MIN_WORK
 
 
 def shapes_supported(n_out: int, k_in: int) -> bool:

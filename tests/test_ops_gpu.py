@@ -65,7 +65,7 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
     from hybridquant.ops import matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 65)  # the FP8 GEMM at 128 rows on these small layers
-    monkeypatch.setattr(matmul_fp8, "MIN_WEIGHT_ELEMENTS", 1)
+    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
 
     if case in H.CODEC_CASES and not H.codec_available(case.split("+")[0]):
         pytest.skip("codec missing")

@@ -71,7 +71,7 @@ def test_hopper_reexpression_and_fp8_path_on_cpu(comfy, monkeypatch):
     from hybridquant.ops import capabilities as caps, matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
-    monkeypatch.setattr(matmul_fp8, "MIN_WEIGHT_ELEMENTS", 1)
+    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
     caps.override_capability("cpu", (9, 0))
     try:
         sd, ref = H.build({"a": "hybrid_mxfp8", "b": "float8_e4m3fn", "c": "mxfp8"})
