@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--device", default="cpu", help="where the math runs: cpu (default), cuda, cuda:1 ...")
     r.add_argument(*_flag("--no-error-stats"), dest="error_stats", action="store_false",
                    help="skip the per-layer relative error (saves one dequantization per layer)")
+    r.add_argument(*_flag("--error-sample"), dest="error_sample", type=float, default=None, metavar="FRACTION",
+                   help="fraction of the rows of large (>16M weights) FP8/INT8 tensorwise/per-row layers that the "
+                        "relative error is measured on (default 0.125; 1 = every weight)")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -198,7 +201,8 @@ def _run(a) -> int:
     opts = options_from_args(a)
     out = a.output or default_output(a.input, _mode_suffix(opts))
     rep = convert_file(a.input, out, opts, progress=progress, device=a.device, overwrite=a.overwrite,
-                       dry_run=a.dry_run, error_stats=a.error_stats, calibration=a.calibration)
+                       dry_run=a.dry_run, error_stats=(a.error_sample if a.error_stats and a.error_sample is not None
+                                                       else a.error_stats), calibration=a.calibration)
     if a.dry_run:
         print(rep.plan_table())
     print(rep.summary())

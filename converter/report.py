@@ -26,6 +26,7 @@ class LayerRecord:
     bytes_in: int = 0
     bytes_out: int = 0
     rel_error: float | None = None
+    error_fraction: float | None = None  # fraction of the weights rel_error was measured on (1 = all)
 
 
 @dataclass
@@ -103,6 +104,11 @@ class ConversionReport:
         for fmt, st in self.error_stats().items():
             lines.append(f"relative error {fmt}: mean {st['mean']:.4f}, median {st['median']:.4f}, "
                          f"max {st['max']:.4f} ({st['worst_layer']}) over {st['layers']} layers")
+        sampled = [r for r in self.layers if r.error_fraction is not None and r.error_fraction < 1]
+        if sampled:
+            lo = min(r.error_fraction for r in sampled)
+            lines.append(f"  (errors of {len(sampled)} large layers measured on evenly spaced rows covering >= {lo:.0%} "
+                         "of their weights; --error-sample 1 measures all)")
         return "\n".join(lines)
 
 

@@ -79,3 +79,22 @@ def test_presets_keep_their_layers(flag, name):
     p = Planner(PlanOptions(presets=(flag,)))
     assert p.plan(f"{name}.weight", (64, 64), "bfloat16").format is None
     assert p.plan("blocks.0.attn.qkv.weight", (64, 64), "bfloat16").format == "float8_e4m3fn"
+
+
+def test_error_sampling_estimates_the_exact_error(monkeypatch):
+    from hybridquant.converter import convert
+    from hybridquant.converter.formats import get_codec
+
+    w = (torch.randn(2048, 256, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
+    monkeypatch.setattr(convert, "ERROR_SAMPLE_MIN_ELEMS", 1000)
+    for fmt, opts in (("float8_e4m3fn", {}), ("int8_tensorwise", {"per_row": True}), ("mxfp8", {})):
+        c = get_codec(fmt)
+        out = c.quantize(w, **opts)
+        exact, f1 = convert.relative_error(c, out, w, w.shape, opts, chunk_elems=64 * 256)
+        est, f = convert.relative_error(c, out, w, w.shape, opts, chunk_elems=64 * 256, sample=0.125)
+        ref = float((c.dequantize(out, w.shape, torch.float32, **opts) - w.float()).norm() / w.float().norm())
+        assert f1 == 1.0 and exact == pytest.approx(ref, rel=1e-4)
+        if fmt == "mxfp8":  # padded/swizzled layout: never sampled
+            assert f == 1.0 and est == exact
+        else:
+            assert f == pytest.approx(0.125) and est == pytest.approx(exact, rel=0.05)
