@@ -31,6 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .harness import status_messages
+from .oracle import decode_with_oracles as _decode_with_oracles, rel as _rel
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
@@ -86,46 +87,9 @@ def _latent(server, entry, node_id) -> torch.Tensor:
     return load_file(str(path))["latent_tensor"].float()
 
 
-def _rel(a, b) -> float:
-    return float((a - b).norm() / b.norm())
-
-
 def _saved_files(server, stem):
     d = server.models("diffusion_models") / os.path.dirname(PREFIX)
     return sorted(p.name for p in d.glob(f"{stem}*")) if d.exists() else []
-
-
-def _decode_with_oracles(path, original: dict) -> tuple[dict, dict]:
-    """Decode every layer of the saved file independently of our code; returns (weights, rel errors)."""
-    import bitsandbytes.functional as bnbf
-
-    with safe_open(str(path), "pt") as f:
-        keys = list(f.keys())
-        t = {k: f.get_tensor(k) for k in keys}
-        meta = f.metadata() or {}
-    header_layers = json.loads(meta["_quantization_metadata"])["layers"]
-    out, errs = {}, {}
-    bnb_layers = [k[: -len(".weight.quant_state.bitsandbytes__nf4")] for k in keys
-                  if k.endswith(".weight.quant_state.bitsandbytes__nf4")]
-    for layer in bnb_layers:
-        pre = layer + ".weight."
-        qs = bnbf.QuantState.from_dict({k[len(pre):]: v for k, v in t.items() if k.startswith(pre)}, device="cpu")
-        w = bnbf.dequantize_4bit(t[layer + ".weight"], qs).float()
-        out[layer + ".weight"] = w
-    for layer, d in header_layers.items():
-        assert d["format"] == "float8_e4m3fn", d
-        cq = json.loads(bytes(t[layer + ".comfy_quant"].tolist()))
-        assert cq["format"] == "float8_e4m3fn"
-        out[layer + ".weight"] = t[layer + ".weight"].float() * t[layer + ".weight_scale"].float()
-    for k, v in original.items():
-        if k in out:
-            assert out[k].shape == v.shape, k
-            errs[k] = _rel(out[k], v.float())
-        else:
-            assert k in t, f"{k} missing from the saved file"
-            assert torch.equal(t[k], v), f"{k}: a non-quantized tensor changed"
-            out[k] = v
-    return out, errs
 
 
 @pytest.fixture(scope="module")
