@@ -89,6 +89,7 @@ def main():
             t4 = {"weight": packed, **{f"weight.{k}": v for k, v in sdq.items()}}
             meta = quant_data.parse_json_tensor(sdq["quant_state.bitsandbytes__nf4"])
             layers["nf4"] = (Shim("bnb_nf4", N, K, bnb_meta=meta, opts={"blocksize": 64}), t4)
+            layers["nf4"][0].hq_bnb_offset = torch.tensor(float(meta["nested_offset"]), device=dev)
             deq["nf4"] = bf.dequantize_4bit(packed, qs).float()
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)

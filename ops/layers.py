@@ -104,6 +104,11 @@ def make_linear(base):
             self.hq_suffixes = tuple(s for s in tensors if s != "weight")
             for suffix in self.hq_suffixes:
                 self.register_buffer(qd.buffer_name(suffix), tensors[suffix].to(home))
+            if self.hq_bnb is not None and "nested_offset" in self.hq_bnb:
+                # bitsandbytes adds this offset on the GPU: keep it beside the data (a CPU tensor makes
+                # its CUDA kernels fault; a new CUDA tensor per call is a host-to-device copy per call).
+                self.register_buffer("hq_bnb_offset", torch.tensor(float(self.hq_bnb["nested_offset"]),
+                                                                   dtype=torch.float32, device=home), persistent=False)
             self.hq_format, self.hq_opts, self.hq_meta = fmt, opts, meta
             self.hq_comfy_quant = qd.comfy_quant_tensor(meta)
             self.hq_static_input_scale = float(tensors["input_scale"]) if "input_scale" in tensors else None
@@ -134,6 +139,8 @@ def make_linear(base):
             if self.hq_format is None:
                 return super()._apply(fn, recurse)
             quant = {id(self.weight)} | {id(getattr(self, qd.buffer_name(s))) for s in self.hq_suffixes}
+            if getattr(self, "hq_bnb_offset", None) is not None:
+                quant.add(id(self.hq_bnb_offset))
 
             def keep_dtype(t):
                 if id(t) not in quant:

@@ -137,8 +137,9 @@ def _bnb_linear(layer, x, tensors, bias):
     """bitsandbytes ``matmul_4bit``: its 4-bit GEMV for one row, its CUDA dequantize + GEMM otherwise.
 
     The QuantState is rebuilt per call from the (possibly just moved) tensors: plain Python objects,
-    no copies. The nested offset stays a CPU 0-dim tensor: creating it on the GPU would be a
-    host-to-device copy per call (measured: 0.06 ms instead of 0.012 ms at M=1 on an H100).
+    no copies. The nested offset is the layer's ``hq_bnb_offset`` buffer: creating it on the GPU per
+    call was a host-to-device copy per call (measured: 0.06 ms instead of 0.012 ms at M=1 on an H100)
+    and a CPU tensor makes bitsandbytes' CUDA kernels fault (illegal memory access, seen on the H100).
     """
     import bitsandbytes as bnb
     from bitsandbytes.functional import QuantState
@@ -148,7 +149,7 @@ def _bnb_linear(layer, x, tensors, bias):
     if "weight.nested_absmax" in tensors:
         state2 = QuantState(absmax=tensors["weight.nested_absmax"], blocksize=meta["nested_blocksize"],
                             code=tensors["weight.nested_quant_map"], dtype=getattr(torch, meta.get("nested_dtype", "float32")))
-        offset = torch.tensor(float(meta["nested_offset"]))
+        offset = layer.hq_bnb_offset.to(x.device, non_blocking=True)
     qs = QuantState(absmax=tensors["weight.absmax"], shape=torch.Size(meta["shape"]), code=tensors["weight.quant_map"],
                     blocksize=meta["blocksize"], quant_type=meta["quant_type"], dtype=x.dtype, offset=offset, state2=state2)
     return bnb.matmul_4bit(x, tensors["weight"].t(), quant_state=qs, bias=bias)
