@@ -3,8 +3,8 @@
 
 Streaming pipeline of ``convert_file`` (peak memory = a few copies of the largest tensor):
 
-    reader thread ──(queue, 2 tensors)──> compute (caller's thread) ──(queue, 2 items)──> writer thread
-    os.preadv one tensor                  quantize_weight + error stat        os.pwrite at fixed offset
+    reader thread ──(read-ahead: 1 tensor)──> compute (caller's thread) ──(1 batch)──> writer thread
+    os.preadv one tensor                      quantize_weight + error stat           os.pwrite at its offset
 
 The whole output header is computed from the plan and ``codec.output_specs`` before any data is read,
 so the writer can place every tensor at its final offset while the next one is being quantized.
@@ -27,7 +27,8 @@ from typing import Callable, Mapping
 
 import torch
 
-from .errors import Cancelled, InputFileError, LayerError, OptionError, OutputFileError
+from .error_stats import relative_error, sample_fraction
+from .errors import Cancelled, LayerError, OptionError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec
 from .metadata import build_header as build_quant_header
@@ -125,18 +126,6 @@ def _prepare_calibration(plans: list[LayerPlan], calibration):
     return prepare_calibration(plans, calibration)
 
 
-def _sample_of(error_stats) -> float | None:
-    """``error_stats``: False/None -> no statistics; True -> ERROR_SAMPLE; a float in (0, 1] -> that fraction."""
-    if error_stats is None or error_stats is False:
-        return None
-    if error_stats is True:
-        return ERROR_SAMPLE
-    f = float(error_stats)
-    if not 0 < f <= 1:
-        raise OptionError(f"--error-sample must be in (0, 1], got {error_stats!r}")
-    return f
-
-
 def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats,
                   calib=None) -> tuple[dict[str, torch.Tensor], tuple[float, float] | None]:
     codec = get_codec(p.format)
@@ -147,87 +136,11 @@ def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats,
         out = quantize_weight(codec, wd, method=p.method, stats=stats, **opts)
     except (FormatError, ValueError) as e:  # NonFiniteError is a FormatError; rounding raises ValueError
         raise LayerError(f"layer {p.layer} ({p.name}): {e}") from None
-    sample = _sample_of(error_stats)
+    sample = sample_fraction(error_stats)
     err = relative_error(codec, out, wd, p.shape, opts, sample=sample) if sample is not None else None
     if device != "cpu":
         out = {k: v.to("cpu") for k, v in out.items()}
     return out, err
-
-
-_ROW_PROBES = (1, 33, 257)
-_row_split_cache: dict = {}
-
-
-def row_split(codec, n: int, opts: dict) -> dict[str, bool] | None:
-    """Which output tensors of ``codec`` are indexed by weight row, derived from ``output_specs`` alone:
-    a tensor whose first dim equals M for every probe M (1, 33, 257) is per-row, one whose shape never
-    changes is global (a tensorwise scale, a code book). Any other dependence on M (padding, swizzled or
-    flattened layouts, row blocks) -> None: that layout cannot be cut into row chunks and is decoded whole."""
-    key = (codec.name, n, tuple(sorted((k, repr(v)) for k, v in opts.items())))
-    if key in _row_split_cache:
-        return _row_split_cache[key]
-    try:
-        probes = [codec.output_specs((m, n), **opts) for m in _ROW_PROBES]
-    except Exception:
-        probes = None
-    split: dict[str, bool] | None = {} if probes else None
-    for suffix in (probes[0] if probes else {}):
-        shapes = [tuple(p[suffix].shape) if suffix in p else None for p in probes]
-        if all(s is not None and len(s) >= 1 and s[0] == m for s, m in zip(shapes, _ROW_PROBES)):
-            split[suffix] = True
-        elif all(s == shapes[0] for s in shapes):
-            split[suffix] = False
-        else:
-            split = None
-            break
-    _row_split_cache[key] = split
-    return split
-
-
-# Default of --error-sample: large row-separable layers get their error measured on this fraction of
-# their rows (evenly spaced chunks). The dequantization costs twice the quantization itself on CPU
-# (float8 -> float32 casts are slow there); a 1/8 sample of a >16M-weight layer is still >2M weights, so
-# the estimate's own relative error is far below the differences between formats it is used to compare.
-ERROR_SAMPLE = 0.125
-ERROR_SAMPLE_MIN_ELEMS = 1 << 24
-
-
-def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shape, opts: dict,
-                   chunk_elems: int = 1 << 22, sample: float = 1.0) -> tuple[float, float]:
-    """||W - dequant(Q)||_F / ||W||_F in float32 (accumulated in double across chunks).
-    Returns ``(error, fraction of the weights it was measured on)``.
-
-    Row-separable layouts (see ``row_split``: FP8/INT8 tensorwise and per-row) are dequantized in row
-    chunks with the codec's own ``dequantize``, so no full-size float32 copy ever exists; with
-    ``sample < 1`` and more than ``ERROR_SAMPLE_MIN_ELEMS`` weights only evenly spaced chunks covering
-    that fraction of the rows are decoded. Other layouts are dequantized whole, always exactly."""
-    # BNB's "dtype" option (the weight's original dtype) would collide with dequantize's output dtype
-    dopts = {k: v for k, v in opts.items() if k != "dtype"}
-    m, n = int(shape[0]), int(shape[1])
-    rows = max(1, chunk_elems // max(1, n))
-    split = row_split(codec, n, dopts) if m > rows else None
-    deq = None if split is not None else codec.dequantize(out, shape, torch.float32, **dopts)
-    starts = list(range(0, m, rows))
-    if split is not None and sample < 1.0 and m * n > ERROR_SAMPLE_MIN_ELEMS:
-        k = max(2, -(-len(starts) * sample // 1))
-        if k < len(starts):
-            starts = [starts[round(x * (len(starts) - 1) / (k - 1))] for x in range(int(k))]
-    covered = 0
-    num = den = 0.0  # Python floats (double) across chunks; each chunk's norm is a float32 reduction
-    for i in starts:
-        j = min(m, i + rows)
-        covered += j - i
-        if deq is None:
-            part = {k: (v[i:j] if split.get(k) else v) for k, v in out.items()}
-            d = codec.dequantize(part, (j - i, n), torch.float32, **dopts)
-        else:
-            d = deq[i:j]
-        ref = w[i:j].to(torch.float32)
-        den += float(torch.linalg.vector_norm(ref)) ** 2
-        num += float(torch.linalg.vector_norm(d.sub_(ref))) ** 2
-        del d, ref
-    del deq
-    return ((num / den) ** 0.5 if den > 0 else 0.0), covered / m
 
 
 def _records(plans: list[LayerPlan], layout: OutputLayout, input_specs: Mapping[str, TensorSpec]) -> list[LayerRecord]:
@@ -275,7 +188,7 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
     """Convert ``input_path`` to ``output_path`` following ``options``; see the module docstring."""
     options = options or PlanOptions()
     device = _check_device(device)
-    _sample_of(error_stats)
+    sample_fraction(error_stats)
     t0 = time.monotonic()
     infos, metadata = read_header(input_path)
     if not dry_run:
@@ -469,4 +382,4 @@ def _quantize_sd(state_dict, plans, options, calib, progress, cancel, device, er
 
 
 __all__ = ["convert_file", "quantize_state_dict", "PlanOptions", "OutputLayout", "make_plans", "check_paths",
-           "encode_comfy_quant", "comfy_quant_dict", "InputFileError"]
+           "encode_comfy_quant", "comfy_quant_dict", "relative_error"]

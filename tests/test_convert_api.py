@@ -82,7 +82,7 @@ def test_presets_keep_their_layers(flag, name):
 
 
 def test_error_sampling_estimates_the_exact_error(monkeypatch):
-    from hybridquant.converter import convert
+    from hybridquant.converter import error_stats as convert
     from hybridquant.converter.formats import get_codec
 
     w = (torch.randn(2048, 256, generator=torch.Generator().manual_seed(5)) * 0.02).to(torch.bfloat16)
@@ -98,3 +98,27 @@ def test_error_sampling_estimates_the_exact_error(monkeypatch):
             assert f == 1.0 and est == exact
         else:
             assert f == pytest.approx(0.125) and est == pytest.approx(exact, rel=0.05)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the GPU machine)")
+@pytest.mark.parametrize("flags", [{}, {"mode": "int8", "scaling_mode": "row"}, {"mode": "mxfp8"}, {"mode": "nvfp4"},
+                                   {"mode": "bnb4bit"}])
+def test_device_cuda_matches_cpu(tmp_path, flags):
+    """--device cuda streams through the GPU and writes the same file as the CPU (RTN)."""
+    src = tmp_path / "in.safetensors"
+    write_checkpoint(src)
+    opts = PlanOptions(method="rtn", **flags)
+    a = convert_file(src, tmp_path / "cpu.safetensors", opts, device="cpu")
+    b = convert_file(src, tmp_path / "gpu.safetensors", opts, device="cuda")
+    assert b.device.startswith("cuda")
+    ta, _ = load_all(tmp_path / "cpu.safetensors")
+    tb, _ = load_all(tmp_path / "gpu.safetensors")
+    assert set(ta) == set(tb)
+    for k in ta:
+        x, y = ta[k], tb[k]
+        assert torch.equal(x.view(torch.uint8) if x.element_size() == 1 else x,
+                           y.view(torch.uint8) if y.element_size() == 1 else y), k
+    for ra, rb in zip(a.layers, b.layers):
+        assert (ra.rel_error is None) == (rb.rel_error is None)
+        if ra.rel_error is not None:
+            assert rb.rel_error == pytest.approx(ra.rel_error, rel=1e-3)
