@@ -23,7 +23,7 @@ def row_split(codec, n: int, opts: dict) -> dict[str, bool] | None:
     a tensor whose first dim equals M for every probe M (1, 33, 257) is per-row, one whose shape never
     changes is global (a tensorwise scale, a code book). Any other dependence on M (padding, swizzled or
     flattened layouts, row blocks) -> None: that layout cannot be cut into row chunks and is decoded whole."""
-    key = (codec.name, n, tuple(sorted((k, repr(v)) for k, v in opts.items())))
+    key = (codec.name, n, tuple(sorted((k, repr(v)) for k, v in opts.items() if k != "name")))
     if key in _row_split_cache:
         return _row_split_cache[key]
     try:
