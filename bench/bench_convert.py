@@ -119,11 +119,18 @@ def main(argv=None) -> int:
     ap.add_argument("--ours", default=str(REPO / ".venv" / "bin" / "convert_to_quant"))
     ap.add_argument("--keep", action="store_true", help="keep the generated files")
     ap.add_argument("--extra", default="", help="extra flags for our CLI (e.g. '--no-error-stats')")
+    ap.add_argument("--peer-python", help="run the peer as `PYTHON -c 'convert_to_quant main'` instead of --peer "
+                                          "(e.g. the same interpreter and torch as ours)")
+    ap.add_argument("--peer-path", help="PYTHONPATH for --peer-python (a folder holding convert_to_quant, tqdm, prodigyplus)")
+    ap.add_argument("--ours-python", help="run ours as `PYTHON -m hybridquant.converter` (hybridquant importable "
+                                          "via a symlink this script creates) instead of --ours")
+    ap.add_argument("--threads", type=int, help="OMP/MKL threads for both converters (default: torch's choice)")
     a = ap.parse_args(argv)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
     src = work / f"flux_like_d{a.double}_s{a.single}.safetensors"
-    print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}")
+    print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}  usable by this process: "
+          f"{len(os.sched_getaffinity(0))}  threads: {a.threads or 'default'}")
     if not src.exists():
         t0 = time.monotonic()
         size = make_checkpoint(src, a.double, a.single)
@@ -131,42 +138,52 @@ def main(argv=None) -> int:
     size = src.stat().st_size
     print(f"input: {src} {size / 1e9:.3f} GB")
     results = {}
+    env = dict(os.environ)
+    if a.threads:
+        env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    pypath = work / "pypath"
+    pypath.mkdir(exist_ok=True)
+    if not (pypath / "hybridquant").exists():
+        (pypath / "hybridquant").symlink_to(REPO)
+    ours_cmd = [a.ours] if not a.ours_python else [a.ours_python, "-m", "hybridquant.converter"]
+    ours_env = dict(env, PYTHONPATH=str(pypath)) if a.ours_python else env
     ours_out = work / "ours_fp8.safetensors"
     ours_args = ["-i", str(src), "-o", str(ours_out), "--simple", "--comfy_quant", "--device", "cpu", "--overwrite",
                  "-q", *a.extra.split()]
     _warm(src)
-    results["ours"] = timed([a.ours, *ours_args])
+    results["ours"] = timed([*ours_cmd, *ours_args], env=ours_env)
     print("ours  :", results["ours"]["stdout"].strip().replace("\n", "\n        "))
     # the peer computes no error statistics; ours does by default (one dequantization per layer)
     _warm(src)
-    results["ours_nostats"] = timed([a.ours, *ours_args, "--no-error-stats"])
+    results["ours_nostats"] = timed([*ours_cmd, *ours_args, "--no-error-stats"], env=ours_env)
     peer_py = Path(a.peer).parent / "python"
-    if not a.skip_peer and peer_py.exists():
+    if not a.skip_peer and not a.peer_python and peer_py.exists():
         # Our converter once more, run by the peer venv's interpreter: the SAME torch build (CPU wheel) as
         # the peer, so the RSS comparison is not skewed by torch's import size (the project's .venv has a
         # CUDA build whose import alone is ~600 MB RSS on this machine, ~220 MB for the CPU wheel).
-        pypath = work / "pypath"
-        pypath.mkdir(exist_ok=True)
-        link = pypath / "hybridquant"
-        if not link.exists():
-            link.symlink_to(REPO)
-        env = dict(os.environ, PYTHONPATH=str(pypath))
         _warm(src)
-        results["ours_same_torch"] = timed([str(peer_py), "-m", "hybridquant.converter", *ours_args], env=env)
+        results["ours_same_torch"] = timed([str(peer_py), "-m", "hybridquant.converter", *ours_args],
+                                           env=dict(env, PYTHONPATH=str(pypath)))
     if not a.skip_peer:
-        if not Path(a.peer).exists():
-            raise SystemExit(f"peer converter not found at {a.peer}: run bash bench/peer_env.sh")
+        if a.peer_python:
+            peer_cmd = [a.peer_python, "-c", "import sys; from convert_to_quant.convert_to_quant import main; "
+                        "sys.argv[0] = 'convert_to_quant'; sys.exit(main())"]
+            peer_env = dict(env, PYTHONPATH=a.peer_path or "")
+        else:
+            if not Path(a.peer).exists():
+                raise SystemExit(f"peer converter not found at {a.peer}: run bash bench/peer_env.sh")
+            peer_cmd, peer_env = [a.peer], env
         peer_out = work / "peer_fp8.safetensors"
         if peer_out.exists():
             peer_out.unlink()
         _warm(src)
-        results["peer"] = timed([a.peer, "-i", str(src), "-o", str(peer_out), "--simple", "--comfy_quant",
-                                 "--device", "cpu"])
+        results["peer"] = timed([*peer_cmd, "-i", str(src), "-o", str(peer_out), "--simple", "--comfy_quant",
+                                 "--device", "cpu"], env=peer_env)
         _compare(ours_out, peer_out)
     print()
     print(f"{'converter':<28}{'wall s':>10}{'peak RSS MB':>14}   (torch {torch.__version__} in .venv)")
-    labels = {"ours": "ours, .venv torch", "ours_nostats": "ours, --no-error-stats",
-              "ours_same_torch": "ours, peer's torch (CPU)",
+    labels = {"ours": "ours (default)", "ours_nostats": "ours --no-error-stats",
+              "ours_same_torch": "ours, peer's torch build",
               "peer": "peer convert-to-quant 1.3.4"}
     for k, r in results.items():
         print(f"{labels[k]:<28}{r['wall_s']:>10.2f}{r['peak_rss'] / 1e6:>14.0f}")
