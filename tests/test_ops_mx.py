@@ -85,3 +85,46 @@ def test_hopper_reexpression_and_fp8_path_on_cpu(comfy, monkeypatch):
         assert float((y - y_ref).norm() / y_ref.norm()) < 0.05
     finally:
         caps.clear_overrides()
+
+
+def test_full_precision_matrix_mult_and_runtime_demotion(comfy, monkeypatch, caplog):
+    """SM 9.0 mocked: a layer flagged full_precision_matrix_mult never takes the FP8 GEMM; a fast path
+    that raises at run time demotes that layer once, with one log line, and the output stays right."""
+    import logging
+
+    from hybridquant.converter import metadata as qmeta
+    from hybridquant.ops import capabilities as caps, matmul_fp8
+
+    monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
+    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
+    caps.override_capability("cpu", (9, 0))
+    try:
+        sd, ref = H.build({"a": "float8_e4m3fn", "b": "float8_e4m3fn", "c": "float8_e4m3fn"})
+        sd_fp = dict(sd)  # layer a (96x80) would take the FP8 GEMM without the flag
+        sd_fp["a.comfy_quant"] = qmeta.encode_comfy_quant({"format": "float8_e4m3fn", "full_precision_matrix_mult": True})
+        m = H.load_ours(sd_fp)
+        x = H.inputs()
+        y_ref = H.reference_model(ref)(x)
+        y = m(x)
+        assert m.a.hq_fp_mm and m.a.hq_last_path == "dequant"
+        torch.testing.assert_close(m.a(x), H.reference_model(ref).a(x), rtol=1e-6, atol=1e-6)
+
+        calls = []
+
+        def broken(*args, **kwargs):
+            calls.append(1)
+            raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED (simulated)")
+
+        monkeypatch.setattr(matmul_fp8, "fp8_linear", broken)
+        m2 = H.load_ours(sd)
+        with caplog.at_level(logging.WARNING, logger="hybridquant.ops"):
+            y1 = m2(x)
+            y2 = m2(x)
+        torch.testing.assert_close(y1, y_ref, rtol=1e-6, atol=1e-6)
+        assert torch.equal(y1, y2)
+        assert len(calls) == 1  # only layer a has FP8-capable shapes; it tried once, then stayed demoted
+        lines = [r for r in caplog.records if "path failed" in r.getMessage()]
+        assert len(lines) == 1 and lines[0].getMessage().startswith("HybridQuant: a:")
+        del y
+    finally:
+        caps.clear_overrides()
