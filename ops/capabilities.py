@@ -135,6 +135,15 @@ def bnb_cuda_available(device) -> bool:
     return hit
 
 
+def triton_cuda(device) -> bool:
+    """Our Triton kernels (activation quantizer, 8-bit GEMV) can run on ``device``."""
+    if torch.device(device).type != "cuda" or device_key(device) in _override:
+        return False
+    from .matmul_fp8 import _HAVE_TRITON
+
+    return _HAVE_TRITON
+
+
 def log_demotion(layer: str, path: str, err: BaseException) -> None:
     """One log line per (layer, path) when a fast path fails at run time and the layer falls back."""
     k = (layer, path)

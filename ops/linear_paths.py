@@ -75,7 +75,7 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
     out = []
     if (not layer.hq_fp_mm and x.device.type == "cuda" and layer.hq_format in matmul_small.SCALE_OUT_FORMATS
             and x.dtype in (torch.bfloat16, torch.float16)):
-        if rows <= matmul_small.GEMV_MAX_ROWS:
+        if rows <= matmul_small.GEMV_MAX_ROWS and caps.triton_cuda(x.device):
             out.append("gemv")
         out.append("scaled_dequant")
     return out + ["dequant"]
