@@ -31,8 +31,20 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO.parent))
 H = 3072
+
+
+def importable_path(work: Path) -> Path:
+    """A folder with ``hybridquant`` -> this checkout, for interpreters without the editable install."""
+    pypath = work / "pypath"
+    pypath.mkdir(parents=True, exist_ok=True)
+    if not (pypath / "hybridquant").exists():
+        (pypath / "hybridquant").symlink_to(REPO)
+    try:
+        import hybridquant  # noqa: F401
+    except ImportError:
+        sys.path.insert(0, str(pypath))
+    return pypath
 
 
 def flux_layers(n_double: int, n_single: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -128,6 +140,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     work = Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    pypath = importable_path(work)
     src = work / f"flux_like_d{a.double}_s{a.single}.safetensors"
     print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}  usable by this process: "
           f"{len(os.sched_getaffinity(0))}  threads: {a.threads or 'default'}")
@@ -141,10 +154,6 @@ def main(argv=None) -> int:
     env = dict(os.environ)
     if a.threads:
         env.update(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
-    pypath = work / "pypath"
-    pypath.mkdir(exist_ok=True)
-    if not (pypath / "hybridquant").exists():
-        (pypath / "hybridquant").symlink_to(REPO)
     ours_cmd = [a.ours] if not a.ours_python else [a.ours_python, "-m", "hybridquant.converter"]
     ours_env = dict(env, PYTHONPATH=str(pypath)) if a.ours_python else env
     ours_out = work / "ours_fp8.safetensors"

@@ -17,8 +17,15 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO.parent))
 H = 128
+try:
+    import hybridquant  # noqa: F401  (the editable install of scripts/setup_env.sh)
+except ImportError:  # a bare checkout: make it importable under its package name
+    import tempfile
+
+    _p = Path(tempfile.mkdtemp(prefix="hq-path-"))
+    (_p / "hybridquant").symlink_to(REPO)
+    sys.path.insert(0, str(_p))
 
 
 def layers() -> list[tuple[str, tuple[int, ...]]]:
