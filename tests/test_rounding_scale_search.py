@@ -63,7 +63,7 @@ def test_default_never_worse_than_rtn_on_its_objective(name, opts):
     assert torch.equal(deq, fake_quant(codec, w, params, **opts))
 
 
-@pytest.mark.parametrize("name,opts,factor", [("bnb_nf4", {"blocksize": 64}, 0.97), ("nvfp4", {}, 1.0),
+@pytest.mark.parametrize("name,opts,factor", [("bnb_nf4", {"blocksize": 64}, 0.97), ("bnb_fp4", {"blocksize": 64}, 0.99),
                                               ("int8_tensorwise", {}, 0.99)])
 def test_clipping_pays_off_for_uniform_and_4bit_grids(name, opts, factor):
     codec = get_codec(name)
