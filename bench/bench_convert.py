@@ -196,6 +196,15 @@ def main(argv=None) -> int:
               "peer": "peer convert-to-quant 1.3.4"}
     for k, r in results.items():
         print(f"{labels[k]:<28}{r['wall_s']:>10.2f}{r['peak_rss'] / 1e6:>14.0f}")
+    # Both CLIs start by importing torch: a fixed cost (seconds with some torch builds) that no converter
+    # can avoid; shown separately so the conversion work itself can be compared too.
+    startup = {"ours": timed([a.ours_python or str(Path(a.ours).parent / "python"), "-c", "import torch"],
+                             env=ours_env)["wall_s"]}
+    if "peer" in results:
+        startup["peer"] = timed([a.peer_python or str(Path(a.peer).parent / "python"), "-c", "import torch"],
+                                env=peer_env)["wall_s"]
+    if startup:
+        print("interpreter + `import torch` alone: " + ", ".join(f"{k} {v:.2f} s" for k, v in startup.items()))
     if "peer" in results:
         p = results["peer"]
         for k in ("ours", "ours_nostats", "ours_same_torch"):
@@ -203,6 +212,9 @@ def main(argv=None) -> int:
                 o = results[k]
                 print(f"{labels[k]:<28} speed-up (peer wall / ours wall): {p['wall_s'] / o['wall_s']:5.1f}x   "
                       f"RSS ratio (peer / ours): {p['peak_rss'] / o['peak_rss']:4.1f}x")
+                if k != "ours_same_torch" and "ours" in startup and "peer" in startup:
+                    po, oo = p["wall_s"] - startup["peer"], o["wall_s"] - startup["ours"]
+                    print(f"{'':<28} excluding start-up: {po:.2f} s / {oo:.2f} s = {po / oo:5.1f}x")
     print(f"ours: {size / 1e6 / results['ours']['wall_s']:.0f} MB/s of input, peak RSS {results['ours']['peak_rss'] / 1e9:.2f} GB "
           f"for a {size / 1e9:.2f} GB input")
     print(f"load average after: {os.getloadavg()}")
