@@ -178,8 +178,13 @@ def quantize_model(model, settings: dict, node_id=None):
     """Quantize ``model``'s diffusion model; returns (new MODEL, summary str, saved path or None, reused)."""
     from .backend import diffusion_model_from_state_dict, pick_ops
 
+    calib_path = _calibration_path(settings["calibration"])
+    calib_state = ""
+    if calib_path:
+        st = os.stat(calib_path)
+        calib_state = f"|{st.st_mtime_ns}:{st.st_size}"
     sd = _diffusion_state_dict(model)
-    key = qo.options_key(settings) + "|" + content_fingerprint(sd)
+    key = qo.options_key(settings) + calib_state + "|" + content_fingerprint(sd)
     with _lock:
         hit = _LAST.get(key)
     if hit is not None:
@@ -197,7 +202,8 @@ def quantize_model(model, settings: dict, node_id=None):
     t0 = time.monotonic()
     progress = _Progress(node_id, len(sd))
     try:
-        new_sd, header_metadata, report = quantize_state_dict(sd, options, progress=progress, cancel=_cancelled)
+        new_sd, header_metadata, report = quantize_state_dict(sd, options, progress=progress, cancel=_cancelled,
+                                                              calibration=calib_path)
     except BaseException as e:
         if _cancelled() or type(e).__name__ in ("Cancelled", "InterruptProcessingException"):
             _send("hybridquant.done", {"node": node_id, "prompt_id": progress.prompt_id, "cancelled": True})
@@ -241,6 +247,27 @@ def _carry_patches(src, dst) -> None:
         dst.add_object_patch(name, obj)
 
 
+def _calibration_choices() -> list[str]:
+    try:
+        from .calibration import calibration_files
+    except ImportError:  # the calibration node module is optional
+        return ["none"]
+    return ["none"] + list(calibration_files())
+
+
+def _calibration_path(name: str):
+    """Absolute path of a models/calibration file (same folder rules as every other input)."""
+    if not name or name == "none":
+        return None
+    import folder_paths
+
+    from .calibration import FOLDER, calibration_dir
+    from .paths import resolve_model_file
+
+    calibration_dir()  # registers the folder with folder_paths
+    return resolve_model_file(folder_paths, FOLDER, name)
+
+
 class QuantizeModel(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -263,13 +290,16 @@ class QuantizeModel(io.ComfyNode):
                     "get custom_format instead. Empty: none.")),
                 io.Combo.Input("custom_format", options=list(qo.CUSTOM_CHOICES), default="fp8 tensorwise",
                                tooltip="Format of the layers matched by custom_layers (e.g. FP8 inside a BNB 4-bit model)."),
-                io.Combo.Input("rounding", options=qo.rounding_choices(), default="rtn",
-                               tooltip="How weights are rounded onto the grid: 'rtn' = round to nearest."),
+                io.Combo.Input("rounding", options=qo.rounding_choices(), default=qo.default_rounding(),
+                               tooltip=qo.rounding_help()),
                 io.Boolean.Input("save", default=False,
                                  tooltip="Also write the quantized model to models/diffusion_models (never overwrites: "
                                          "the next free number is used)."),
                 io.String.Input("filename_prefix", default="hybridquant/quantized",
                                 tooltip="File name prefix under models/diffusion_models; _00001.safetensors etc. is appended."),
+                io.Combo.Input("calibration", options=_calibration_choices(), default="none", optional=True,
+                               tooltip="Calibration statistics from models/calibration (recorded by 'Collect "
+                                       "Calibration (HybridQuant)'); needed by rounding 'gptq'."),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The quantized model, run by the HybridQuant ops."),
@@ -291,21 +321,30 @@ class QuantizeModel(io.ComfyNode):
     def fingerprint_inputs(cls, **kw):
         # Widgets are already part of ComfyUI's cache key; what it cannot see is whether the file we
         # saved last time for these options still exists. If it was deleted, re-run.
+        # A calibration file grows while more sampling runs are recorded: its mtime/size count too.
+        calib = ""
+        try:
+            path = _calibration_path(kw.get("calibration") or "none")
+            if path:
+                st = os.stat(path)
+                calib = f"{st.st_mtime_ns}:{st.st_size}"
+        except Exception:
+            calib = "?"
         if not kw.get("save"):
-            return ""
+            return calib
         try:
             key = qo.options_key(qo.settings_from_inputs(kw))
         except Exception:
-            return ""
+            return calib
         saved = _SAVED.get(key)
-        return f"{saved}:{bool(saved and os.path.isfile(saved))}"
+        return f"{calib}|{saved}:{bool(saved and os.path.isfile(saved))}"
 
     @classmethod
     def execute(cls, model, format, preset, custom_layers, custom_format, rounding, save,
-                filename_prefix) -> io.NodeOutput:
+                filename_prefix, calibration="none") -> io.NodeOutput:
         settings = qo.settings_from_inputs(dict(format=format, preset=preset, custom_layers=custom_layers,
                                                 custom_format=custom_format, rounding=rounding, save=save,
-                                                filename_prefix=filename_prefix))
+                                                filename_prefix=filename_prefix, calibration=calibration))
         node_id = getattr(cls.hidden, "unique_id", None) if getattr(cls, "hidden", None) is not None else None
         new_model, summary, saved, reused = quantize_model(model, settings, node_id)
         return io.NodeOutput(new_model, summary, ui={"text": [summary]})

@@ -48,6 +48,22 @@ def rounding_choices() -> list[str]:
     return list(METHODS)
 
 
+def default_rounding() -> str:
+    from ..converter import rounding
+
+    return getattr(rounding, "DEFAULT_METHOD", "rtn")
+
+
+def rounding_help() -> str:
+    from ..converter import rounding
+
+    helps = getattr(rounding, "METHOD_HELP", {})
+    return "How weights are rounded onto the grid. " + "; ".join(f"{m}: {h}" for m, h in helps.items())
+
+
+CALIBRATED = "gptq"  # the rounding method that needs a calibration file
+
+
 def check_prefix(prefix: str) -> str:
     """A relative 'dir/name' prefix with no '..', absolute path or odd characters."""
     raw = (prefix or "").strip().replace("\\", "/")
@@ -66,6 +82,7 @@ def settings_from_inputs(kw: dict) -> dict:
         "custom_format": kw.get("custom_format", "fp8 tensorwise"),
         "rounding": kw.get("rounding", "rtn"),
         "save": bool(kw.get("save", False)),
+        "calibration": kw.get("calibration") or "none",
         "filename_prefix": kw.get("filename_prefix", "hybridquant/quantized"),
     }
 
@@ -83,11 +100,16 @@ def validate_settings(kw: dict) -> None:
             raise ValueError(f"custom_layers: invalid regex {s['custom_layers']!r}: {e}") from None
     if s["save"]:
         check_prefix(s["filename_prefix"])
+    if s["rounding"] == CALIBRATED and s["calibration"] == "none":
+        raise ValueError("rounding 'gptq' needs a calibration file: record one with "
+                         "'Collect Calibration (HybridQuant)' and pick it in 'calibration'")
 
 
 def public_settings(s: dict) -> dict:
     """The settings recorded in the saved file's header (everything that decides the result)."""
     out = {k: s[k] for k in ("format", "preset", "rounding")}
+    if s.get("calibration", "none") != "none":
+        out["calibration"] = s["calibration"]
     if s["custom_layers"]:
         out["custom_layers"] = s["custom_layers"]
         out["custom_format"] = s["custom_format"]

@@ -125,6 +125,7 @@ def test_cancel_writes_nothing(env, comfy):
     ({"filename_prefix": "/abs/path"}, "filename_prefix"),
     ({"filename_prefix": "C:/x"}, "filename_prefix"),
     ({"format": "float128"}, "format"),
+    ({"rounding": "gptq"}, "calibration"),
 ])
 def test_validate_inputs_names_the_bad_input(comfy, kw, msg):
     from hybridquant.nodes.quantize import QuantizeModel
@@ -137,3 +138,28 @@ def test_save_off_writes_nothing(env):
     _, summary = _run(_model(env), save=False)
     assert "not saved" in summary
     assert not (env / "hq_test").exists()
+
+
+def test_calibration_choice_and_fingerprint(env, comfy, tmp_path, monkeypatch):
+    """A calibration file listed by the node is resolved inside models/calibration only, and a
+    change of that file (more recorded runs) changes the node's fingerprint."""
+    import folder_paths
+
+    from hybridquant.nodes import quantize
+
+    cal = tmp_path / "calibration"
+    cal.mkdir()
+    table = dict(folder_paths.folder_names_and_paths)
+    table["calibration"] = ([str(cal)], {".safetensors"})
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
+    f = cal / "stats.safetensors"
+    save_file({"x": __import__("torch").zeros(1)}, str(f))
+    assert "stats.safetensors" in quantize._calibration_choices()
+    assert quantize._calibration_path("stats.safetensors") == str(f.resolve())
+    with pytest.raises(ValueError):
+        quantize._calibration_path("../diffusion_models/tiny.safetensors")
+    kw = INPUTS | {"save": False, "rounding": "gptq", "calibration": "stats.safetensors"}
+    assert quantize.QuantizeModel.validate_inputs(**kw) is True
+    fp1 = quantize.QuantizeModel.fingerprint_inputs(**kw)
+    os.utime(f, ns=(1, 1))
+    assert quantize.QuantizeModel.fingerprint_inputs(**kw) != fp1

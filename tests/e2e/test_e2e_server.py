@@ -11,11 +11,12 @@ pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 NODES = {
     "HybridQuantQuantizeModel": ("Quantize Model",
                                  {"model", "format", "preset", "custom_layers", "custom_format", "rounding",
-                                  "save", "filename_prefix"}, ["MODEL", "STRING"]),
+                                  "save", "filename_prefix", "calibration"}, ["MODEL", "STRING"]),
     "HybridQuantLoadDiffusionModel": ("Load Diffusion Model (HybridQuant)", {"unet_name", "ops"}, ["MODEL"]),
     "HybridQuantLoadCheckpoint": ("Load Checkpoint (HybridQuant)", {"ckpt_name", "ops"}, ["MODEL", "CLIP", "VAE"]),
     "HybridQuantLoadCLIP": ("Load CLIP (HybridQuant)", {"clip_name", "type", "ops"}, ["CLIP"]),
     "HybridQuantInfo": ("Quantization Info", {"file"}, ["STRING"]),
+    "HybridQuantCollectCalibration": ("Collect Calibration (HybridQuant)", set(), ["MODEL", "STRING"]),
 }
 
 

@@ -242,3 +242,33 @@ def test_cancel_during_quantize_leaves_no_file(comfy_server, comfy):
     wf["c1"]["inputs"]["save"] = False
     done = comfy_server.run(wf)
     assert "bnb_nf4" in done["outputs"]["c1"]["text"][0]
+
+
+def test_gptq_with_calibration_recorded_in_comfyui(runs, comfy_server, synthetic_models):
+    """The calibrated path end to end: "Collect Calibration (HybridQuant)" records the Linear inputs
+    of a real sampling run into models/calibration; "Quantize Model" with rounding gptq reads that
+    file. GPTQ keeps, per layer, the candidate (GPTQ / clipped RTN / plain RTN) with the lowest output
+    error on the calibration inputs, and here we sample with the very prompt and seed it was
+    calibrated on, so the latent must not end up farther from the unquantized one than plain RTN's
+    (10% slack for the nonlinear compounding over blocks and steps)."""
+    rec = _common(synthetic_models)
+    rec["50"] = {"class_type": "HybridQuantCollectCalibration",
+                 "inputs": {"model": ["1", 0], "filename": "hq_e2e_cal", "token_stride": 1, "max_full_dim": 4096,
+                            "statistics_on_cpu": True}}
+    _add_sample(rec, "51", ["50", 0], 42, "hq_e2e/calibrating")
+    comfy_server.run(rec)
+    assert (comfy_server.base / "models" / "calibration" / "hq_e2e_cal.safetensors").is_file()
+
+    wf = _common(synthetic_models)
+    wf["60"] = quantize_node(["1", 0], save=False)
+    wf["60"]["inputs"].update(rounding="gptq", calibration="hq_e2e_cal.safetensors")
+    _add_sample(wf, "61", ["60", 0], 42, "hq_e2e/gptq")
+    entry = comfy_server.run(wf)
+    text = entry["outputs"]["60"]["text"][0]
+    assert '"rounding": "gptq"' in text and "bnb_nf4" in text, text
+    base = _latent(comfy_server, runs["a"], "10s")
+    rtn = _latent(comfy_server, runs["a"], "21s")
+    gptq = _latent(comfy_server, entry, "61s")
+    print(f"latent rel err vs unquantized: rtn {_rel(rtn, base):.4f}, gptq {_rel(gptq, base):.4f}")
+    assert torch.isfinite(gptq).all()
+    assert _rel(gptq, base) <= 1.1 * _rel(rtn, base), (_rel(gptq, base), _rel(rtn, base))
