@@ -32,6 +32,7 @@ from .errors import Cancelled, LayerError, OptionError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec
 from .metadata import build_header as build_quant_header
+from .metadata import parse_header as parse_quant_header
 from .metadata import encode_comfy_quant
 from .plan import LayerPlan, Planner, PlanOptions
 from .report import ConversionReport, LayerRecord
@@ -94,9 +95,16 @@ class OutputLayout:
                     t = encode_comfy_quant(md)
                     self.comfy_quant[f"{p.layer}.comfy_quant"] = t
                     self._add(f"{p.layer}.comfy_quant", TensorSpec(torch.uint8, tuple(t.shape)), p.name)
-        # keeps the input's other metadata (modelspec.* ...); replaces any old quantization header
-        self.metadata: dict[str, str] = build_quant_header(header_layers if options.save_quant_metadata else {},
-                                                           input_metadata)
+        # An input that already holds quantized layers (copied unchanged: their dtype is not a float)
+        # keeps their header entries; entries of layers we re-quantize are replaced. Other metadata
+        # (modelspec.* ...) is kept as is.
+        try:
+            old = parse_quant_header(input_metadata)
+        except FormatError as e:
+            raise LayerError(f"input header: {e}") from None
+        kept = {layer: d for layer, d in old.items() if f"{layer}.weight" in self.specs and layer not in header_layers}
+        new_layers = {**kept, **header_layers} if options.save_quant_metadata else kept
+        self.metadata: dict[str, str] = build_quant_header(new_layers, input_metadata)
         self.header_layers = header_layers
 
     def _add(self, name: str, spec: TensorSpec, source: str) -> str:

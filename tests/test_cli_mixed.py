@@ -200,3 +200,21 @@ def _read(path, key):
 
     with safe_open(str(path), "pt") as f:
         return f.get_tensor(key)
+
+
+def test_already_quantized_layers_are_kept_with_their_metadata(src, tmp_path):
+    """Converting a file that already holds FP8 layers: they are copied unchanged, keep their header
+    entries, and the remaining float layers are quantized (here to INT8)."""
+    path, w = src
+    part = tmp_path / "part.safetensors"
+    run_cli("-i", path, "-o", part, "-q", "--simple", "--custom-layers", "img_mlp", "--custom-type", "fp8",
+            "--exclude-layers", ".")
+    assert set(header_layers(load_all(part)[1])) == {"double_blocks.0.img_mlp.0", "double_blocks.0.img_mlp.2"}
+    out = tmp_path / "o.safetensors"
+    run_cli("-i", part, "-o", out, "-q", "--simple", "--int8")
+    fm = formats_of(out)
+    assert fm["double_blocks.0.img_mlp.0"] == "float8_e4m3fn" and fm["single_blocks.0.linear1"] == "int8_tensorwise"
+    hl = header_layers(load_all(out)[1])
+    assert hl["double_blocks.0.img_mlp.0"] == {"format": "float8_e4m3fn"} and hl["single_blocks.0.linear1"]["format"] == "int8_tensorwise"
+    a, b = load_all(part)[0], load_all(out)[0]
+    assert torch.equal(a["double_blocks.0.img_mlp.0.weight"].view(torch.uint8), b["double_blocks.0.img_mlp.0.weight"].view(torch.uint8))
