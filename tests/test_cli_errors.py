@@ -136,3 +136,31 @@ def test_hybrid_on_file_without_mxfp8(tmp_path, src):
 
 def test_missing_output_dir(tmp_path, src):
     fails("-i", src, "-o", tmp_path / "no" / "such" / "out.safetensors", match="does not exist")
+
+
+def test_output_too_large_for_the_disk(tmp_path):
+    """A write that cannot fit (here: a 1 MB file-size limit standing in for a full disk) fails up front
+    with a clear error, leaves no output or temp file, and the input is untouched."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from convert_helpers import REPO
+
+    src = tmp_path / "in.safetensors"
+    save_file({"blocks.0.mlp.weight": torch.randn(1024, 1024)}, str(src))  # 4 MB in, 1 MB out
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512 * 1024, 512 * 1024))
+
+    out = tmp_path / "out.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "hybridquant.converter", "-i", str(src), "-o", str(out), "--simple"],
+                          cwd=REPO, capture_output=True, text=True, preexec_fn=limit)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and str(out) in proc.stderr
+    assert ("disk space" in proc.stderr) or ("write failed" in proc.stderr)
+    assert sorted(os.listdir(tmp_path)) == ["in.safetensors"]
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
