@@ -335,7 +335,9 @@ class AtomicSafetensorsWriter:
             os.posix_fallocate(self._fd, 0, self.total_bytes)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                raise OutputFileError(f"{self.path}: not enough disk space for {self.total_bytes / 1e9:.2f} GB ({e.strerror})") from None
+                what = "not enough disk space" if e.errno != errno.EFBIG else "file size limit exceeded"
+                raise OutputFileError(f"{self.path}: {what}: the output needs {self.total_bytes / 1e6:.1f} MB "
+                                      f"({e.strerror})") from None
             # EOPNOTSUPP/EINVAL (filesystem without fallocate): writes will report ENOSPC instead.
         except AttributeError:
             pass
