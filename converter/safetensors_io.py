@@ -42,6 +42,7 @@ itself never holds a partial file. Before writing data the full size is reserved
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import json
 import os
@@ -172,6 +173,17 @@ def read_header(path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     return {t.name: t for t in infos}, metadata
 
 
+def byte_view(t: torch.Tensor) -> memoryview:
+    """A writable byte view of a contiguous CPU tensor's storage (no copy, no numpy dependency: torch
+    tensors do not implement the buffer protocol themselves). The caller keeps ``t`` alive while using it."""
+    if t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError("byte_view needs a contiguous CPU tensor")
+    n = t.numel() * t.element_size()
+    if n == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_ubyte * n).from_address(t.data_ptr())).cast("B")
+
+
 def _read_exact(fd: int, buf: memoryview, offset: int, path: str, name: str) -> None:
     done = 0
     total = len(buf)
@@ -201,7 +213,7 @@ class SafetensorsReader:
         info = self.infos[name]
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            _read_exact(self._fd, memoryview(buf.numpy()), info.offset, self.path, name)
+            _read_exact(self._fd, byte_view(buf), info.offset, self.path, name)
         return buf.view(info.dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
 
     def close(self) -> None:
@@ -369,7 +381,8 @@ class AtomicSafetensorsWriter:
         if t.device.type != "cpu":
             t = t.cpu()
         t = t.contiguous().reshape(-1).view(torch.uint8)
-        self._pwrite(memoryview(t.numpy()), len(self._header) + rel)
+        self._pwrite(byte_view(t), len(self._header) + rel)
+        del t  # the view above must not outlive it
 
     def missing(self) -> list[str]:
         return [n for n in self.specs if n not in self._written]
