@@ -347,7 +347,10 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOpt
     """
     options = options or PlanOptions()
     device = _check_device(device)
+    sample_fraction(error_stats)
     t0 = time.monotonic()
+    # ComfyUI 0.3.75 may carry the header string as a "_quantization_metadata" entry: not a tensor
+    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     plans = make_plans(((k, tuple(v.shape), _dtype_name(v.dtype)) for k, v in state_dict.items()), options)
     calib = _prepare_calibration(plans, calibration)
     try:
