@@ -18,9 +18,12 @@ sentence-transformers config specifies).
 Rows: ``rtn`` (``--simple``), ``default`` (data-free clipping search), ``gptq`` (calibrated on the
 calibration sentences), and for FP8 tensorwise the peer converter ``convert-to-quant==1.3.4`` (its
 default learned rounding, and ``--simple``) run from ``.cache/peer-venv`` (``bench/peer_env.sh``)
-on a file holding the same 36 weights. Times: our rows time the quantization of the 36 layers in
-this process (``gptq`` also lists the calibration collection); peer rows are the wall time of its CLI
-process (incl. its start-up and file I/O; its --simple row shows that overhead).
+on a file holding the same 36 weights (+ biases, float32), next to our own CLI on that file
+(``convert_to_quant`` default and ``--calibration``). Times: the rtn/default/gptq rows time the
+quantization of the 36 layers in this process (``gptq`` also lists the calibration collection); CLI
+rows are wall and CPU (user+sys) time of the whole CLI process (start-up, read, quantize, write).
+The peer's learned rounding takes many minutes: its output and times are cached in
+``.cache/bench_quality`` (delete ``peer_fp8_*.json`` to measure again); a cached row says so.
 
 Usage: ``.venv/bin/python bench/bench_quality.py [--no-peer] [--formats fp8,int8,...]``
 """
@@ -149,6 +152,28 @@ def run_peer(src: Path, simple: bool) -> tuple[dict[str, torch.Tensor], float, s
     return deq, secs, cpu, note
 
 
+def run_ours_cli(src: Path, calib_path: Path | None) -> tuple[dict[str, torch.Tensor], float, float]:
+    """Our CLI end to end on the same file as the peer (process start-up, read, quantize, write)."""
+    from safetensors.torch import load_file
+
+    exe = Path(sys.executable).parent / "convert_to_quant"
+    out = src.parent / f"ours_{'gptq' if calib_path else 'default'}.safetensors"
+    cmd = [str(exe), "-i", str(src), "-o", str(out), "--overwrite", "-q"]
+    if calib_path is not None:
+        cmd += ["--calibration", str(calib_path)]
+    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    secs = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(f"convert_to_quant failed: {r.stderr[-2000:]}")
+    sd = load_file(str(out))
+    deq = {k[: -len(".weight")]: v.to(torch.float32) * sd[k[: -len(".weight")] + ".weight_scale"]
+           for k, v in sd.items() if k.endswith(".weight") and v.dtype == torch.float8_e4m3fn}
+    return deq, secs, (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--formats", default=",".join(FORMATS))
@@ -204,7 +229,16 @@ def main(argv=None) -> int:
                 for n, m in layers.items():
                     sd[f"{n}.weight"] = orig[n].contiguous()
                     sd[f"{n}.bias"] = m.bias.detach().clone().contiguous()
+                # float32, as the model ships
                 save_file(sd, str(src))
+                for cal in (None, calib_path):
+                    deq, secs, cpu = run_ours_cli(src, cal)
+                    set_weights(layers, {n: deq.get(n, orig[n]) for n in orig})
+                    err = emb_error(embed(model, tok, held_s), ref)
+                    method = "ours CLI " + ("--calibration" if cal else "(default)")
+                    rows.append((label, method, err, err / res["rtn"], f"{secs:.1f}s", f"{cpu:.1f}s"))
+                    print(f"{label:6s} {method:22s} error {err:.3e}  vs RTN {err / res['rtn']:.3f}  "
+                          f"wall {secs:.1f}s  CPU {cpu:.1f}s (end to end)", flush=True)
                 for simple in (True, False):
                     deq, secs, cpu, note = run_peer(src, simple)
                     missing = sorted(set(orig) - set(deq))
