@@ -80,8 +80,8 @@ def gptq_choose(codec: Codec, weight: torch.Tensor, stats: Mapping[str, torch.Te
         info = {"choice": "clip" if not sinfo["used_rtn"] else "rtn", "search": sinfo}
         return (q, clip_params, info) if return_info else (q, clip_params)
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else w32.device
+    if device is None:  # where the converter put the weight (--device)
+        device = w32.device
     hd = h.to(device=device, dtype=torch.float32)
     wd = w32.to(device)
     rtn_params = codec.scale_params(w32, **opts)

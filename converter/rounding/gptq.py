@@ -24,7 +24,8 @@ Practicalities:
 - ``act_order``: columns are processed in order of decreasing ``H[j, j]`` (largest inputs first, whose
   error is hardest to compensate), then restored; valid with static scales because every element
   keeps its own precomputed scale;
-- runs on CUDA when available (``device``), else on the weight's device, in float32.
+- runs where the weight is (the converter's ``--device``: ``cuda`` runs GPTQ on the GPU), or on
+  ``device`` when given, in float32.
 """
 
 from __future__ import annotations
@@ -86,9 +87,7 @@ def gptq_round(codec: Codec, w: torch.Tensor, h: torch.Tensor, params: Mapping[s
     m, n = w.shape
     if tuple(h.shape) != (n, n):
         raise ValueError(f"GPTQ: Hessian has shape {tuple(h.shape)}, expected {(n, n)} for weight {(m, n)}")
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else w.device
-    dev = torch.device(device)
+    dev = torch.device(device) if device is not None else w.device
     with _one_cpu_thread(dev):
         return _gptq(codec, w, h, params, damp, block_size, act_order, dev, opts)
 
