@@ -6,6 +6,8 @@ layer. Methods (``METHODS``; ``METHOD_HELP`` has one line each for ``--help``):
 - ``"rtn"``: round to nearest with the format's own scale choice (``--simple``).
 - ``"default"``: data-free. Per scale block, the clipping range with the lowest weight error
   (``scale_search.py``); never worse than RTN on that objective. Costs a dozen extra RTN passes.
+  FP8 grids (tensorwise/rowwise/blockwise FP8, MXFP8) keep RTN's scales: clipping them measured
+  worse on real inputs, so for them "default" is RTN.
 - ``"gptq"``: needs calibration statistics (``calibration.py``, CLI ``--calibration FILE``).
   Clipping search weighted by the input second moments, then GPTQ error-compensated rounding
   (``gptq.py``) under the full ``X^T X`` of the layer's real inputs. The candidate with the lowest
@@ -25,7 +27,7 @@ import torch
 
 from ..formats.base import Codec
 from .gptq import gptq_round, output_error
-from .scale_search import fake_quant, search_scales
+from .scale_search import default_alphas, fake_quant, search_scales
 
 METHODS = ("rtn", "default", "gptq")
 DEFAULT_METHOD = "default"
@@ -51,6 +53,8 @@ def quantize_weight(codec: Codec, weight: torch.Tensor, method: str = "rtn", sta
         return codec.quantize(weight, **opts)
     ropts, copts = _split(opts)
     if method == "default":
+        if ropts.get("alphas") is None and default_alphas(codec) == (1.0,):
+            return codec.quantize(weight, **copts)  # FP8 grids: RTN's scales (see scale_search.py)
         params, _ = search_scales(codec, weight, alphas=ropts.get("alphas"), **copts)
         return codec.quantize(weight, params=params, **copts)
     if method == "gptq":
