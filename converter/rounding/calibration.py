@@ -237,9 +237,10 @@ class CalibrationFile:
         return None
 
     def _missing(self, layer: str) -> CalibrationError:
-        tail = layer.rsplit(".", 2)[-2:] if "." in layer else [layer]
-        near = [n for n in self.layers if n.endswith(".".join(tail))][:3]
-        hint = f"; similar names in the file: {', '.join(near)} (use a prefix map)" if near else ""
+        # Same layer under another prefix? Then a prefix map fixes it; otherwise it is simply absent.
+        near = [n for n in self.layers if n.endswith("." + layer) or layer.endswith("." + n)][:3]
+        hint = (f"; the file has {', '.join(near)} (same layer, other name prefix: give CalibrationFile a prefix_map)" if near else
+                "; collect statistics with this layer running (or quantize it with another method)")
         return CalibrationError(f"{self.path}: no calibration statistics for layer '{layer}' "
                                 f"({len(self.layers)} layers in the file){hint}")
 
