@@ -16,9 +16,12 @@ FORMATS = [
     ("int8_tensorwise", {}),
     ("int8_tensorwise", {"per_row": True}),
     ("int8_blockwise", {"group_size": 16}),
+    ("float8_e4m3fn_blockwise", {"group_size": 32}),
     ("mxfp8", {}),
+    ("hybrid_mxfp8", {}),
     ("nvfp4", {}),
     ("bnb_nf4", {"blocksize": 64}),
+    ("bnb_nf4", {"blocksize": 64, "double_quant": True}),
     ("bnb_fp4", {"blocksize": 64}),
 ]
 
