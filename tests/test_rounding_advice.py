@@ -30,3 +30,19 @@ def test_uniform_layer_gets_no_advice_and_calibrated_error_is_used():
     assert "no layer of 1" in text
 
 
+
+
+def test_advise_file_reads_the_planned_layers(tmp_path):
+    from hybridquant.converter.plan import LayerPlan
+    from hybridquant.converter.rounding.advice import advise_file
+    from hybridquant.converter.safetensors_io import write_safetensors
+
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(32, 256, generator=g) * 0.01  # wide enough that per-row scales cost < 5% bytes
+    w[:2] *= 300.0
+    path = write_safetensors(tmp_path / "m.safetensors", {"a.weight": w, "a.bias": torch.zeros(32)})
+    plans = [LayerPlan("a.weight", (32, 256), "float32", "a", "int8_tensorwise", {}, "default"),
+             LayerPlan("a.bias", (32,), "float32")]
+    adv = advise_file(path, plans)
+    assert [a.layer for a in adv] == ["a"] and adv[0].advised is not None
+    assert "a: " in format_advice(adv)

@@ -11,8 +11,9 @@ most ``max_extra`` (default 5%) more bytes than the planned format; among those,
 wins. Typical finds: tensorwise FP8 layers with a few outlier rows (rowwise FP8 or MXFP8 cut their
 error for +0.1% / +3% bytes), INT8 tensorwise layers (per-row scales).
 
-``advise_layers`` runs it over ``(layer, weight, format, opts)`` items; ``format_advice`` renders the
-advised layers as text lines for the dry-run report.
+``advise_layers`` runs it over ``(layer, weight, format, opts)`` items, ``advise_file`` over a
+converter plan reading one weight at a time; ``format_advice`` renders the advised layers as text
+lines for the dry-run report.
 """
 
 from __future__ import annotations
@@ -112,6 +113,30 @@ def advise_layers(items: Iterable[tuple[str, torch.Tensor, str, Mapping]], stats
     return out
 
 
+def advise_file(path, plans, calibration=None, **kw) -> list[LayerAdvice]:
+    """Advice for every quantized layer of a converter plan (``LayerPlan``: ``name``, ``layer``,
+    ``format``, ``opts``, ``quantized``), reading one weight at a time from ``path``. ``calibration``:
+    an open ``CalibrationFile`` (output error) or None (weight error). BNB-only options such as
+    ``dtype`` are passed through; layers a format refuses are skipped."""
+    from ..safetensors_io import SafetensorsReader
+
+    out = []
+    with SafetensorsReader(path) as r:
+        for p in plans:
+            if not p.quantized:
+                continue
+            w = r.read(p.name)
+            opts = {k: v for k, v in p.opts.items() if k not in ("full_precision_matrix_mult", "input_scale")}
+            stats = None
+            if calibration is not None and calibration.resolve(p.layer) is not None:
+                stats = calibration.stats_for(p.layer, int(w.shape[1]))
+            try:
+                out.append(advise_layer(p.layer, w, p.format, opts, stats, **kw))
+            except ValueError:
+                continue
+    return out
+
+
 def format_advice(advice: list[LayerAdvice], limit: int = 20) -> str:
     """Text for the dry-run report: advised layers, largest error cut first."""
     hits = [a for a in advice if a.advised is not None]
@@ -125,4 +150,4 @@ def format_advice(advice: list[LayerAdvice], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["advise_layer", "advise_layers", "format_advice", "LayerAdvice", "Option", "CANDIDATES"]
+__all__ = ["advise_layer", "advise_layers", "advise_file", "format_advice", "LayerAdvice", "Option", "CANDIDATES"]
