@@ -54,10 +54,10 @@ def grid_shape(kind: str, shape: tuple[int, int], bs: int = 0) -> tuple[int, ...
 
 
 def _absmax(w: torch.Tensor, dim=None) -> torch.Tensor:
-    # max(max, -min) instead of abs().amax(): no |w|-sized temporary. Exact in any float dtype.
-    if dim is None:
-        return torch.maximum(w.amax(), -w.amin()).to(torch.float32)
-    return torch.maximum(w.amax(dim=dim), -w.amin(dim=dim)).to(torch.float32)
+    # max(max, -min) instead of abs().amax(): no |w|-sized temporary; aminmax reads ``w`` once for both
+    # (half the memory traffic of amax + amin). Exact in any float dtype; NaN propagates (-> not finite).
+    lo, hi = torch.aminmax(w) if dim is None else torch.aminmax(w, dim=dim)
+    return torch.maximum(hi, -lo).to(torch.float32)
 
 
 def grid_amax(kind: str, w: torch.Tensor, bs: int = 0) -> torch.Tensor:
@@ -117,6 +117,50 @@ def apply_grid_(x: torch.Tensor, kind: str, scale: torch.Tensor, bs: int, op: st
     return x
 
 
+# Rows per band of ``encode_rows`` on CPU: ~256K elements, so the band's float32 working copy (1 MiB)
+# and its source and output stay in the L2 cache while the 3-4 elementwise passes run over it, and no
+# weight-sized float32 temporary ever exists (that copy was the conversion's largest allocation).
+BAND_ELEMS = 1 << 18
+
+
+def band_rows(kind: str, shape: tuple[int, int], bs: int, device: torch.device) -> int:
+    """Rows per band for ``encode_rows``: a multiple of ``bs`` for tiles; the whole weight on a GPU
+    (one kernel per pass beats many small launches there)."""
+    m, n = shape
+    if device.type != "cpu":
+        return m
+    rows = max(1, BAND_ELEMS // max(1, n))
+    if kind == "tile":
+        rows = max(1, rows // bs) * bs
+    return min(rows, m)
+
+
+def grid_rows(kind: str, scale: torch.Tensor, i: int, j: int, bs: int) -> torch.Tensor:
+    """The part of a scale grid that covers weight rows ``i:j`` (``i`` a multiple of ``bs`` for tiles)."""
+    if kind == "tensor":
+        return scale
+    if kind in ("row", "row1"):
+        return scale[i:j]
+    if kind == "tile":
+        return scale[i // bs:-(-j // bs)]
+    raise ValueError(kind)
+
+
+def encode_rows(codec: "GridCodec", w: torch.Tensor, q: torch.Tensor, kind: str, scale: torch.Tensor, bs: int) -> None:
+    """``q = encode(w / S)`` band by band of rows (see ``BAND_ELEMS``). Per element it is exactly the
+    whole-tensor computation (float32 copy, IEEE division by the float32 scale tensor, the codec's
+    rounding and saturation, cast): only the order in which rows are visited differs."""
+    m, n = w.shape
+    rows = band_rows(kind, (m, n), bs, w.device)
+    buf = torch.empty((rows, n), dtype=torch.float32, device=w.device)
+    for i in range(0, m, rows):
+        j = min(m, i + rows)
+        x = buf[:j - i]
+        x.copy_(w[i:j])
+        apply_grid_(x, kind, grid_rows(kind, scale, i, j, bs), bs, "div")
+        codec.encode_into_(x, q[i:j])
+
+
 def scales_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     """``amax / qmax`` in float32, with 1.0 where that is 0 (see the module docstring)."""
     # Divide by a tensor on amax's device, not a Python float: CUDA turns division by a CPU scalar
@@ -173,6 +217,14 @@ class GridCodec(Codec):
         """Round float32 ``x`` (which the callee may overwrite) to the grid, saturate, cast to storage."""
         raise NotImplementedError
 
+    def encode_into_(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[...] = encode_(x)``; subclasses override it to cast straight into ``out`` (no temporary)."""
+        out.copy_(self.encode_(x))
+
+    def decode(self, q: torch.Tensor) -> torch.Tensor:
+        """The stored weight as a new float32 tensor (exactly ``q.to(float32)``; FP8 uses a lookup table)."""
+        return q.to(torch.float32, copy=True)
+
     def extra_specs(self, opts: dict) -> dict[str, TensorSpec]:
         return {}
 
@@ -214,7 +266,7 @@ class GridCodec(Codec):
         return expand_grid(kind, params["weight_scale"], shape, bs)
 
     def round_to_grid(self, x: torch.Tensor, **opts) -> torch.Tensor:
-        return self.encode_(x.to(torch.float32, copy=True)).to(torch.float32)
+        return self.decode(self.encode_(x.to(torch.float32, copy=True)))
 
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, **opts) -> dict[str, torch.Tensor]:
         """Quantize a 2-D float weight. ``name=`` (default ``"weight"``) names ``w`` in error messages."""
@@ -228,16 +280,16 @@ class GridCodec(Codec):
             raise_non_finite(w, name)
         scale = read_scale(name, params, "weight_scale", kind, shape, bs)
         scale = scale.to(device=w.device).reshape(grid_shape(kind, shape, bs)).clone()
-        x = apply_grid_(w.detach().to(torch.float32, copy=True), kind, scale, bs, "div")
-        q = self.encode_(x)  # x is ours: encode_ may work in place
-        out = {"weight": q.contiguous(), "weight_scale": scale}
+        q = torch.empty(shape, dtype=self.storage, device=w.device)
+        encode_rows(self, w.detach(), q, kind, scale, bs)
+        out = {"weight": q, "weight_scale": scale}
         out.update(self.extra_outputs(w, opts, name))
         return out
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, **opts) -> torch.Tensor:
         shape = check_shape(shape)
         kind, bs = self.layout(opts, tensors)
-        x = tensors["weight"].to(torch.float32, copy=True)  # scaled in place below: never the caller's
+        x = self.decode(tensors["weight"])  # a new tensor, scaled in place below: never the caller's
         return apply_grid_(x, kind, tensors["weight_scale"], bs, "mul").to(dtype)
 
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
