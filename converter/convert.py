@@ -236,9 +236,14 @@ _STOP = object()
 def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch,
                   calib=None):
     stop = threading.Event()
-    # Input tensors alive at once: the one being quantized + ``prefetch`` read ahead. The reader takes
-    # a slot BEFORE reading, so a blocked reader never holds an extra tensor (bounded peak memory).
-    slots = threading.Semaphore(1 + max(prefetch, 0))
+    # Input tensors alive at once: the one being quantized + ``prefetch`` read ahead, each read into one
+    # of that many reusable byte buffers (fresh memory costs page faults that take longer than the
+    # read itself). The reader takes a free buffer BEFORE reading, so a blocked reader never holds an
+    # extra tensor (bounded peak memory). A buffer goes back to the pool once nothing refers to it: right
+    # after quantization when no output aliases the input, otherwise once the writer has written it.
+    free_bufs: queue.Queue = queue.Queue()
+    for _ in range(1 + max(prefetch, 0)):
+        free_bufs.put(None)  # allocated on first use, grown when a larger tensor comes
     read_q: queue.Queue = queue.Queue()
     write_q: queue.Queue = queue.Queue(maxsize=1)
     errors: list[BaseException] = []
@@ -255,12 +260,19 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
     def read_loop():
         try:
             for p in plans:
-                while not slots.acquire(timeout=0.2):
+                while True:
                     if stop.is_set():
                         return
-                if stop.is_set():
-                    return
-                if not put(read_q, (p, reader.read(p.name))):
+                    try:
+                        buf = free_bufs.get(timeout=0.2)
+                        break
+                    except queue.Empty:
+                        continue
+                need = reader.infos[p.name].nbytes
+                if buf is None or buf.numel() < need:
+                    buf = None  # drop the small one first: never two large buffers for one slot
+                    buf = torch.empty(max(need, 1), dtype=torch.uint8)
+                if not put(read_q, (p, reader.read(p.name, buf), buf)):
                     return
             put(read_q, _STOP)
         except BaseException as e:  # surfaced in the main thread
@@ -278,8 +290,12 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
                     continue
                 if item is _STOP:
                     return
-                for name, t in item:
+                batch, buf = item
+                for name, t in batch:
                     writer.write(name, t)
+                del batch, item
+                if buf is not None:
+                    free_bufs.put(buf)
         except BaseException as e:
             errors.append(e)
             stop.set()
@@ -303,7 +319,7 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
             item = get(read_q)
             if item is _STOP:
                 break
-            p, t = item
+            p, t, buf = item
             if cancel is not None and cancel():
                 raise Cancelled("conversion cancelled")
             if p.quantized:
@@ -316,9 +332,12 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
                     batch.append((cq, layout.comfy_quant[cq]))
             else:
                 batch = [(p.name, t)]
+            keep = buf if any(_aliases(v, buf) for _, v in batch) else None
             del t, item
-            slots.release()
-            if not put(write_q, batch):
+            if keep is None:
+                free_bufs.put(buf)
+            del buf
+            if not put(write_q, (batch, keep)):
                 break
             done += reader.infos[p.name].nbytes
             if progress is not None:
@@ -333,6 +352,15 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
         stop.set()
         for th in threads:
             th.join(timeout=30)
+
+
+def _aliases(t: torch.Tensor, buf: torch.Tensor) -> bool:
+    """Whether ``t`` lives in ``buf``'s memory (an output that is the input, or a view of it)."""
+    if t.device.type != "cpu" or t.numel() == 0:
+        return False
+    a, n = buf.untyped_storage().data_ptr(), buf.untyped_storage().nbytes()
+    b = t.untyped_storage().data_ptr()
+    return a <= b < a + n or b <= a < b + t.untyped_storage().nbytes()
 
 
 def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOptions | None = None,

@@ -13,15 +13,17 @@ Public API (used by convert.py, edit.py, hybridize.py and the ComfyUI node)
     truncated (header or data shorter than declared), unknown dtype, inconsistent offsets.
 
 ``SafetensorsReader(path)`` (context manager; ``open_reader(path)`` is the same)
-    ``.infos``, ``.metadata``, ``.read(name) -> torch.Tensor`` (a fresh CPU tensor, one tensor at a
-    time, via ``os.preadv`` so several threads may read at once and nothing is memory-mapped: the
-    resident memory of a conversion is the tensors in flight, not the file). ``.keys()``.
+    ``.infos``, ``.metadata``, ``.read(name, buffer=None) -> torch.Tensor`` (a fresh CPU tensor, or a
+    view into the caller's reusable uint8 ``buffer``; one tensor at a time, via ``os.preadv`` so several
+    threads may read at once and nothing is memory-mapped: the resident memory of a conversion is the
+    tensors in flight, not the file). ``.keys()``.
 
-``AtomicSafetensorsWriter(path, specs, metadata=None, overwrite=False, fsync=True)`` (context manager)
+``AtomicSafetensorsWriter(path, specs, metadata=None, overwrite=False, fsync=True, sync_every=SYNC_EVERY)``
     ``specs``: ordered ``{name: TensorSpec(dtype, shape)}`` — the complete output, known before any
     data exists (codecs' ``output_specs``). The header is written at once; then
     ``.write(name, tensor)`` stores each tensor exactly once, in ANY order and from any thread (each
-    tensor has a fixed offset; ``os.pwrite``). dtype/shape are checked against the spec. On a clean
+    tensor has a fixed offset; ``os.pwrite``). dtype/shape are checked against the spec. Every
+    ``sync_every`` bytes (256 MiB) a ``write`` also flushes the file so far (``SYNC_EVERY``). On a clean
     exit of the ``with`` block every tensor must have been written; the temp file is fsynced and
     renamed over ``path`` (then the directory is fsynced). On any exception (incl. KeyboardInterrupt)
     the temp file is removed and ``path`` is untouched. ``.abort()`` does the same explicitly.
@@ -209,9 +211,17 @@ class SafetensorsReader:
     def keys(self) -> list[str]:
         return list(self.infos)
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, buffer: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor ``name`` as a CPU tensor: a fresh one, or a view of the first bytes of ``buffer``
+        (a contiguous uint8 CPU tensor of at least the tensor's size) when given. Reusing one buffer
+        saves the page faults of fresh memory, which cost more than the read itself."""
         info = self.infos[name]
-        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        if buffer is None:
+            buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        else:
+            if buffer.dtype != torch.uint8 or buffer.device.type != "cpu" or buffer.numel() < info.nbytes:
+                raise ValueError(f"{name}: read buffer must be a CPU uint8 tensor of >= {info.nbytes} bytes")
+            buf = buffer.reshape(-1)[:info.nbytes]
         if info.nbytes:
             _read_exact(self._fd, byte_view(buf), info.offset, self.path, name)
         return buf.view(info.dtype).reshape(info.shape) if info.nbytes else torch.empty(info.shape, dtype=info.dtype)
@@ -302,16 +312,25 @@ def build_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | 
     return struct.pack("<Q", len(raw)) + raw, layout
 
 
+# With ``fsync`` on, every this many bytes written the writer flushes the file so far (fdatasync in the
+# calling thread: the converter's writer thread, so it overlaps the math) and drops the now clean pages
+# from the page cache. The closing fsync then only has the last stretch to flush, and a large output
+# does not push the user's other cached files out of memory.
+SYNC_EVERY = 256 << 20
+
+
 class AtomicSafetensorsWriter:
     """Writes a safetensors file whose header is known up front; see the module docstring."""
 
     def __init__(self, path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None,
-                 overwrite: bool = False, fsync: bool = True):
+                 overwrite: bool = False, fsync: bool = True, sync_every: int = SYNC_EVERY):
         self.path = os.path.abspath(os.fspath(path))
         self.specs = dict(specs)
         self.metadata = dict(metadata or {})
         self.overwrite = overwrite
         self.fsync = fsync
+        self.sync_every = sync_every
+        self._unsynced = 0
         self.tmp_path = partial_path(self.path)
         self._fd = -1
         self._written: set[str] = set()
@@ -383,6 +402,25 @@ class AtomicSafetensorsWriter:
         t = t.contiguous().reshape(-1).view(torch.uint8)
         self._pwrite(byte_view(t), len(self._header) + rel)
         del t  # the view above must not outlive it
+        if self.fsync and self.sync_every:
+            with self._lock:
+                self._unsynced += nbytes
+                due = self._unsynced >= self.sync_every
+                if due:
+                    self._unsynced = 0
+            if due:
+                self._write_back()
+
+    def _write_back(self) -> None:
+        try:
+            os.fdatasync(self._fd)
+        except OSError as e:
+            raise OutputFileError(f"{self.path}: write failed ({e.strerror})") from None
+        if hasattr(os, "posix_fadvise"):
+            try:  # clean pages only: what was written after the fdatasync stays until it is flushed
+                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError:
+                pass
 
     def missing(self) -> list[str]:
         return [n for n in self.specs if n not in self._written]
