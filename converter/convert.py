@@ -31,6 +31,7 @@ from .error_stats import relative_error, sample_fraction
 from .errors import Cancelled, LayerError, OptionError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec
+from .formats.grids import output_allocator
 from .metadata import build_header as build_quant_header
 from .metadata import parse_header as parse_quant_header
 from .metadata import encode_comfy_quant
@@ -233,6 +234,52 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
 _STOP = object()
 
 
+class _OutputPool:
+    """Reusable byte buffers for the quantized weights the compute thread hands to the writer (installed
+    with ``grids.output_allocator`` around round-to-nearest layers on CPU). A buffer is lent for one
+    layer, ``claim``-ed with that layer's outputs and given back by the writer after writing them;
+    anything lent that is not among the outputs (a codec's own temporary) is simply forgotten."""
+
+    MAX_FREE = 3  # the writer holds at most ~3 layers' outputs at once (computing, queued, writing)
+
+    def __init__(self):
+        self._free: list[torch.Tensor] = []
+        self._lent: dict[int, torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def alloc(self, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+        n = 1
+        for d in shape:
+            n *= int(d)
+        nbytes = n * torch.empty((), dtype=dtype).element_size()
+        with self._lock:
+            # (indices, not list.remove: tensors compare element-wise)
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            if fits:
+                buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+            else:
+                if self._free:  # all too small: let the largest go instead of keeping one more
+                    self._free.pop(max(range(len(self._free)), key=lambda i: self._free[i].numel()))
+                buf = None
+        if buf is None:
+            buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        with self._lock:
+            self._lent[buf.data_ptr()] = buf
+        return buf[:nbytes].view(dtype).reshape(shape)
+
+    def claim(self, tensors) -> list[torch.Tensor]:
+        """The lent buffers backing ``tensors``; forgets every other loan."""
+        with self._lock:
+            lent, self._lent = self._lent, {}
+        return [lent.pop(t.untyped_storage().data_ptr()) for t in tensors
+                if t.device.type == "cpu" and t.untyped_storage().data_ptr() in lent]
+
+    def give(self, bufs: list[torch.Tensor]) -> None:
+        with self._lock:
+            self._free.extend(bufs)
+            del self._free[:-self.MAX_FREE]
+
+
 def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, progress, cancel, total, prefetch,
                   calib=None):
     stop = threading.Event()
@@ -245,6 +292,7 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
     for _ in range(1 + max(prefetch, 0)):
         free_bufs.put(None)  # allocated on first use, grown when a larger tensor comes
     read_q: queue.Queue = queue.Queue()
+    pool = _OutputPool()
     write_q: queue.Queue = queue.Queue(maxsize=1)
     errors: list[BaseException] = []
 
@@ -290,12 +338,13 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
                     continue
                 if item is _STOP:
                     return
-                batch, buf = item
+                batch, buf, owned = item
                 for name, t in batch:
                     writer.write(name, t)
                 del batch, item
                 if buf is not None:
                     free_bufs.put(buf)
+                pool.give(owned)
         except BaseException as e:
             errors.append(e)
             stop.set()
@@ -322,8 +371,13 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
             p, t, buf = item
             if cancel is not None and cancel():
                 raise Cancelled("conversion cancelled")
+            owned = []
             if p.quantized:
-                out, err = _quantize_one(p, t, device, error_stats, calib)
+                # round to nearest calls the codec once: its output may come from the pool (other
+                # methods' many trial quantizations would only churn it)
+                with output_allocator(pool.alloc if p.method == "rtn" else None):
+                    out, err = _quantize_one(p, t, device, error_stats, calib)
+                owned = pool.claim(out.values())
                 if err is not None:
                     recs[p.name].rel_error, recs[p.name].error_fraction = err
                 batch = [(f"{p.layer}.{k}", v) for k, v in out.items()]
@@ -337,7 +391,7 @@ def _run_pipeline(plans, layout, reader, writer, recs, device, error_stats, prog
             if keep is None:
                 free_bufs.put(buf)
             del buf
-            if not put(write_q, (batch, keep)):
+            if not put(write_q, (batch, keep, owned)):
                 break
             done += reader.infos[p.name].nbytes
             if progress is not None:

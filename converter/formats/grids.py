@@ -18,7 +18,9 @@ for a denormal amax (those elements then round to 0, an error below 1e-40).
 
 from __future__ import annotations
 
-from typing import Mapping
+import contextlib
+import contextvars
+from typing import Callable, Mapping
 
 import torch
 
@@ -121,6 +123,32 @@ def apply_grid_(x: torch.Tensor, kind: str, scale: torch.Tensor, bs: int, op: st
 # and its source and output stay in the L2 cache while the 3-4 elementwise passes run over it, and no
 # weight-sized float32 temporary ever exists (that copy was the conversion's largest allocation).
 BAND_ELEMS = 1 << 18
+
+
+# Where ``quantize`` gets its CPU output tensor: ``torch.empty`` unless a caller installed an allocator
+# (the streaming converter lends reusable buffers: a weight-sized fresh allocation costs one page fault
+# per 4 KiB, more than the quantization's arithmetic). ``alloc(shape, dtype) -> tensor``.
+_OUTPUT_ALLOC: contextvars.ContextVar = contextvars.ContextVar("hybridquant_output_alloc", default=None)
+
+
+@contextlib.contextmanager
+def output_allocator(alloc: Callable[[tuple, torch.dtype], torch.Tensor] | None):
+    """Within the block (this thread/context), grid codecs take their CPU ``weight`` output from ``alloc``."""
+    token = _OUTPUT_ALLOC.set(alloc)
+    try:
+        yield
+    finally:
+        _OUTPUT_ALLOC.reset(token)
+
+
+def new_output(shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    alloc = _OUTPUT_ALLOC.get()
+    if alloc is None or device.type != "cpu":
+        return torch.empty(shape, dtype=dtype, device=device)
+    t = alloc(tuple(shape), dtype)
+    if t.dtype != dtype or tuple(t.shape) != tuple(shape) or not t.is_contiguous():
+        raise RuntimeError(f"output allocator returned {t.dtype} {tuple(t.shape)}, expected {dtype} {tuple(shape)}")
+    return t
 
 
 def band_rows(kind: str, shape: tuple[int, int], bs: int, device: torch.device) -> int:
@@ -280,7 +308,7 @@ class GridCodec(Codec):
             raise_non_finite(w, name)
         scale = read_scale(name, params, "weight_scale", kind, shape, bs)
         scale = scale.to(device=w.device).reshape(grid_shape(kind, shape, bs)).clone()
-        q = torch.empty(shape, dtype=self.storage, device=w.device)
+        q = new_output(shape, self.storage, w.device)
         encode_rows(self, w.detach(), q, kind, scale, bs)
         out = {"weight": q, "weight_scale": scale}
         out.update(self.extra_outputs(w, opts, name))
