@@ -53,7 +53,7 @@ ERROR_SAMPLE_MIN_ELEMS = 1 << 24
 
 
 def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shape, opts: dict,
-                   chunk_elems: int = 1 << 22, sample: float = 1.0) -> tuple[float, float]:
+                   chunk_elems: int = 1 << 20, sample: float = 1.0) -> tuple[float, float]:
     """||W - dequant(Q)||_F / ||W||_F in float32 (accumulated in double across chunks).
     Returns ``(error, fraction of the weights it was measured on)``.
 
