@@ -9,7 +9,12 @@ Streaming pipeline of ``convert_file`` (peak memory = a few copies of the larges
 The whole output header is computed from the plan and ``codec.output_specs`` before any data is read,
 so the writer can place every tensor at its final offset while the next one is being quantized.
 ``preadv``/``pwrite`` and torch's kernels release the GIL, so on 2 cores reading, math and writing
-overlap. The output goes to a temp file beside the target and is renamed into place only when complete
+overlap. Memory is recycled instead of allocated per tensor (fresh memory costs a page fault per 4 KiB,
+more than the arithmetic): the reader fills ``1 + prefetch`` reusable byte buffers, round-to-nearest
+grid layers quantize into pooled output buffers (``_OutputPool``) that the writer hands back, and the
+grid codecs work in cache-sized row bands (``formats/grids.py``), so no weight-sized float32 copy exists.
+The writer flushes the output every 256 MiB in its own thread (``safetensors_io.SYNC_EVERY``), so the
+closing fsync is short. The output goes to a temp file beside the target and is renamed into place only when complete
 (``safetensors_io.AtomicSafetensorsWriter``); any exception (incl. Ctrl+C, a cancel callback, a full
 disk) removes the temp file and never touches the input.
 

@@ -1,9 +1,10 @@
 """Per-layer relative error of a quantized weight: ``||W - dequant(Q)||_F / ||W||_F``.
 
 Computed with the codec's own ``dequantize`` (what a consumer of the file computes), in float32, summed
-in double across row chunks. On CPU the dequantization costs about twice the quantization (float8 ->
-float32 casts are slow there), so by default large row-separable layers are measured on a sample of
-their rows; every layer records the fraction it was measured on.
+in double across row chunks of ~1M weights (cache-sized). Measuring a weight costs about as much as
+quantizing it (FP8 decoding by table, ``fp8.py``; torch's own float8 -> float32 cast is 5x slower), so
+by default large row-separable layers are measured on a sample of their rows; every layer records the
+fraction it was measured on, and the summary says so.
 """
 
 from __future__ import annotations
@@ -45,8 +46,8 @@ def row_split(codec, n: int, opts: dict) -> dict[str, bool] | None:
 
 
 # Default of --error-sample: large row-separable layers get their error measured on this fraction of
-# their rows (evenly spaced chunks). The dequantization costs twice the quantization itself on CPU
-# (float8 -> float32 casts are slow there); a 1/8 sample of a >16M-weight layer is still >2M weights, so
+# their rows (evenly spaced chunks). Measuring all of them would cost about as much again as the
+# quantization itself; a 1/8 sample of a >16M-weight layer is still >2M weights, so
 # the estimate's own relative error is far below the differences between formats it is used to compare.
 ERROR_SAMPLE = 0.125
 ERROR_SAMPLE_MIN_ELEMS = 1 << 24
