@@ -331,6 +331,10 @@ class AtomicSafetensorsWriter:
         self.fsync = fsync
         self.sync_every = sync_every
         self._unsynced = 0
+        self._flusher: threading.Thread | None = None
+        self._flush_due = threading.Event()
+        self._flush_stop = False
+        self._flush_error: OSError | None = None
         self.tmp_path = partial_path(self.path)
         self._fd = -1
         self._written: set[str] = set()
@@ -409,18 +413,44 @@ class AtomicSafetensorsWriter:
                 if due:
                     self._unsynced = 0
             if due:
+                self._request_write_back()
+
+    def _request_write_back(self) -> None:
+        # In a thread of its own: an fdatasync blocks for as long as the disk takes, and a writer
+        # blocked that long would stall the whole pipeline behind it.
+        with self._lock:
+            if self._flusher is None:
+                self._flusher = threading.Thread(target=self._flush_loop, name="hq-flush", daemon=True)
+                self._flusher.start()
+        self._flush_due.set()
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._flush_due.wait()
+            self._flush_due.clear()
+            if self._flush_stop:
+                return
+            try:
                 self._write_back()
+            except OSError as e:  # reported by commit(); the closing fsync would hit it too
+                self._flush_error = e
+                return
 
     def _write_back(self) -> None:
-        try:
-            os.fdatasync(self._fd)
-        except OSError as e:
-            raise OutputFileError(f"{self.path}: write failed ({e.strerror})") from None
+        os.fdatasync(self._fd)
         if hasattr(os, "posix_fadvise"):
             try:  # clean pages only: what was written after the fdatasync stays until it is flushed
                 os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
             except OSError:
                 pass
+
+    def _stop_flusher(self) -> None:
+        """Wait for a running write-back; the fd must stay open (and not be reused) until then."""
+        if self._flusher is not None:
+            self._flush_stop = True
+            self._flush_due.set()
+            self._flusher.join()
+            self._flusher = None
 
     def missing(self) -> list[str]:
         return [n for n in self.specs if n not in self._written]
@@ -431,6 +461,9 @@ class AtomicSafetensorsWriter:
             self.abort()
             raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[:3]}")
         try:
+            self._stop_flusher()
+            if self._flush_error is not None:
+                raise OutputFileError(f"{self.path}: write failed ({self._flush_error.strerror})")
             if self.fsync:
                 os.fsync(self._fd)
             os.close(self._fd)
@@ -453,6 +486,7 @@ class AtomicSafetensorsWriter:
         return self.path
 
     def abort(self) -> None:
+        self._stop_flusher()
         if self._fd >= 0:
             try:
                 os.close(self._fd)
