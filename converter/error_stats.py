@@ -58,8 +58,9 @@ def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shap
     """||W - dequant(Q)||_F / ||W||_F in float32 (accumulated in double across chunks).
     Returns ``(error, fraction of the weights it was measured on)``.
 
-    Row-separable layouts (see ``row_split``: FP8/INT8 tensorwise and per-row) are dequantized in row
-    chunks with the codec's own ``dequantize``, so no full-size float32 copy ever exists; with
+    Row-separable layouts (see ``row_split``: FP8/INT8 tensorwise and per-row; FP8/INT8 blockwise in
+    chunks of whole tile rows) are dequantized in row chunks with the codec's own ``dequantize``, so no
+    full-size float32 copy ever exists; with
     ``sample < 1`` and more than ``ERROR_SAMPLE_MIN_ELEMS`` weights only evenly spaced chunks covering
     that fraction of the rows are decoded. Other layouts are dequantized whole, always exactly."""
     # BNB's "dtype" option (the weight's original dtype) would collide with dequantize's output dtype
@@ -67,6 +68,15 @@ def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shap
     m, n = int(shape[0]), int(shape[1])
     rows = max(1, chunk_elems // max(1, n))
     split = row_split(codec, n, dopts) if m > rows else None
+    bs = _tile_rows(codec, dopts) if split is None else None
+    if bs is not None and m > max(bs, rows):
+        # FP8/INT8 blockwise: chunks of whole tile rows; a tensor with one entry per weight row or per
+        # tile row is cut with them, the rest (a 0-dim input_scale) is shared
+        rows = max(bs, rows // bs * bs)
+        split = {k: (1 if v.ndim and v.shape[0] == m else bs if v.ndim and v.shape[0] == -(-m // bs) else 0)
+                 for k, v in out.items()}
+    else:
+        bs = None
     deq = None if split is not None else codec.dequantize(out, shape, torch.float32, **dopts)
     starts = list(range(0, m, rows))
     if split is not None and sample < 1.0 and m * n > ERROR_SAMPLE_MIN_ELEMS:
@@ -78,7 +88,10 @@ def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shap
     for i in starts:
         j = min(m, i + rows)
         covered += j - i
-        if deq is None:
+        if deq is None and bs is not None:
+            part = {k: (v[i // split[k]:-(-j // split[k])] if split[k] else v) for k, v in out.items()}
+            d = codec.dequantize(part, (j - i, n), torch.float32, **dopts)
+        elif deq is None:
             part = {k: (v[i:j] if split.get(k) else v) for k, v in out.items()}
             d = codec.dequantize(part, (j - i, n), torch.float32, **dopts)
         else:
@@ -89,6 +102,18 @@ def relative_error(codec, out: Mapping[str, torch.Tensor], w: torch.Tensor, shap
         del d, ref
     del deq
     return ((num / den) ** 0.5 if den > 0 else 0.0), covered / m
+
+
+def _tile_rows(codec, dopts: dict) -> int | None:
+    """The tile height of a grid codec's tiled layout (FP8/INT8 blockwise), else None."""
+    layout = getattr(codec, "layout", None)
+    if layout is None:
+        return None
+    try:
+        kind, bs = layout(dopts)
+    except Exception:
+        return None
+    return bs if kind == "tile" and isinstance(bs, int) and bs > 0 else None
 
 
 def sample_fraction(error_stats) -> float | None:

@@ -135,3 +135,20 @@ def test_pipeline_with_single_buffer_and_copied_tensors(tmp_path):
                 assert torch.equal(o[f"{layer}.weight_scale"], ref["weight_scale"])
             else:
                 assert torch.equal(o[k], v)
+
+
+@pytest.mark.parametrize("name,opts", [("float8_e4m3fn_blockwise", {"group_size": 16}),
+                                       ("int8_blockwise", {"group_size": 8}),
+                                       ("float8_e4m3fn_blockwise", {"group_size": 16, "input_scale": 0.5})])
+def test_blockwise_error_in_tile_row_chunks(name, opts):
+    """Blockwise layouts are measured in chunks of whole tile rows: same error as one whole dequantization."""
+    from hybridquant.converter.error_stats import relative_error
+
+    g = torch.Generator().manual_seed(4)
+    w = (torch.randn(203, 50, generator=g) * 0.02).to(torch.bfloat16)  # partial last tile row
+    codec = get_codec(name)
+    out = codec.quantize(w, **opts)
+    whole = codec.dequantize(out, w.shape, torch.float32, **opts)
+    ref = float((whole - w.float()).norm() / w.float().norm())
+    err, frac = relative_error(codec, out, w, w.shape, opts, chunk_elems=50 * 20)  # 16/8-row multiples
+    assert frac == 1.0 and err == pytest.approx(ref, rel=1e-5)
