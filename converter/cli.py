@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the tensorwise scales of a hybrid file from this FP8 file")
     r = p.add_argument_group("run")
     r.add_argument(*_flag("--dry-run"), dest="dry_run", action="store_true", help="print the per-layer plan and sizes; write nothing")
+    r.add_argument("--advise", action="store_true",
+                   help="with --dry-run: also test each planned layer against alternative layouts and list where one "
+                        "cuts the error >= 25%% for <= 5%% more bytes (reads every weight; with --calibration: output error)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     r.add_argument("--report", metavar="FILE.json", help="write the summary and per-layer errors as JSON")
     r.add_argument("--device", default="cpu", help="where the math runs: cpu (default), cuda, cuda:1 ...")
@@ -208,13 +211,16 @@ def _run(a) -> int:
         if getattr(a, flag):
             raise OptionError(f"--{flag.replace('_', '-')} only works with "
                               + ("--make-hybrid-mxfp8" if flag == "tensor_scales" else "--edit-quant"))
+    if a.advise and not a.dry_run:
+        raise OptionError("--advise only works with --dry-run")
     from .convert import convert_file
 
     opts = options_from_args(a)
     out = a.output or default_output(a.input, _mode_suffix(opts))
     rep = convert_file(a.input, out, opts, progress=progress, device=a.device, overwrite=a.overwrite,
                        dry_run=a.dry_run, error_stats=(a.error_sample if a.error_stats and a.error_sample is not None
-                                                       else a.error_stats), calibration=a.calibration)
+                                                       else a.error_stats), calibration=a.calibration,
+                       advise=a.advise)
     if a.dry_run:
         print(rep.plan_table())
     print(rep.summary())

@@ -145,7 +145,7 @@ def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats,
     codec = get_codec(p.format)
     opts = codec_opts(p)
     wd = w.to(device, non_blocking=True) if device != "cpu" else w
-    stats = calib.stats_for(p.layer, int(p.shape[1]), device=device) if calib is not None and p.method != "rtn" else None
+    stats = calib.stats_for(p.layer, int(p.shape[1]), device=device) if calib is not None and p.method == "gptq" else None
     try:
         out = quantize_weight(codec, wd, method=p.method, stats=stats, **opts)
     except (FormatError, ValueError) as e:  # NonFiniteError is a FormatError; rounding raises ValueError
@@ -198,7 +198,7 @@ def _check_device(device: str) -> str:
 def convert_file(input_path, output_path, options: PlanOptions | None = None, progress: Callable | None = None,
                  cancel: Callable[[], bool] | None = None, device: str = "cpu", overwrite: bool = False,
                  dry_run: bool = False, error_stats: bool = True, prefetch: int = 1,
-                 calibration=None) -> ConversionReport:
+                 calibration=None, advise: bool = False) -> ConversionReport:
     """Convert ``input_path`` to ``output_path`` following ``options``; see the module docstring."""
     options = options or PlanOptions()
     device = _check_device(device)
@@ -219,6 +219,10 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
     header, _ = build_header(layout.specs, layout.metadata)
     report.bytes_out = len(header) + sum(s.nbytes for s in layout.specs.values())
     if dry_run:
+        if advise:  # reads and test-quantizes every planned weight, hence opt-in
+            from .rounding.advice import advise_file, format_advice
+
+            report.advice = format_advice(advise_file(input_path, plans, calib))
         if calib is not None:
             calib.close()
         return report

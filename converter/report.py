@@ -39,6 +39,7 @@ class ConversionReport:
     bytes_in: int = 0
     bytes_out: int = 0
     layers: list[LayerRecord] = field(default_factory=list)
+    advice: str | None = None  # --dry-run --advise: per-layer format advice (rounding.advice), as text
 
     def formats(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -69,7 +70,7 @@ class ConversionReport:
             "input": self.input, "output": self.output, "dry_run": self.dry_run, "device": self.device,
             "seconds": round(self.seconds, 3), "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
             "formats": self.formats(), "copied_tensors": self.copied(), "error_stats": self.error_stats(),
-            "layers": [asdict(r) for r in self.layers],
+            "layers": [asdict(r) for r in self.layers], "advice": self.advice,
         }
 
     def write_json(self, path) -> None:
@@ -109,6 +110,13 @@ class ConversionReport:
             lo = min(r.error_fraction for r in sampled)
             lines.append(f"  (errors of {len(sampled)} large layers measured on evenly spaced rows covering >= {lo:.0%} "
                          "of their weights; --error-sample 1 measures all)")
+        if any(r.format is not None and r.method == "gptq" for r in self.layers):
+            lines.append("  (gptq layers: this is the WEIGHT error, which error-compensated rounding may raise while it "
+                         "lowers the error of the layer's output on the calibration data)")
+        if self.advice:
+            lines.append(self.advice)
+        elif self.dry_run:
+            lines.append("(add --advise for per-layer format advice: where another layout cuts the error most for its bytes)")
         return "\n".join(lines)
 
 
