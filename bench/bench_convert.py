@@ -77,7 +77,7 @@ def flux_layers(n_double: int, n_single: int) -> list[tuple[str, tuple[int, ...]
 def make_checkpoint(path: Path, n_double: int, n_single: int, seed: int = 0) -> int:
     """Write the synthetic checkpoint tensor by tensor (never the whole model in memory)."""
     from hybridquant.converter.formats.base import TensorSpec
-    from hybridquant.converter.safetensors_io import AtomicSafetensorsWriter
+    from hybridquant.converter.safetensors_writer import AtomicSafetensorsWriter
 
     layers = flux_layers(n_double, n_single)
     specs = {n: TensorSpec(torch.bfloat16, s) for n, s in layers}

@@ -13,9 +13,9 @@ overlap. Memory is recycled instead of allocated per tensor (fresh memory costs 
 more than the arithmetic): the reader fills ``1 + prefetch`` reusable byte buffers, round-to-nearest
 grid layers quantize into pooled output buffers (``_OutputPool``) that the writer hands back, and the
 grid codecs work in cache-sized row bands (``formats/grids.py``), so no weight-sized float32 copy exists.
-The writer flushes the output every 256 MiB in its own thread (``safetensors_io.SYNC_EVERY``), so the
+The writer flushes the output every 256 MiB in its own thread (``safetensors_writer.SYNC_EVERY``), so the
 closing fsync is short. The output goes to a temp file beside the target and is renamed into place only when complete
-(``safetensors_io.AtomicSafetensorsWriter``); any exception (incl. Ctrl+C, a cancel callback, a full
+(``safetensors_writer.AtomicSafetensorsWriter``); any exception (incl. Ctrl+C, a cancel callback, a full
 disk) removes the temp file and never touches the input.
 
 ``progress(done_bytes, total_bytes, current_name)`` is called after each tensor; ``cancel()`` is polled
@@ -43,7 +43,8 @@ from .metadata import encode_comfy_quant
 from .plan import LayerPlan, Planner, PlanOptions
 from .report import ConversionReport, LayerRecord
 from .rounding import quantize_weight
-from .safetensors_io import AtomicSafetensorsWriter, SafetensorsReader, read_header, same_file
+from .safetensors_io import SafetensorsReader, read_header, same_file
+from .safetensors_writer import AtomicSafetensorsWriter
 
 _CODEC_ONLY_DROP = ("full_precision_matrix_mult",)  # .comfy_quant keys the converter adds itself
 # Layouts whose stored weight is padded/packed: the logical shape goes into .comfy_quant as orig_shape
@@ -214,7 +215,7 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
     report = ConversionReport(input=os.fspath(input_path), output=None if dry_run else os.fspath(output_path),
                               dry_run=dry_run, device=device, layers=_records(plans, layout, input_specs))
     report.bytes_in = os.path.getsize(input_path)
-    from .safetensors_io import build_header
+    from .safetensors_writer import build_header
 
     header, _ = build_header(layout.specs, layout.metadata)
     report.bytes_out = len(header) + sum(s.nbytes for s in layout.specs.values())

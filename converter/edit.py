@@ -16,7 +16,7 @@ metadata (``modelspec.*``, the header's other top-level keys) is kept as is.
 
 Output
 ------
-Always a NEW file, written through ``safetensors_io.AtomicSafetensorsWriter`` (temp file beside the
+Always a NEW file, written through ``safetensors_writer.AtomicSafetensorsWriter`` (temp file beside the
 target, renamed when complete). Every tensor except the edited ``.comfy_quant`` ones is copied
 byte for byte, in the input's order. Output equal to the input (same path, symlink or hard link) is
 refused: rewriting a multi-GB file costs the same whether it lands beside the input or over it, and

@@ -2,7 +2,7 @@
 
 Used by ``edit.py`` (``--edit-quant``) and ``hybridize.py`` (``--make-hybrid-mxfp8``): both rewrite a
 file where almost every tensor is copied byte for byte. ``rewrite_file`` streams one tensor at a time
-through ``safetensors_io.AtomicSafetensorsWriter`` (temp file beside the target, renamed when
+through ``safetensors_writer.AtomicSafetensorsWriter`` (temp file beside the target, renamed when
 complete; any error or Ctrl+C leaves no output). ``check_output_path`` refuses output == input (same
 path, symlink or hard link) and an existing output without ``overwrite``, before any work.
 
@@ -23,7 +23,8 @@ import torch
 
 from .errors import Cancelled, InputFileError, OutputFileError
 from .formats.base import TensorSpec
-from .safetensors_io import AtomicSafetensorsWriter, SafetensorsReader, same_file
+from .safetensors_io import SafetensorsReader, same_file
+from .safetensors_writer import AtomicSafetensorsWriter
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 COMFY_QUANT_SUFFIX = ".comfy_quant"

@@ -1,4 +1,4 @@
-"""Streaming ``.safetensors`` reader and atomic writer (no whole-file loads, never a partial output).
+"""Streaming ``.safetensors`` reader (no whole-file loads) and the file-format helpers both halves share.
 
 File layout (the safetensors spec): 8 bytes little-endian u64 ``N``; ``N`` bytes of UTF-8 JSON
 ``{"__metadata__": {str: str}, name: {"dtype": "BF16", "shape": [..], "data_offsets": [b, e]}}``
@@ -18,45 +18,26 @@ Public API (used by convert.py, edit.py, hybridize.py and the ComfyUI node)
     threads may read at once and nothing is memory-mapped: the resident memory of a conversion is the
     tensors in flight, not the file). ``.keys()``.
 
-``AtomicSafetensorsWriter(path, specs, metadata=None, overwrite=False, fsync=True, sync_every=SYNC_EVERY)``
-    ``specs``: ordered ``{name: TensorSpec(dtype, shape)}`` — the complete output, known before any
-    data exists (codecs' ``output_specs``). The header is written at once; then
-    ``.write(name, tensor)`` stores each tensor exactly once, in ANY order and from any thread (each
-    tensor has a fixed offset; ``os.pwrite``). dtype/shape are checked against the spec. Every
-    ``sync_every`` bytes (256 MiB) a ``write`` also flushes the file so far (``SYNC_EVERY``). On a clean
-    exit of the ``with`` block every tensor must have been written; the temp file is fsynced and
-    renamed over ``path`` (then the directory is fsynced). On any exception (incl. KeyboardInterrupt)
-    the temp file is removed and ``path`` is untouched. ``.abort()`` does the same explicitly.
-    Raises ``OutputFileError`` if ``path`` exists and ``overwrite`` is false.
+The writing half (``AtomicSafetensorsWriter``, ``write_safetensors``, ``build_header``, partial-file
+handling) lives in ``safetensors_writer.py``.
 
-``write_safetensors(path, tensors, metadata=None, overwrite=False)``
-    Small-file convenience on top of the writer (whole dict in memory).
-
-Temp files and crashes
-----------------------
-The temp file is ``<dir>/.<output name>.partial-<pid>``, beside the target so the final rename is
-atomic on the same filesystem. SIGINT/SIGTERM/exceptions remove it. A SIGKILL or power loss cannot
-run cleanup code, so a temp file may remain: every writer (and ``clean_stale_partials``) deletes
-``.<name>.partial-<pid>`` files of the same target whose pid is no longer alive. The target path
-itself never holds a partial file. Before writing data the full size is reserved with
-``posix_fallocate`` where the filesystem supports it, so a full disk fails before any work is done.
+``same_file(a, b)``, ``iter_tensors(path, names=None)``: path identity (symlinks, hard links) and a
+one-tensor-at-a-time iterator.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import re
 import struct
-import threading
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import torch
 
-from .errors import InputFileError, OutputFileError
+from .errors import InputFileError
 from .formats.base import TensorSpec
 
 # safetensors dtype string <-> torch dtype. Built defensively: older torch lacks some dtypes.
@@ -248,277 +229,6 @@ def open_reader(path) -> SafetensorsReader:
     return SafetensorsReader(path)
 
 
-def partial_path(path, pid: int | None = None) -> str:
-    """The temp-file name used while writing ``path``."""
-    path = os.path.abspath(os.fspath(path))
-    d, base = os.path.split(path)
-    return os.path.join(d, f".{base}.partial-{os.getpid() if pid is None else pid}")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def clean_stale_partials(path) -> list[str]:
-    """Delete leftover temp files of ``path`` whose writer process is dead (e.g. SIGKILLed)."""
-    path = os.path.abspath(os.fspath(path))
-    d, base = os.path.split(path)
-    removed = []
-    try:
-        entries = os.listdir(d)
-    except OSError:
-        return removed
-    for entry in entries:
-        m = _PARTIAL_RE.match(entry)
-        if not m or m.group("name") != base:
-            continue
-        pid = int(m.group("pid"))
-        if pid != os.getpid() and _pid_alive(pid):
-            continue
-        try:
-            os.unlink(os.path.join(d, entry))
-            removed.append(os.path.join(d, entry))
-        except FileNotFoundError:
-            pass
-    return removed
-
-
-def build_header(specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None) -> tuple[bytes, dict[str, tuple[int, int]]]:
-    """Serialize a header for ``specs`` (packed in the given order). Returns (bytes incl. the 8-byte
-    length prefix, {name: (relative offset, nbytes)})."""
-    header: dict = {}
-    if metadata:
-        for k, v in metadata.items():
-            if not isinstance(k, str) or not isinstance(v, str):
-                raise ValueError(f"safetensors metadata must map str to str, got {k!r}: {type(v).__name__}")
-        header["__metadata__"] = dict(metadata)
-    layout: dict[str, tuple[int, int]] = {}
-    pos = 0
-    for name, spec in specs.items():
-        if name == "__metadata__":
-            raise ValueError("'__metadata__' is not a valid tensor name")
-        nbytes = spec.nbytes
-        header[name] = {"dtype": st_dtype(spec.dtype), "shape": list(spec.shape), "data_offsets": [pos, pos + nbytes]}
-        layout[name] = (pos, nbytes)
-        pos += nbytes
-    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    raw += b" " * (-(len(raw) + 8) % 8)  # keep the data section 8-byte aligned, as safetensors does
-    return struct.pack("<Q", len(raw)) + raw, layout
-
-
-# With ``fsync`` on, every this many bytes written the writer flushes the file so far (fdatasync in the
-# calling thread: the converter's writer thread, so it overlaps the math) and drops the now clean pages
-# from the page cache. The closing fsync then only has the last stretch to flush, and a large output
-# does not push the user's other cached files out of memory.
-SYNC_EVERY = 256 << 20
-
-
-class AtomicSafetensorsWriter:
-    """Writes a safetensors file whose header is known up front; see the module docstring."""
-
-    def __init__(self, path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None,
-                 overwrite: bool = False, fsync: bool = True, sync_every: int = SYNC_EVERY):
-        self.path = os.path.abspath(os.fspath(path))
-        self.specs = dict(specs)
-        self.metadata = dict(metadata or {})
-        self.overwrite = overwrite
-        self.fsync = fsync
-        self.sync_every = sync_every
-        self._unsynced = 0
-        self._flusher: threading.Thread | None = None
-        self._flush_due = threading.Event()
-        self._flush_stop = False
-        self._flush_error: OSError | None = None
-        self.tmp_path = partial_path(self.path)
-        self._fd = -1
-        self._written: set[str] = set()
-        self._lock = threading.Lock()
-        self._header, self._layout = build_header(self.specs, self.metadata)
-        self.total_bytes = len(self._header) + sum(n for _, n in self._layout.values())
-
-    # -- lifecycle ---------------------------------------------------------------------------------
-    def open(self) -> "AtomicSafetensorsWriter":
-        if os.path.isdir(self.path):
-            raise OutputFileError(f"{self.path}: output path is a directory")
-        if os.path.exists(self.path) and not self.overwrite:
-            raise OutputFileError(f"{self.path}: output file exists (use --overwrite to replace it)")
-        d = os.path.dirname(self.path)
-        if not os.path.isdir(d):
-            raise OutputFileError(f"{self.path}: output directory {d} does not exist")
-        clean_stale_partials(self.path)
-        try:
-            self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            raise OutputFileError(f"{self.path}: cannot create output file {self.tmp_path} ({e.strerror})") from None
-        try:
-            self._reserve()
-            self._pwrite(memoryview(self._header), 0)
-        except BaseException:
-            self.abort()
-            raise
-        return self
-
-    def _reserve(self) -> None:
-        # Reserve the whole file now: a full disk fails here, before minutes of work.
-        try:
-            os.posix_fallocate(self._fd, 0, self.total_bytes)
-        except OSError as e:
-            if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                what = "not enough disk space" if e.errno != errno.EFBIG else "file size limit exceeded"
-                raise OutputFileError(f"{self.path}: {what}: the output needs {self.total_bytes / 1e6:.1f} MB "
-                                      f"({e.strerror})") from None
-            # EOPNOTSUPP/EINVAL (filesystem without fallocate): writes will report ENOSPC instead.
-        except AttributeError:
-            pass
-
-    def _pwrite(self, buf: memoryview, offset: int) -> None:
-        done = 0
-        total = len(buf)
-        try:
-            while done < total:
-                done += os.pwrite(self._fd, buf[done:], offset + done)
-        except OSError as e:
-            raise OutputFileError(f"{self.path}: write failed ({e.strerror})") from None
-
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Store ``tensor`` under ``name`` (declared in ``specs``); thread-safe, any order, once each."""
-        spec = self.specs.get(name)
-        if spec is None:
-            raise KeyError(f"{name!r} is not declared in the output header")
-        if tensor.dtype != spec.dtype or tuple(tensor.shape) != tuple(spec.shape):
-            raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, header declares {spec.dtype} {tuple(spec.shape)}")
-        with self._lock:
-            if name in self._written:
-                raise ValueError(f"{name}: written twice")
-            self._written.add(name)
-        rel, nbytes = self._layout[name]
-        if nbytes == 0:
-            return
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous().reshape(-1).view(torch.uint8)
-        self._pwrite(byte_view(t), len(self._header) + rel)
-        del t  # the view above must not outlive it
-        if self.fsync and self.sync_every:
-            with self._lock:
-                self._unsynced += nbytes
-                due = self._unsynced >= self.sync_every
-                if due:
-                    self._unsynced = 0
-            if due:
-                self._request_write_back()
-
-    def _request_write_back(self) -> None:
-        # In a thread of its own: an fdatasync blocks for as long as the disk takes, and a writer
-        # blocked that long would stall the whole pipeline behind it.
-        with self._lock:
-            if self._flusher is None:
-                self._flusher = threading.Thread(target=self._flush_loop, name="hq-flush", daemon=True)
-                self._flusher.start()
-        self._flush_due.set()
-
-    def _flush_loop(self) -> None:
-        while True:
-            self._flush_due.wait()
-            self._flush_due.clear()
-            if self._flush_stop:
-                return
-            try:
-                self._write_back()
-            except OSError as e:  # reported by commit(); the closing fsync would hit it too
-                self._flush_error = e
-                return
-
-    def _write_back(self) -> None:
-        os.fdatasync(self._fd)
-        if hasattr(os, "posix_fadvise"):
-            try:  # clean pages only: what was written after the fdatasync stays until it is flushed
-                os.posix_fadvise(self._fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            except OSError:
-                pass
-
-    def _stop_flusher(self) -> None:
-        """Wait for a running write-back; the fd must stay open (and not be reused) until then."""
-        if self._flusher is not None:
-            self._flush_stop = True
-            self._flush_due.set()
-            self._flusher.join()
-            self._flusher = None
-
-    def missing(self) -> list[str]:
-        return [n for n in self.specs if n not in self._written]
-
-    def commit(self) -> str:
-        missing = self.missing()
-        if missing:
-            self.abort()
-            raise RuntimeError(f"{self.path}: {len(missing)} declared tensors were never written, e.g. {missing[:3]}")
-        try:
-            self._stop_flusher()
-            if self._flush_error is not None:
-                raise OutputFileError(f"{self.path}: write failed ({self._flush_error.strerror})")
-            if self.fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-            if os.path.exists(self.path) and not self.overwrite:
-                raise OutputFileError(f"{self.path}: output file appeared while converting; not replacing it")
-            os.replace(self.tmp_path, self.path)
-        except BaseException:
-            self.abort()
-            raise
-        if self.fsync:
-            try:
-                dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
-            except OSError:
-                pass
-        return self.path
-
-    def abort(self) -> None:
-        self._stop_flusher()
-        if self._fd >= 0:
-            try:
-                os.close(self._fd)
-            except OSError:
-                pass
-            self._fd = -1
-        try:
-            os.unlink(self.tmp_path)
-        except FileNotFoundError:
-            pass
-
-    def __enter__(self):
-        return self.open()
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            self.commit()
-        else:
-            self.abort()
-        return False
-
-
-def write_safetensors(path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
-                      overwrite: bool = False) -> str:
-    """Write a whole (small) dict of tensors atomically."""
-    specs = {k: TensorSpec(v.dtype, tuple(v.shape)) for k, v in tensors.items()}
-    with AtomicSafetensorsWriter(path, specs, metadata, overwrite=overwrite) as w:
-        for k, v in tensors.items():
-            w.write(k, v)
-    return w.path
-
-
 def same_file(a, b) -> bool:
     """True when two paths name the same file (symlinks, hard links, relative paths)."""
     try:
@@ -527,14 +237,12 @@ def same_file(a, b) -> bool:
         return os.path.realpath(os.fspath(a)) == os.path.realpath(os.fspath(b))
 
 
-__all__ = [
-    "TensorInfo", "read_header", "SafetensorsReader", "open_reader", "AtomicSafetensorsWriter",
-    "write_safetensors", "partial_path", "clean_stale_partials", "build_header", "st_dtype", "same_file",
-]
-
-
 def iter_tensors(path, names: Iterable[str] | None = None):
     """Yield ``(name, tensor)`` one at a time in file order (convenience for small tools)."""
     with SafetensorsReader(path) as r:
         for n in (names if names is not None else r.keys()):
             yield n, r.read(n)
+
+
+__all__ = ["TensorInfo", "read_header", "SafetensorsReader", "open_reader", "st_dtype", "byte_view", "same_file",
+           "iter_tensors"]

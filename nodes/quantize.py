@@ -86,7 +86,7 @@ def _target_dir() -> str:
 def _save(new_sd, header_metadata, prefix: str) -> str:
     """Write atomically to <diffusion_models>/<prefix>_NNNNN.safetensors, first free number."""
     from ..converter.errors import OutputFileError
-    from ..converter.safetensors_io import write_safetensors
+    from ..converter.safetensors_writer import write_safetensors
 
     base = _target_dir()
     rel = qo.check_prefix(prefix)

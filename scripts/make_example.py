@@ -54,7 +54,7 @@ def layers() -> list[tuple[str, tuple[int, ...]]]:
 
 def main(argv=None) -> int:
     from hybridquant.converter.formats.base import TensorSpec
-    from hybridquant.converter.safetensors_io import AtomicSafetensorsWriter
+    from hybridquant.converter.safetensors_writer import AtomicSafetensorsWriter
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(REPO / "examples" / "flux_like_tiny.safetensors"))

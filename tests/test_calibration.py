@@ -7,7 +7,7 @@ import torch
 
 from hybridquant.converter.rounding.calibration import (CalibrationError, CalibrationFile, Collector, collect,
                                                          load_stats)
-from hybridquant.converter.safetensors_io import write_safetensors
+from hybridquant.converter.safetensors_writer import write_safetensors
 
 
 class Block(torch.nn.Module):

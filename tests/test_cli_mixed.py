@@ -161,7 +161,7 @@ def test_report_json_and_summary(src, tmp_path):
 
 
 def _calibration_file(path, weights, layers):
-    from hybridquant.converter.safetensors_io import write_safetensors
+    from hybridquant.converter.safetensors_writer import write_safetensors
 
     g = torch.Generator().manual_seed(3)
     t = {}

@@ -37,7 +37,7 @@ def sha(path) -> str:
 @pytest.fixture(scope="module")
 def big(tmp_path_factory):
     from hybridquant.converter.formats.base import TensorSpec
-    from hybridquant.converter.safetensors_io import AtomicSafetensorsWriter
+    from hybridquant.converter.safetensors_writer import AtomicSafetensorsWriter
 
     d = tmp_path_factory.mktemp("kill")
     p = d / "big.safetensors"

@@ -35,7 +35,7 @@ def test_uniform_layer_gets_no_advice_and_calibrated_error_is_used():
 def test_advise_file_reads_the_planned_layers(tmp_path):
     from hybridquant.converter.plan import LayerPlan
     from hybridquant.converter.rounding.advice import advise_file
-    from hybridquant.converter.safetensors_io import write_safetensors
+    from hybridquant.converter.safetensors_writer import write_safetensors
 
     g = torch.Generator().manual_seed(2)
     w = torch.randn(32, 256, generator=g) * 0.01  # wide enough that per-row scales cost < 5% bytes

@@ -35,7 +35,8 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..errors import InputFileError
-from ..safetensors_io import SafetensorsReader, write_safetensors
+from ..safetensors_io import SafetensorsReader
+from ..safetensors_writer import write_safetensors
 
 FORMAT_VERSION = "1"
 SUFFIXES = ("input_xtx", "input_sqmean", "input_absmax", "input_count")
