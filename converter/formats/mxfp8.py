@@ -158,10 +158,12 @@ def as_e8m0_codes(t: torch.Tensor, name: str) -> torch.Tensor:
     raise FormatError(f"{name}: expected dtype torch.uint8 (E8M0 codes), found {t.dtype}")
 
 
-def _check_group_size(opts) -> None:
+def check_fixed_group_size(opts, fmt: str = "mxfp8", block: int = BLOCK) -> None:
+    """Block-scaled formats (MXFP8, NVFP4) have a fixed block size: a ``group_size`` option, from a
+    file's metadata or a caller, must agree with it."""
     gs = opts.get("group_size")
-    if gs is not None and gs != BLOCK:
-        raise FormatError(f"mxfp8 has a fixed block size of {BLOCK}, got group_size={gs!r}")
+    if gs is not None and gs != block:
+        raise FormatError(f"{fmt} has a fixed block size of {block}, got group_size={gs!r}")
 
 
 class MXFP8(Codec):
@@ -174,7 +176,7 @@ class MXFP8(Codec):
         return round_up(m, BLOCK), round_up(n, BLOCK)
 
     def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
-        _check_group_size(opts)
+        check_fixed_group_size(opts)
         mp, np_ = self.padded_shape(shape)
         return {
             "weight": TensorSpec(torch.float8_e4m3fn, (mp, np_)),
@@ -187,7 +189,7 @@ class MXFP8(Codec):
 
     def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
         """``{"weight_scale": uint8 E8M0 codes [M, ceil(N/32)]}`` (logical grid, not swizzled)."""
-        _check_group_size(opts)
+        check_fixed_group_size(opts)
         w = check_weight(w, name)
         grid = (w.shape[0], ceil_div(w.shape[1], BLOCK))
         if amax is None:
@@ -207,7 +209,7 @@ class MXFP8(Codec):
 
     # ---- encode / decode ----------------------------------------------------------------------
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
-        _check_group_size(opts)
+        check_fixed_group_size(opts)
         w = check_weight(w, name)
         m, n = w.shape
         nb = ceil_div(n, BLOCK)
@@ -256,7 +258,7 @@ class MXFP8(Codec):
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
         try:
             shape = check_shape(shape)
-            _check_group_size(opts)
+            check_fixed_group_size(opts)
         except FormatError as e:
             raise FormatError(f"{layer}: {e}") from None
         specs = self.output_specs(shape)

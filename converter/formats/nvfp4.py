@@ -32,7 +32,7 @@ import torch
 
 from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
-from .mxfp8 import E4M3_MAX, amax_of_blocks, div_const, blockwise_amax, check_shape, check_weight, expand_blocks, padded_blocks, require_finite, row_chunks
+from .mxfp8 import E4M3_MAX, amax_of_blocks, check_fixed_group_size, div_const, blockwise_amax, check_shape, check_weight, expand_blocks, padded_blocks, require_finite, row_chunks
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -60,9 +60,7 @@ def _values(device) -> torch.Tensor:
 
 
 def _check_group_size(opts) -> None:
-    gs = opts.get("group_size")
-    if gs is not None and gs != BLOCK:
-        raise FormatError(f"nvfp4 has a fixed block size of {BLOCK}, got group_size={gs!r}")
+    check_fixed_group_size(opts, "nvfp4", BLOCK)
 
 
 class NVFP4(Codec):
