@@ -6,12 +6,15 @@ written with the ``safetensors`` package; outputs are read back with ``safe_open
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 
 import pytest
 import torch
+
+import convert_helpers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -405,24 +408,8 @@ def test_output_rules(mxfile, tmp_path):
 # Through the convert_to_quant CLI: MXFP8 and FP8 files made by the CLI, then --make-hybrid-mxfp8
 # ------------------------------------------------------------------------------------------------
 
-def run_cli(*args, subprocess_=False):
-    """Run ``convert_to_quant`` with ``args``: in-process through ``cli.main`` (fast), or as a real
-    ``python -m hybridquant.converter`` process when ``subprocess_`` is true."""
-    import contextlib
-    import io
-    import subprocess
-    import sys
-    import types
-
-    argv = [str(a) for a in args]
-    if subprocess_:
-        return subprocess.run([sys.executable, "-m", "hybridquant.converter", *argv], capture_output=True, text=True, timeout=300)
-    from hybridquant.converter.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main(argv)
-    return types.SimpleNamespace(returncode=rc, stdout=out.getvalue(), stderr=err.getvalue())
+# the shared CLI runner (tests/convert_helpers.py); these tests check the exit code themselves
+run_cli = functools.partial(convert_helpers.run_cli, check=False)
 
 
 def test_cli_make_hybrid_with_tensor_scales(tmp_path):
