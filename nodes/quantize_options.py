@@ -23,15 +23,11 @@ PRIMARY_CHOICES: dict[str, dict] = {
     "mxfp8": {"mode": "mxfp8"},
     "nvfp4": {"mode": "nvfp4"},
 }
+# Custom layers take the same 8-bit/MX/NV choices (not bitsandbytes, which is a primary mode only),
+# expressed as the converter's --custom-* fields.
 CUSTOM_CHOICES: dict[str, dict] = {
-    "fp8 tensorwise": {"custom_type": "fp8", "custom_scaling_mode": "tensor"},
-    "fp8 rowwise": {"custom_type": "fp8", "custom_scaling_mode": "row"},
-    "fp8 blockwise": {"custom_type": "fp8", "custom_scaling_mode": "block"},
-    "int8 tensorwise": {"custom_type": "int8", "custom_scaling_mode": "tensor"},
-    "int8 per-row": {"custom_type": "int8", "custom_scaling_mode": "row"},
-    "int8 blockwise": {"custom_type": "int8", "custom_scaling_mode": "block"},
-    "mxfp8": {"custom_type": "mxfp8"},
-    "nvfp4": {"custom_type": "nvfp4"},
+    name: {"custom_type": f["mode"], **({"custom_scaling_mode": f["scaling_mode"]} if "scaling_mode" in f else {})}
+    for name, f in PRIMARY_CHOICES.items() if f["mode"] != "bnb4bit"
 }
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_\-. ]+(/[A-Za-z0-9_\-. ]+)*$")
 
