@@ -34,7 +34,6 @@ Keys removed that a layer does not have are counted in the report (``keys_absent
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Iterable, Mapping
@@ -43,8 +42,9 @@ import torch
 
 from .edit_keys import compile_filter, parse_add_keys, parse_remove_keys
 from .errors import InputFileError, NoMatchingLayersError, OptionError
-from .rewrite import (COMFY_QUANT_SUFFIX, QUANT_METADATA_KEY, CancelFn, ProgressFn, check_output_path,
-                      encode_comfy_quant, parse_quant_header, read_layer_configs, rewrite_file)
+from .metadata import QUANT_METADATA_KEY, dumps_compact
+from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, encode_comfy_quant,
+                      parse_quant_header, read_layer_configs, rewrite_file)
 from .safetensors_io import SafetensorsReader
 
 
@@ -84,8 +84,6 @@ def _check_structure(reader: SafetensorsReader, layer: str, old: Mapping, new: M
                           f"disagree with its stored tensors: {e}") from None
 
 
-def _dumps(obj) -> str:
-    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)  # as metadata.py writes headers
 
 
 def _new_counts() -> dict:
@@ -160,11 +158,11 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
             final_cfgs[L] = new_t if new_t is not None else new_h
             _check_structure(reader, L, tensor_cfgs.get(L) or header_layers[L], final_cfgs[L])
             # Compare JSON text, not dicts: 1 == 1.0 == True in Python but not in the file.
-            if new_t is not None and _dumps(new_t) != _dumps(tensor_cfgs[L]):
+            if new_t is not None and dumps_compact(new_t) != dumps_compact(tensor_cfgs[L]):
                 replace[L + COMFY_QUANT_SUFFIX] = encode_comfy_quant(new_t)
                 tensors_changed += 1
             if new_h is not None:
-                if _dumps(new_h) != _dumps(header_layers[L]):
+                if dumps_compact(new_h) != dumps_compact(header_layers[L]):
                     header_changed += 1
                 header_layers[L] = new_h
 
@@ -178,12 +176,12 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
                 layers_out[L] = final_cfgs.get(L, cfg)
             new_qm = dict(qm) if qm is not None else {"format_version": "1.0"}
             new_qm["layers"] = layers_out
-            metadata[QUANT_METADATA_KEY] = _dumps(new_qm)
+            metadata[QUANT_METADATA_KEY] = dumps_compact(new_qm)
             header_written = metadata.get(QUANT_METADATA_KEY) != reader.metadata.get(QUANT_METADATA_KEY)
         elif qm is not None and header_changed:
             new_qm = dict(qm)
             new_qm["layers"] = header_layers
-            metadata[QUANT_METADATA_KEY] = _dumps(new_qm)
+            metadata[QUANT_METADATA_KEY] = dumps_compact(new_qm)
             header_written = True
 
         nbytes = rewrite_file(reader, output, replace=replace, metadata=metadata, overwrite=overwrite,

@@ -36,7 +36,6 @@ checkpoint and vice versa. Decisions on partial matches (documented for the CLI 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -47,8 +46,9 @@ import torch
 from .errors import InputFileError, LayerError, NoMatchingLayersError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec, round_up
-from .rewrite import (COMFY_QUANT_SUFFIX, QUANT_METADATA_KEY, CancelFn, ProgressFn, check_output_path,
-                      encode_comfy_quant, parse_quant_header, read_layer_configs, rewrite_file)
+from .metadata import QUANT_METADATA_KEY, dumps_compact
+from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, encode_comfy_quant,
+                      parse_quant_header, read_layer_configs, rewrite_file)
 from .safetensors_io import SafetensorsReader, same_file
 
 log = logging.getLogger("hybridquant.converter.hybridize")
@@ -236,7 +236,7 @@ def make_hybrid_mxfp8(input, output, tensor_scales=None, overwrite: bool = False
             for L in layers:
                 if L in new_layers:
                     new_layers[L] = dict(new_layers[L], format=TARGET_FORMAT)
-            metadata[QUANT_METADATA_KEY] = json.dumps(dict(qm, layers=new_layers), separators=(",", ":"), ensure_ascii=False)
+            metadata[QUANT_METADATA_KEY] = dumps_compact(dict(qm, layers=new_layers))
         insert_after = {f"{L}.weight": {f"{L}.weight_scalar": TensorSpec(torch.float32, ())} for L in layers}
         nbytes = rewrite_file(reader, output, replace=replace, insert_after=insert_after, on_read=on_read,
                               metadata=metadata, overwrite=overwrite, progress=progress, cancel=cancel)

@@ -112,11 +112,16 @@ class LayerInfo:
 
 # ---- .comfy_quant tensor -------------------------------------------------------------------------
 
-def encode_comfy_quant(d: Mapping) -> torch.Tensor:
-    """dict -> 1-D uint8 tensor of its compact UTF-8 JSON."""
-    d = check_layer_dict(dict(d), "comfy_quant")
-    data = json.dumps(d, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return torch.tensor(list(data), dtype=torch.uint8)
+def dumps_compact(obj) -> str:
+    """The compact JSON every metadata string and ``.comfy_quant`` tensor of ours is written with."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_comfy_quant(d: Mapping, check: bool = True) -> torch.Tensor:
+    """dict -> 1-D uint8 tensor of its compact UTF-8 JSON. ``check=False`` skips the field checks
+    (the metadata editor must be able to rewrite, and so fix, a file another tool wrote oddly)."""
+    d = check_layer_dict(dict(d), "comfy_quant") if check else dict(d)
+    return torch.tensor(list(dumps_compact(d).encode("utf-8")), dtype=torch.uint8)
 
 
 def decode_comfy_quant(t: torch.Tensor, layer: str = "?") -> dict:
@@ -173,8 +178,7 @@ def build_header(layers: Mapping[str, Mapping], base_metadata: Mapping | None = 
     out.pop(QUANT_METADATA_KEY, None)
     if layers:
         checked = {name: check_layer_dict(dict(d), f"header layer {name}") for name, d in layers.items()}
-        out[QUANT_METADATA_KEY] = json.dumps({"format_version": FORMAT_VERSION, "layers": checked},
-                                             separators=(",", ":"), ensure_ascii=False)
+        out[QUANT_METADATA_KEY] = dumps_compact({"format_version": FORMAT_VERSION, "layers": checked})
     return out
 
 

@@ -21,12 +21,13 @@ from typing import Callable, Mapping
 
 import torch
 
+from . import metadata
 from .errors import Cancelled, InputFileError, OutputFileError
+from .metadata import QUANT_METADATA_KEY
 from .formats.base import TensorSpec
 from .safetensors_io import SafetensorsReader, same_file
 from .safetensors_writer import AtomicSafetensorsWriter
 
-QUANT_METADATA_KEY = "_quantization_metadata"
 COMFY_QUANT_SUFFIX = ".comfy_quant"
 
 ProgressFn = Callable[[int, int, str], None]
@@ -51,13 +52,12 @@ def decode_comfy_quant(layer: str, t: torch.Tensor, path: str = "") -> dict:
 
 
 def encode_comfy_quant(cfg: Mapping) -> torch.Tensor:
-    """The ``.comfy_quant`` tensor for ``cfg`` (1-D uint8 compact UTF-8 JSON, as ``metadata.py`` writes).
+    """The ``.comfy_quant`` tensor for ``cfg``, written as ``metadata.py`` writes it.
 
-    Decoding and encoding here are deliberately lenient about the format name and field types (unlike
-    ``metadata.py``, which the loaders use): an editor must be able to open, and fix, a file another
-    tool wrote with an odd field."""
-    raw = json.dumps(dict(cfg), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    return torch.frombuffer(bytearray(raw), dtype=torch.uint8).clone()
+    Decoding (above) and encoding here are deliberately lenient about the format name and field types
+    (unlike ``metadata.py``'s checked path, which the loaders use): an editor must be able to open, and
+    fix, a file another tool wrote with an odd field."""
+    return metadata.encode_comfy_quant(cfg, check=False)
 
 
 def parse_quant_header(metadata: Mapping[str, str], path: str = "") -> dict | None:
