@@ -22,8 +22,8 @@ _gc_was_on = gc.isenabled()
 gc.disable()
 try:
     from .errors import Cancelled, ConverterError, OptionError
-    from .formats import FormatError
-    from .plan import CUSTOM_TYPES, PlanOptions
+    from .formats import FormatError, registry
+    from .plan import PlanOptions, custom_types, primary_modes
     from .presets import PRESETS, preset_help
 finally:
     gc.freeze()
@@ -42,6 +42,10 @@ def _method_help() -> str:
 
     helps = getattr(rounding, "METHOD_HELP", {})
     return "; ".join(f"{m}: {helps[m]}" if m in helps else m for m in rounding.METHODS)
+
+
+# The historical spellings of the tool this CLI follows; other families are spelled --<family>.
+_FAMILY_FLAGS = {"bnb4bit": ("--bnb-4bit", "--bnb4bit")}
 
 
 def _flag(*names: str) -> list[str]:
@@ -68,12 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="output file (default: <input stem>_<format>.safetensors beside the input)")
     g = p.add_argument_group("format (default: FP8 tensorwise)")
     m = g.add_mutually_exclusive_group()
-    m.add_argument("--fp8", dest="mode", action="store_const", const="fp8", help="FP8 e4m3fn (default); see --scaling_mode")
-    m.add_argument("--int8", dest="mode", action="store_const", const="int8", help="INT8 symmetric; see --scaling_mode")
-    m.add_argument("--mxfp8", dest="mode", action="store_const", const="mxfp8", help="MXFP8 (E8M0 scale per 1x32 block)")
-    m.add_argument("--nvfp4", dest="mode", action="store_const", const="nvfp4", help="NVFP4 (E2M1, e4m3 scale per 16)")
-    m.add_argument(*_flag("--bnb-4bit"), dest="mode", action="store_const", const="bnb4bit",
-                   help="bitsandbytes 4-bit (NF4/FP4), readable by bitsandbytes/diffusers/Forge")
+    for family in primary_modes():  # one flag per format family of the registry
+        members = registry.family_specs(family)
+        m.add_argument(*_flag(*_FAMILY_FLAGS.get(family, (f"--{family}",))), dest="mode", action="store_const",
+                       const=family, help=" / ".join(f"{s.label}: {s.summary}" for s in members if s.variants))
     m.add_argument(*_flag("--make-hybrid-mxfp8"), dest="make_hybrid", action="store_true",
                    help="turn an MXFP8 file into Hybrid MXFP8 (adds a tensorwise fallback scale per layer)")
     m.add_argument(*_flag("--edit-quant"), dest="edit_quant", action="store_true",
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = p.add_argument_group("mixed formats and filters (details: --help-filters)")
     c.add_argument(*_flag("--custom-layers"), dest="custom_layers", metavar="REGEX",
                    help="layers matching REGEX use --custom-type instead (wins over exclusions; any primary mode)")
-    c.add_argument(*_flag("--custom-type"), dest="custom_type", choices=list(CUSTOM_TYPES))
+    c.add_argument(*_flag("--custom-type"), dest="custom_type", choices=list(custom_types()))
     c.add_argument(*_flag("--custom-block-size"), dest="custom_block_size", type=int)
     c.add_argument(*_flag("--custom-scaling-mode"), dest="custom_scaling_mode", choices=["tensor", "row", "block", "block2d"])
     c.add_argument(*_flag("--custom-simple"), dest="custom_simple", action="store_true", help="RTN for custom layers")
@@ -202,7 +204,7 @@ def _run(a) -> int:
     if a.make_hybrid:
         from . import hybridize
 
-        out = a.output or default_output(a.input, "hybrid_mxfp8")
+        out = a.output or default_output(a.input, hybridize.TARGET_FORMAT)
         rep = hybridize.make_hybrid_mxfp8(a.input, out, tensor_scales=a.tensor_scales, overwrite=a.overwrite,
                                           progress=progress)
         _print_misc_report(rep, a.report, f"wrote {out}")

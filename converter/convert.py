@@ -47,9 +47,6 @@ from .safetensors_io import SafetensorsReader, read_header, same_file
 from .safetensors_writer import AtomicSafetensorsWriter
 
 _CODEC_ONLY_DROP = ("full_precision_matrix_mult",)  # .comfy_quant keys the converter adds itself
-# Layouts whose stored weight is padded/packed: the logical shape goes into .comfy_quant as orig_shape
-# (loaders must never guess it from storage; stock ComfyUI ignores the extra key).
-PADDED_FORMATS = frozenset({"mxfp8", "hybrid_mxfp8", "nvfp4"})
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -70,7 +67,9 @@ def comfy_quant_dict(p: LayerPlan) -> dict | None:
     md = dict(md)
     if p.opts.get("full_precision_matrix_mult"):
         md["full_precision_matrix_mult"] = True
-    if p.format in PADDED_FORMATS:
+    if get_codec(p.format).spec.storage != "exact":
+        # Padded/packed storage: the logical shape goes into .comfy_quant (loaders never guess it
+        # from storage; stock ComfyUI ignores the extra key).
         md["orig_shape"] = [int(p.shape[0]), int(p.shape[1])]
     return md
 

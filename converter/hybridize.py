@@ -46,6 +46,8 @@ import torch
 from .errors import InputFileError, LayerError, NoMatchingLayersError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec, round_up
+from .formats.fp8 import FP8Tensorwise
+from .formats.hybrid_mxfp8 import MXFP8, HybridMXFP8
 from .metadata import QUANT_METADATA_KEY, dumps_compact
 from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, encode_comfy_quant,
                       parse_quant_header, read_layer_configs, rewrite_file)
@@ -53,8 +55,9 @@ from .safetensors_io import SafetensorsReader, same_file
 
 log = logging.getLogger("hybridquant.converter.hybridize")
 
-SOURCE_FORMAT = "mxfp8"
-TARGET_FORMAT = "hybrid_mxfp8"
+SOURCE_FORMAT = MXFP8.spec.name
+TARGET_FORMAT = HybridMXFP8.spec.name
+TENSORWISE_FORMAT = FP8Tensorwise.spec.name  # what --tensor-scales files hold
 SCALE_NAMES = ("weight_scale", "scale_weight")  # current and legacy scaled-FP8 spelling
 _MX_BLOCK = 32
 
@@ -117,9 +120,9 @@ def load_tensor_scales(path, layers: Mapping[str, tuple[tuple[int, int], tuple[i
                           else f"its format there is {cfgs[other].get('format')!r}, not tensorwise FP8")
                 continue
             winfo, scale_name = fp8[S]
-            fmt = cfgs.get(S, {}).get("format", "float8_e4m3fn")
+            fmt = cfgs.get(S, {}).get("format", TENSORWISE_FORMAT)
             sinfo = r.infos[scale_name]
-            if fmt != "float8_e4m3fn" or sinfo.numel != 1:
+            if fmt != TENSORWISE_FORMAT or sinfo.numel != 1:
                 why[L] = f"{scale_name} is {fmt} with scale shape {list(sinfo.shape)}, not one tensorwise scale"
                 continue
             ws = tuple(winfo.shape)

@@ -17,7 +17,7 @@ Conventions (DESIGN.md §2)
 - Legacy "scaled FP8" files (older ComfyUI and other converters): a marker tensor ``<prefix>scaled_fp8``
   whose dtype is the FP8 dtype used (float32 means e4m3fn), and per layer ``<layer>.scale_weight``
   (float32, 0-dim or [1]) and optionally ``<layer>.scale_input``. The data layout is exactly
-  ``float8_e4m3fn`` (``float8_e5m2`` when the marker is e5m2) with ``weight_scale`` / ``input_scale``
+  the FP8 tensorwise layout (e5m2 when the marker is e5m2; ``formats.fp8.legacy_scaled_fp8_format``) with ``weight_scale`` / ``input_scale``
   under other names; a 2-element marker means "no fp8 matmul", recorded as
   ``full_precision_matrix_mult: true`` (what ComfyUI does). A ``scale_input`` equal to 1.0 is a
   placeholder and is left out (as current ComfyUI does). A ``.scale_weight`` without any marker is
@@ -58,8 +58,8 @@ Public API (used by the converter, the ComfyUI loaders and the editor)
 ``load_layer_tensors(info, get_tensor) -> dict[str, Tensor]``: the layer's tensors by suffix.
 ``validate_layer(info, tensors, shape=None) -> None``
     ``get_codec(info.format).validate(layer, tensors, shape, **info.options)``. ``shape``: the module's
-    logical shape; else ``info.orig_shape``; else, for the unpadded FP8/INT8 layouts, the stored weight's
-    shape. A packed layout with no known shape is a FormatError (the logical shape is never guessed).
+    logical shape; else ``info.orig_shape``; else, for layouts stored at the logical shape (``spec.storage == "exact"``), the
+    stored weight's shape. A packed layout with no known shape is a FormatError (the logical shape is never guessed).
     Checks ``orig_shape`` against ``shape`` when both exist.
 """
 
@@ -72,18 +72,16 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
-from .formats import FORMAT_NAMES, get_codec
+from .formats import find_spec, format_names, get_codec
 from .formats.base import FormatError
+from .formats.bnb4bit import BNB_FORMATS
+from .formats.fp8 import legacy_scaled_fp8_format
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 FORMAT_VERSION = "1.0"
 BNB_STATE_PREFIX = "weight.quant_state.bitsandbytes__"
-BNB_FORMATS = {"nf4": "bnb_nf4", "fp4": "bnb_fp4"}
 BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map")
 LEGACY_MARKER = "scaled_fp8"
-# Layouts stored unpadded at the logical shape: their weight's shape IS the logical shape.
-UNPADDED_FORMATS = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fn_rowwise", "float8_e4m3fn_blockwise",
-                              "int8_tensorwise", "int8_blockwise"})
 # Metadata fields never passed to codecs: ``format`` is the codec itself, the rest are the names of
 # codec method parameters that a stray field from another tool would collide with.
 _NOT_OPTIONS = frozenset({"format", "params", "amax", "tensors", "shape", "layer", "w", "x", "name"})
@@ -143,8 +141,8 @@ def check_layer_dict(d, where: str) -> dict:
     fmt = d.get("format")
     if fmt is None:
         raise FormatError(f"{where}: no 'format' field")
-    if not isinstance(fmt, str) or fmt not in FORMAT_NAMES:
-        raise FormatError(f"{where}: unknown quantization format {fmt!r}; known formats: {', '.join(FORMAT_NAMES)}")
+    if find_spec(fmt) is None:
+        raise FormatError(f"{where}: unknown quantization format {fmt!r}; known formats: {', '.join(format_names())}")
     gs = d.get("group_size")
     if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
         raise FormatError(f"{where}: group_size must be a positive integer, found {gs!r}")
@@ -285,7 +283,7 @@ def _discover_legacy(keys, keyset, found: dict, get_tensor) -> None:
             raise FormatError(f"{layer}: has legacy '{k}' but no '{layer}.weight'")
         prefix = max((p for p in markers if k.startswith(p)), key=len, default=None)
         marker = markers.get(prefix) if prefix is not None else None
-        fmt = "float8_e5m2" if marker is not None and marker.dtype == torch.float8_e5m2 else "float8_e4m3fn"
+        fmt = legacy_scaled_fp8_format(marker.dtype if marker is not None else None)
         meta = {"format": fmt}
         if marker is not None and marker.numel() == 2:
             meta["full_precision_matrix_mult"] = True
@@ -323,7 +321,7 @@ def validate_layer(info: LayerInfo, tensors: Mapping[str, torch.Tensor], shape=N
                               f"layer's shape {shape}")
     elif info.orig_shape is not None:
         shape = tuple(info.orig_shape)
-    elif info.format in UNPADDED_FORMATS and "weight" in tensors and tensors["weight"].ndim == 2:
+    elif get_codec(info.format).spec.storage == "exact" and "weight" in tensors and tensors["weight"].ndim == 2:
         shape = tuple(tensors["weight"].shape)
     else:
         raise FormatError(f"{info.layer}: logical shape of this {info.format} layer is unknown "

@@ -25,11 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
 from .errors import OptionError
-from .formats import FORMAT_NAMES
+from .formats import FormatError, registry
 from .presets import EMBEDDING_TABLES, PRESETS, heuristic_reason
 
-PRIMARY_MODES = ("fp8", "int8", "mxfp8", "nvfp4", "bnb4bit")
-CUSTOM_TYPES = ("fp8", "int8", "mxfp8", "nvfp4")
 SCALING_MODES = ("tensor", "row", "block")
 KEEP_WORDS = ("skip", "keep", "none", "high_precision", "full")
 
@@ -88,45 +86,63 @@ def compile_regex(pattern: str | None, flag: str) -> re.Pattern | None:
         raise OptionError(f"{flag}: invalid regex {pattern!r}: {e}") from None
 
 
+def primary_modes() -> tuple[str, ...]:
+    """The CLI primary modes (format families), from the registry."""
+    return registry.families()
+
+
+def custom_types() -> tuple[str, ...]:
+    """Families usable for --custom-layers (8-bit / MX / NV layers inside any file)."""
+    return tuple(f for f in registry.families() if any(s.custom and s.variants for s in registry.family_specs(f)))
+
+
 def resolve_format(kind: str, scaling_mode: str | None = "tensor", block_size: int | None = None, *,
                    bnb_quant_type: str = "nf4", bnb_blocksize: int = 64, bnb_double_quant: bool = False,
                    where: str = "") -> tuple[str, dict]:
-    """Map a user-level choice (``fp8`` + scaling mode, ``int8``, ``bnb_nf4`` ...) to (format name, codec opts)."""
+    """Map a user-level choice to (format name, codec opts), from the registry.
+
+    ``kind`` is a family (CLI mode: ``fp8``, ``int8``, ``bnb4bit`` ...), a format name, or a variant key
+    that names one format by itself (``nf4``). Inside a family the variant is the one whose key is
+    ``scaling_mode`` (FP8/INT8), else ``bnb_quant_type`` (bitsandbytes), else the family's single
+    key-less choice. A variant's ``group_size`` default yields to ``block_size``; bitsandbytes variants
+    take ``bnb_blocksize``/``bnb_double_quant``. The codec validates the options.
+    """
     scaling_mode = scaling_mode or "tensor"
     if scaling_mode in ("block2d", "block3d"):
         scaling_mode = "block"
     if scaling_mode not in SCALING_MODES:
         raise OptionError(f"{where}unknown scaling mode {scaling_mode!r}; choose from {', '.join(SCALING_MODES)}")
-    if block_size is not None and (not isinstance(block_size, int) or block_size <= 0):
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size <= 0):
         raise OptionError(f"{where}block size must be a positive integer, got {block_size!r}")
-    if kind in ("fp8", "float8"):
-        if scaling_mode == "tensor":
-            return "float8_e4m3fn", {}
-        if scaling_mode == "row":
-            return "float8_e4m3fn_rowwise", {}
-        return "float8_e4m3fn_blockwise", {"group_size": block_size or 128}
-    if kind == "int8":
-        if scaling_mode == "tensor":
-            return "int8_tensorwise", {}
-        if scaling_mode == "row":
-            return "int8_tensorwise", {"per_row": True}
-        return "int8_blockwise", {"group_size": block_size or 128}
-    if kind in ("bnb4bit", "bnb_nf4", "bnb_fp4", "nf4", "fp4"):
-        qt = {"bnb_nf4": "nf4", "bnb_fp4": "fp4", "nf4": "nf4", "fp4": "fp4"}.get(kind, bnb_quant_type)
-        if qt not in ("nf4", "fp4"):
-            raise OptionError(f"{where}unknown bitsandbytes quant type {qt!r}; choose nf4 or fp4")
-        if bnb_blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
-            raise OptionError(f"{where}bitsandbytes blocksize must be a power of two in 32..4096, got {bnb_blocksize}")
-        return f"bnb_{qt}", {"blocksize": bnb_blocksize, "double_quant": bool(bnb_double_quant)}
-    if kind in FORMAT_NAMES:
-        opts: dict = {}
-        if block_size is not None and kind.endswith("blockwise"):
-            opts["group_size"] = block_size
-        if kind == "int8_tensorwise" and scaling_mode == "row":
-            opts["per_row"] = True
-        return kind, opts
-    known = sorted(set(PRIMARY_MODES) | {"bnb_nf4", "bnb_fp4"} | set(FORMAT_NAMES))
-    raise OptionError(f"{where}unknown format {kind!r}; known: {', '.join(known)}")
+    keys = (scaling_mode, bnb_quant_type)
+    spec = registry.find_spec(kind)
+    if spec is not None:  # a format name: its variant for the scaling mode, else its first one
+        variant = next((v for v in spec.variants if v.key in keys), spec.variants[0] if spec.variants else None)
+    else:
+        by_key = [(s, v) for s, v in registry.choices() if v.key and v.key == kind and v.key not in SCALING_MODES]
+        if len(by_key) == 1:
+            spec, variant = by_key[0]
+        elif kind in registry.families():
+            members = [(s, v) for s in registry.family_specs(kind) for v in s.variants]
+            pick = next(((s, v) for k in keys for s, v in members if v.key == k), None)
+            pick = pick or next(((s, v) for s, v in members if v.key == ""), None)
+            if pick is None:
+                offered = ", ".join(v.key for _, v in members)
+                raise OptionError(f"{where}{kind} has no variant {scaling_mode!r} / {bnb_quant_type!r}; choose from {offered}")
+            spec, variant = pick
+        else:
+            known = sorted(set(registry.families()) | set(registry.format_names()))
+            raise OptionError(f"{where}unknown format {kind!r}; known: {', '.join(known)}")
+    opts = dict(variant.opts) if variant is not None else {}
+    if block_size is not None and "group_size" in opts:
+        opts["group_size"] = block_size
+    if "blocksize" in opts:
+        opts["blocksize"], opts["double_quant"] = bnb_blocksize, bool(bnb_double_quant)
+    try:
+        registry.get_codec(spec.name).output_specs((256, 256), **opts)
+    except FormatError as e:
+        raise OptionError(f"{where}{spec.label}: {e}") from None
+    return spec.name, opts
 
 
 def _literal_len(pattern: str) -> int:
@@ -192,7 +208,7 @@ def load_layer_config(cfg: Any, options: PlanOptions) -> tuple[list[_LCEntry], _
                 bnb_quant_type=spec.get("quant_type", options.bnb_quant_type),
                 bnb_blocksize=spec.get("blocksize", options.bnb_blocksize),
                 bnb_double_quant=spec.get("double_quant", options.bnb_double_quant), where=where)
-            if spec.get("per_row") and fmt == "int8_tensorwise":
+            if spec.get("per_row") and any("per_row" in v.opts for v in registry.get_spec(fmt).variants):
                 opts["per_row"] = True
         regex = None if pattern == "_default" else compile_regex(pattern, f"{src} (entry {pattern!r})")
         e = _LCEntry(pattern, regex, fmt, opts, method, spec.get("full_precision_matrix_mult"), i)
@@ -214,8 +230,8 @@ class Planner:
         self.o = options
         from .rounding import METHODS
 
-        if options.mode not in PRIMARY_MODES:
-            raise OptionError(f"unknown primary mode {options.mode!r}; choose from {', '.join(PRIMARY_MODES)}")
+        if options.mode not in primary_modes():
+            raise OptionError(f"unknown primary mode {options.mode!r}; choose from {', '.join(primary_modes())}")
         if options.method not in METHODS:
             raise OptionError(f"unknown rounding method {options.method!r}; known: {', '.join(METHODS)}")
         self.primary = resolve_format(options.mode, options.scaling_mode, options.block_size,
@@ -225,9 +241,9 @@ class Planner:
         self.custom = None
         if self.custom_re is not None:
             if not options.custom_type:
-                raise OptionError("--custom-layers needs --custom-type {fp8,int8,mxfp8,nvfp4}")
-            if options.custom_type not in CUSTOM_TYPES:
-                raise OptionError(f"--custom-type: unknown type {options.custom_type!r}; choose from {', '.join(CUSTOM_TYPES)}")
+                raise OptionError(f"--custom-layers needs --custom-type {{{','.join(custom_types())}}}")
+            if options.custom_type not in custom_types():
+                raise OptionError(f"--custom-type: unknown type {options.custom_type!r}; choose from {', '.join(custom_types())}")
             self.custom = resolve_format(options.custom_type, options.custom_scaling_mode or options.scaling_mode,
                                          options.custom_block_size or options.block_size, where="--custom-type: ")
         elif options.custom_type and options.custom_layers is None:
@@ -246,11 +262,14 @@ class Planner:
 
     def _finish(self, p: LayerPlan, fmt: str, opts: dict, method: str, reason: str, fpmm: bool | None = None) -> LayerPlan:
         p.format, p.opts, p.method, p.reason = fmt, dict(opts), method, reason
-        if fmt.startswith("bnb_"):
+        spec = registry.get_spec(fmt)
+        if not spec.writes_comfy_quant:
+            # The layout's own serialization records the original dtype (bitsandbytes quant state);
+            # it has no .comfy_quant to carry full_precision_matrix_mult.
             p.opts["dtype"] = p.dtype
-        if (fpmm if fpmm is not None else self.o.full_precision_matrix_mult) and not fmt.startswith("bnb_"):
+        elif fpmm if fpmm is not None else self.o.full_precision_matrix_mult:
             p.opts["full_precision_matrix_mult"] = True
-        if self.o.input_scale and fmt.startswith("float8"):
+        if self.o.input_scale and spec.input_scale:
             p.opts["input_scale"] = 1.0
         from .rounding import METHODS
 

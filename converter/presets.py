@@ -115,17 +115,6 @@ def heuristic_reason(fmt: str, shape: tuple[int, int], opts: dict) -> str | None
         return f"heur: {m}x{n} is tiny ({m * n} weights)"
     if max(m, n) / min(m, n) > 32:
         return f"heur: {m}x{n} aspect ratio {max(m, n) / min(m, n):.0f} > 32"
-    if fmt in ("float8_e4m3fn", "float8_e5m2", "int8_tensorwise", "float8_e4m3fn_rowwise"):
-        if m % 16 or n % 16:
-            return f"heur: {m}x{n} not a multiple of 16 (FP8/INT8 matmul)"
-    elif fmt in ("float8_e4m3fn_blockwise", "int8_blockwise"):
-        g = int(opts.get("group_size") or 128)
-        if m % g or n % g:
-            return f"heur: {m}x{n} not a multiple of block size {g}"
-    elif fmt in ("mxfp8", "hybrid_mxfp8"):
-        if n % 32:
-            return f"heur: in_features {n} not a multiple of 32 (MXFP8 pads)"
-    elif fmt == "nvfp4":
-        if m % 16 or n % 16:
-            return f"heur: {m}x{n} not a multiple of 16 (NVFP4 pads)"
-    return None
+    from .formats import get_codec
+
+    return get_codec(fmt).heuristic_reason((m, n), opts)

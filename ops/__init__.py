@@ -2,16 +2,15 @@
 
 Public API
 ----------
-``HybridBNB4bitOps``, ``HybridMXFP8Ops``
-    ComfyUI operations namespaces (subclasses of ``comfy.ops.manual_cast``). Every non-quantized layer
-    is stock ComfyUI. Their ``Linear`` loads, per layer, every format the converter writes (FP8
-    tensorwise/rowwise/blockwise, INT8 tensorwise/per-row/blockwise, MXFP8, Hybrid MXFP8, NVFP4,
-    bitsandbytes NF4/FP4 nested or not), legacy scaled-FP8, header-only files and plain layers; mixed
-    files load with every layer correct. Both classes read all of these; the names say what the file
-    mostly holds (``choose_ops`` picks), so logs and node UIs tell users which runtime they got.
+``HybridQuantOps`` (also exported as ``HybridBNB4bitOps`` and ``HybridMXFP8Ops``, the names files and
+    workflows use: the same class)
+    A ComfyUI operations namespace (subclass of ``comfy.ops.manual_cast``). Every non-quantized layer
+    is stock ComfyUI. Its ``Linear`` loads, per layer, every format of the registry
+    (``converter/formats/registry.py``), legacy scaled-FP8, header-only files and plain layers; mixed
+    files load with every layer correct. The matmul kernel per layer and device comes from
+    ``ops.dispatch`` (the format's ``spec.kernels`` against ``capabilities.features(device)``).
 ``choose_ops(keys, header_metadata, override=None) -> ops class``
-    ``HybridBNB4bitOps`` when the keys hold a bitsandbytes quant state, else ``HybridMXFP8Ops``.
-    ``override``: ``"HybridBNB4bitOps"`` / ``"HybridMXFP8Ops"`` (or the class itself).
+    ``HybridQuantOps``; an ``override`` name is checked against ``OPS_CLASSES``.
 ``prepare_state_dict(sd, header_metadata) -> sd`` (``ops.state_dict``; ComfyUI-free)
     A new dict ready for ComfyUI's stock loaders: logical-shape ``.weight`` placeholders for quantized
     layers (packed data under ``.weight_qdata``), ``.comfy_quant`` for header-only and legacy layers.
@@ -51,7 +50,7 @@ from __future__ import annotations
 from . import capabilities
 from .state_dict import prepare_state_dict
 
-_LAZY = {"HybridBNB4bitOps": "classes", "HybridMXFP8Ops": "classes", "OPS_CLASSES": "classes",
+_LAZY = {"HybridQuantOps": "classes", "HybridBNB4bitOps": "classes", "HybridMXFP8Ops": "classes", "OPS_CLASSES": "classes",
          "choose_ops": "classes", "adopt_patcher": "lora"}
 
 
@@ -66,5 +65,5 @@ def __getattr__(name):
     return getattr(importlib.import_module(f"{__name__}.{mod}"), name)
 
 
-__all__ = ["HybridBNB4bitOps", "HybridMXFP8Ops", "choose_ops", "prepare_state_dict", "adopt_patcher",
+__all__ = ["HybridQuantOps", "HybridBNB4bitOps", "HybridMXFP8Ops", "choose_ops", "prepare_state_dict", "adopt_patcher",
            "capabilities", "OPS_CLASSES"]

@@ -117,6 +117,41 @@ def path_for(device) -> str:
     return path
 
 
+# Device features a format's ``spec.kernels`` can name, in order of preference (the first feature of
+# the device that the format lists decides its kernel).
+FEATURE_MX = PATH_MX
+FEATURE_FP8 = PATH_FP8
+FEATURE_INT8 = "int8_tensorcore"  # INT8 tensor cores (torch._int_mm): SM 8.0+ (RTX 30xx, A100, Ada, Hopper)
+FEATURE_CUDA = "cuda"  # any CUDA GPU (bitsandbytes kernels)
+
+
+def features(device) -> tuple[str, ...]:
+    """What ``device`` can run fast, best first; from ``path_for`` and the capability (one place)."""
+    path = path_for(device)
+    cap = device_capability(device)
+    out = []
+    if path == PATH_MX:
+        out.append(FEATURE_MX)
+    if path in (PATH_MX, PATH_FP8):
+        out.append(FEATURE_FP8)
+    if cap is not None and cap >= (8, 0) and hasattr(torch, "_int_mm"):
+        out.append(FEATURE_INT8)
+    if cap is not None or (torch.device(device).type == "cuda" and device_key(device) not in _override):
+        out.append(FEATURE_CUDA)
+    return tuple(out)
+
+
+def core_quant_algos() -> frozenset[str] | None:
+    """The format names the running ComfyUI core loads natively (its ``comfy.quant_ops.QUANT_ALGOS``),
+    or None when that cannot be read (no ComfyUI, or a core without the registry)."""
+    try:
+        from comfy import quant_ops  # noqa: PLC0415 - only inside a running ComfyUI
+    except Exception:  # noqa: BLE001 - any import failure means "cannot tell"
+        return None
+    algos = getattr(quant_ops, "QUANT_ALGOS", None)
+    return frozenset(algos) if isinstance(algos, dict) else None
+
+
 def bnb_cuda_available(device) -> bool:
     """True when bitsandbytes' CUDA 4-bit kernels can run on ``device``."""
     key = device_key(device)

@@ -1,4 +1,9 @@
-"""The two ops classes and ``choose_ops`` (imports ComfyUI; see ``ops/__init__.py`` for the API)."""
+"""The HybridQuant ops class and ``choose_ops`` (imports ComfyUI; see ``ops/__init__.py`` for the API).
+
+One class: every quantized layout loads and runs through the same ``Linear`` (the format of each layer
+comes from the file, the matmul path from the device). ``HybridBNB4bitOps`` and ``HybridMXFP8Ops`` are
+the names files, workflows and users already refer to; both are this class.
+"""
 
 from __future__ import annotations
 
@@ -7,34 +12,25 @@ import comfy.ops
 from .layers import make_linear
 
 
-class HybridMXFP8Ops(comfy.ops.manual_cast):
-    """ComfyUI ops for .comfy_quant files (FP8, INT8, MXFP8, Hybrid MXFP8, NVFP4; BNB layers too)."""
+class HybridQuantOps(comfy.ops.manual_cast):
+    """ComfyUI ops for every HybridQuant layout (FP8, INT8, MXFP8, Hybrid MXFP8, NVFP4, bitsandbytes 4-bit,
+    legacy scaled FP8, header-only and mixed files); plain layers behave exactly as stock ComfyUI."""
 
     hybridquant = True
 
     Linear = make_linear(comfy.ops.manual_cast.Linear)
 
 
-class HybridBNB4bitOps(comfy.ops.manual_cast):
-    """ComfyUI ops for bitsandbytes 4-bit files, incl. mixed BNB + FP8/INT8 (every format loads)."""
+HybridBNB4bitOps = HybridQuantOps
+HybridMXFP8Ops = HybridQuantOps
 
-    hybridquant = True
-
-    Linear = make_linear(comfy.ops.manual_cast.Linear)
+OPS_CLASSES = {"HybridQuantOps": HybridQuantOps, "HybridBNB4bitOps": HybridQuantOps, "HybridMXFP8Ops": HybridQuantOps}
 
 
-OPS_CLASSES = {"HybridBNB4bitOps": HybridBNB4bitOps, "HybridMXFP8Ops": HybridMXFP8Ops}
-
-
-def choose_ops(keys, header_metadata=None, override=None):
-    """The ops class for a file's keys (its ``__metadata__`` is accepted for future rules)."""
-    if override is not None:
-        if isinstance(override, type) and override in OPS_CLASSES.values():
-            return override
+def choose_ops(keys=None, header_metadata=None, override=None):
+    """The ops class for a file. There is one; ``override`` (a name in ``OPS_CLASSES`` or the class)
+    is still checked so that a misspelt name in an old workflow is an error, not a silent default."""
+    if override is not None and not (isinstance(override, type) and override is HybridQuantOps):
         if override not in OPS_CLASSES:
             raise ValueError(f"unknown HybridQuant ops {override!r}; choose one of {', '.join(OPS_CLASSES)}")
-        return OPS_CLASSES[override]
-    if any(".weight.quant_state.bitsandbytes__" in k for k in keys):
-        return HybridBNB4bitOps
-    return HybridMXFP8Ops
-
+    return HybridQuantOps

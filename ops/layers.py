@@ -31,6 +31,7 @@ import comfy.ops
 
 from ..converter.formats import FormatError, get_codec
 from . import capabilities as caps
+from . import dispatch
 from . import linear_paths
 from . import quant_data as qd
 
@@ -88,14 +89,14 @@ def make_linear(base):
             self.hq_fp_mm = bool(info.meta.get("full_precision_matrix_mult", False)) if info.source != "bnb" else False
             self.hq_bnb = qd.bnb_state(info) if info.source == "bnb" else None
             # Ada/Hopper: no MX matmul; re-express MX weights as true tensorwise FP8 once, here.
-            if fmt in qd.MX_FORMATS and not self.hq_fp_mm:
+            if not self.hq_fp_mm:
                 load_dev = comfy.model_management.get_torch_device()
-                if caps.path_for(load_dev) == caps.PATH_FP8:
-                    w, s = qd.to_tensorwise(fmt, tensors, shape, name)
+                if dispatch.kernel_for(fmt, load_dev) == dispatch.KERNEL_FP8_AT_LOAD:
+                    w, s, fmt = qd.to_tensorwise(fmt, tensors, shape, name)
                     tensors = {"weight": w, "weight_scale": s}
                     meta = {**{k: v for k, v in (meta or {}).items() if k not in ("format", "group_size")},
-                            "format": "float8_e4m3fn"}
-                    fmt, opts = "float8_e4m3fn", {}
+                            "format": fmt}
+                    opts = {}
                     log.debug("HybridQuant: %s: %s re-expressed as tensorwise FP8 for %s", name, info.format, load_dev)
             home = self._hq_home()
             for suffix in [s for s in getattr(self, "hq_suffixes", ())]:
@@ -224,10 +225,10 @@ def make_linear(base):
 
         def _hq_set_weight(self, weight, inplace_update=False, seed=None, return_weight=False, **kwargs):
             if return_weight or self.hq_in_forward:
-                if self.hq_format in qd.FOUR_BIT:
+                if dispatch.is_four_bit(self.hq_format):
                     return weight  # on the fly: the packed data is never rewritten
                 return self.hq_requant_roundtrip(weight)
-            if self.hq_format in qd.FOUR_BIT:
+            if dispatch.is_four_bit(self.hq_format):
                 # Only reached when the ModelPatcher is not ours (lora.adopt_patcher): merge with the
                 # stored block scales; the patcher's backup of ``weight`` restores the codes on unpatch.
                 caps.log_demotion(self.hq_name, "on-the-fly 4-bit LoRA (ModelPatcher not adopted)",

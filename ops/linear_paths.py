@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 
 from . import capabilities as caps
+from . import dispatch
 from . import matmul_fp8
 from . import matmul_mx
 from . import matmul_small
-from . import quant_data as qd
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
 
@@ -44,18 +44,11 @@ def _pick(layer, x) -> str:
     path = layer.hq_paths.get(key)
     if path is not None:
         return path
-    dev_path = caps.path_for(x.device)
-    fmt = layer.hq_format
-    n_out, k_in = layer.out_features, layer.in_features
-    path = "dequant"
-    if layer.hq_fp_mm:
-        path = "dequant"
-    elif fmt in ("bnb_nf4", "bnb_fp4") and caps.bnb_cuda_available(x.device):
-        path = "bnb"
-    elif fmt == "float8_e4m3fn" and dev_path in (caps.PATH_FP8, caps.PATH_MX) and matmul_fp8.shapes_supported(n_out, k_in):
-        path = "fp8"
-    elif fmt in qd.MX_FORMATS and dev_path == caps.PATH_MX:
-        path = "mx"
+    path = dispatch.DEQUANT if layer.hq_fp_mm else dispatch.kernel_for(layer.hq_format, x.device)
+    if path == dispatch.KERNEL_FP8 and not matmul_fp8.shapes_supported(layer.out_features, layer.in_features):
+        path = dispatch.DEQUANT
+    elif path == dispatch.KERNEL_FP8_AT_LOAD:
+        path = dispatch.DEQUANT  # not re-expressed at load (loaded elsewhere): stays stored as MX
     layer.hq_paths[key] = path
     return path
 
@@ -73,7 +66,7 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
     if path in ("mx", "bnb"):
         return [path, "dequant"]
     out = []
-    if (not layer.hq_fp_mm and x.device.type == "cuda" and layer.hq_format in matmul_small.SCALE_OUT_FORMATS
+    if (not layer.hq_fp_mm and x.device.type == "cuda" and dispatch.scale_factors_out(layer.hq_format)
             and x.dtype in (torch.bfloat16, torch.float16)):
         if rows <= matmul_small.GEMV_MAX_ROWS and caps.triton_cuda(x.device):
             out.append("gemv")
@@ -127,7 +120,7 @@ def dequant_linear(layer, x, tensors, bias, fns):
                 w = f(w)
         finally:
             layer.hq_in_forward = False
-        if layer.hq_format not in qd.FOUR_BIT:
+        if not dispatch.is_four_bit(layer.hq_format):
             # What a merged patch computes (fixed-scale requantization): low-VRAM and merged agree.
             w = layer.hq_requant_roundtrip(w)
     return F.linear(x, w.to(x.dtype), bias)

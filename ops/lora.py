@@ -21,7 +21,7 @@ import comfy.lora
 import comfy.model_patcher
 import comfy.utils
 
-from . import quant_data as qd
+from . import dispatch
 
 
 class OnTheFlyPatch:
@@ -42,7 +42,7 @@ def _owner(model, key):
         m = comfy.utils.get_attr(model, key[: -len(".weight")])
     except AttributeError:
         return None
-    return m if getattr(m, "hq_format", None) in qd.FOUR_BIT else None
+    return m if dispatch.is_four_bit(getattr(m, "hq_format", None)) else None
 
 
 _classes: dict[type, type] = {}

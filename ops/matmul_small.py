@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from .matmul_fp8 import _HAVE_TRITON
 
-SCALE_OUT_FORMATS = frozenset({"float8_e4m3fn", "float8_e5m2", "float8_e4m3fn_rowwise", "int8_tensorwise"})
 GEMV_MAX_ROWS = 16
 
 if _HAVE_TRITON:

@@ -26,8 +26,6 @@ log = logging.getLogger("hybridquant.ops")
 # ``<layer>.weight`` can show model detection the logical shape.
 STORAGE_SUFFIX = "weight_qdata"
 
-FOUR_BIT = frozenset({"bnb_nf4", "bnb_fp4", "nvfp4"})
-MX_FORMATS = frozenset({"mxfp8", "hybrid_mxfp8"})
 
 
 def buffer_name(suffix: str) -> str:
@@ -96,13 +94,13 @@ def scale_params(fmt: str, tensors: dict, shape, layer: str) -> dict:
 
 
 def to_tensorwise(fmt: str, tensors: dict, shape, layer: str):
-    """MXFP8 / Hybrid MXFP8 -> (e4m3 [M, N], float32 scale []) re-expressed once at load by the hybrid
-    codec (block codes shifted relative to the tensorwise scalar; plain MXFP8 uses the codec's
-    default scalar)."""
+    """MXFP8 / Hybrid MXFP8 -> (e4m3 [M, N], float32 scale [], its format name) re-expressed once at load
+    by the hybrid codec (block codes shifted relative to the tensorwise scalar; plain MXFP8 uses the
+    codec's default scalar)."""
     from ..converter.formats import hybrid_mxfp8
 
     w, s = hybrid_mxfp8.to_tensorwise_fp8(tensors, shape, layer)
-    return w.contiguous(), s.to(torch.float32).reshape(())
+    return w.contiguous(), s.to(torch.float32).reshape(()), hybrid_mxfp8.REEXPRESSED_FORMAT
 
 
 def comfy_quant_tensor(meta: dict | None) -> torch.Tensor | None:

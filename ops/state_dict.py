@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..converter import metadata as qmeta
-from ..converter.formats import FormatError
+from ..converter.formats import FormatError, get_codec
 from .quant_data import STORAGE_SUFFIX
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
@@ -39,12 +39,11 @@ def _orig_dtype(info) -> torch.dtype:
 def logical_shape(info, weight: torch.Tensor) -> tuple[int, int]:
     if info.orig_shape is not None:
         return tuple(info.orig_shape)
-    if info.format in qmeta.UNPADDED_FORMATS or info.format in ("mxfp8", "hybrid_mxfp8"):
-        return tuple(weight.shape)
-    if info.format == "nvfp4":
-        return (weight.shape[0], weight.shape[1] * 2)
-    raise FormatError(f"{info.layer}: cannot tell the logical shape of a {info.format} layer "
-                      f"(no orig_shape in its metadata)")
+    shape = get_codec(info.format).logical_shape(tuple(weight.shape), info.meta)
+    if shape is None:
+        raise FormatError(f"{info.layer}: cannot tell the logical shape of a {info.format} layer "
+                          f"(no orig_shape in its metadata)")
+    return shape
 
 
 def placeholder(shape, dtype) -> torch.Tensor:

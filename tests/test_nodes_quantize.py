@@ -88,7 +88,7 @@ def test_quantized_model_output_samples_like_the_saved_file(env, comfy):
     qmodel, summary = _run(_model(env))
     saved = env / "hq_test" / "tiny_00001.safetensors"
     reloaded, ops_class = load_diffusion_model(str(saved))
-    assert ops_class.__name__ == "HybridBNB4bitOps"
+    assert ops_class.__name__ == "HybridQuantOps"
     x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     ctx = torch.randn(1, 77, 4096, generator=torch.Generator().manual_seed(1))
     y = torch.randn(1, 2048, generator=torch.Generator().manual_seed(2))

@@ -54,9 +54,12 @@ I/O contract
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
+
+if TYPE_CHECKING:
+    from .spec import FormatSpec
 
 
 class FormatError(ValueError):
@@ -119,9 +122,27 @@ def require(layer: str, tensors: Mapping[str, torch.Tensor], suffix: str, dtype=
 
 
 class Codec:
-    """Base class; see the module docstring for the contract. Subclasses set ``name``."""
+    """Base class; see the module docstring for the contract. Subclasses set ``spec`` (``spec.py``)."""
 
-    name: str = ""
+    spec: "FormatSpec"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def logical_shape(self, stored: tuple[int, ...], meta: Mapping | None = None) -> tuple[int, int] | None:
+        """The logical ``(M, N)`` of a layer from its stored ``weight`` shape when the file does not say
+        (no ``orig_shape``). Exact layouts: the stored shape. Padded/flat layouts: None unless the
+        codec overrides this with a documented best guess; the module's own shape is what loading
+        validates against in the end."""
+        if self.spec.storage == "exact" and len(stored) == 2:
+            return (int(stored[0]), int(stored[1]))
+        return None
+
+    def heuristic_reason(self, shape: tuple[int, int], opts: Mapping) -> str | None:
+        """Why ``--heur`` keeps a layer of ``shape`` out of this format (None: fine). Generic rules
+        live in ``converter.presets``; a codec adds the ones of its own layout."""
+        return None
 
     def output_specs(self, shape: tuple[int, int], **opts) -> dict[str, TensorSpec]:
         raise NotImplementedError

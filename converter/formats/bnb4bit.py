@@ -62,8 +62,9 @@ from typing import Mapping
 
 import torch
 
+from ._blocks import amax_of_blocks, chunk_elems, require_finite
 from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, require
-from .mxfp8 import amax_of_blocks, chunk_elems, require_finite
+from .spec import FormatSpec, Variant
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
@@ -458,14 +459,32 @@ class _BnbCodec(Codec):
         return None
 
 
+_BNB_COMMON = dict(family="bnb4bit", storage="flat", four_bit=True, writes_comfy_quant=False, custom=False,
+                   clipping=True, kernels={"cuda": "bnb"})
+
+
 class BnbNF4(_BnbCodec):
-    name = "bnb_nf4"
+    spec = FormatSpec(
+        name="bnb_nf4", label="NF4", color="#4f8fdc",
+        summary="bitsandbytes 4-bit NormalFloat: about 30% of bf16's size, the usual 4-bit choice; "
+                "bitsandbytes CUDA kernels on any NVIDIA GPU; readable by diffusers and Forge",
+        variants=(Variant("nf4", "NF4 (bitsandbytes 4-bit)", {"blocksize": 64, "double_quant": False}),),
+        aliases=("nf4", "bnb", "bitsandbytes", "4-bit", "4bit", "qlora"),
+        advice=(("nvfp4", {}), ("bnb_nf4", {"blocksize": 32})), **_BNB_COMMON)
     quant_type = "nf4"
 
 
 class BnbFP4(_BnbCodec):
-    name = "bnb_fp4"
+    spec = FormatSpec(
+        name="bnb_fp4", label="FP4 (bnb)", color="#2f5f9c",
+        summary="bitsandbytes 4-bit float: same size as NF4, usually a little less accurate",
+        variants=(Variant("fp4", "FP4 (bitsandbytes 4-bit)", {"blocksize": 64, "double_quant": False}),),
+        aliases=("fp4", "bnb", "bitsandbytes", "4-bit", "4bit"),
+        advice=(("bnb_nf4", {}), ("nvfp4", {})), **_BNB_COMMON)
     quant_type = "fp4"
+
+
+BNB_FORMATS = {c.quant_type: c.spec.name for c in (BnbNF4, BnbFP4)}  # quant_type -> format name
 
 
 def detect_bnb_format(tensors: Mapping[str, torch.Tensor]) -> str | None:
@@ -473,6 +492,6 @@ def detect_bnb_format(tensors: Mapping[str, torch.Tensor]) -> str | None:
     for k in tensors:
         if k.startswith("weight.quant_state.bitsandbytes__"):
             qt = k.rsplit("__", 1)[-1]
-            if qt in TABLES:
-                return f"bnb_{qt}"
+            if qt in BNB_FORMATS:
+                return BNB_FORMATS[qt]
     return None

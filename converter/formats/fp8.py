@@ -34,6 +34,7 @@ import torch
 
 from .base import FormatError, TensorSpec
 from .grids import GridCodec, check_group_size
+from .spec import FormatSpec, Variant
 
 __all__ = ["to_float8_saturated", "FP8Tensorwise", "FP8E5M2Tensorwise", "FP8Rowwise", "FP8Blockwise"]
 
@@ -123,30 +124,55 @@ class _FP8(GridCodec):
             raise FormatError(f"{layer}.input_scale: not finite")
 
 
+def legacy_scaled_fp8_format(marker_dtype) -> str:
+    """The format of a legacy scaled-FP8 layer: the ``scaled_fp8`` marker's dtype is the FP8 dtype used
+    (e5m2 -> ``float8_e5m2``); float32, another dtype or no marker at all mean e4m3fn."""
+    return FP8E5M2Tensorwise.spec.name if marker_dtype == torch.float8_e5m2 else FP8Tensorwise.spec.name
+
+
 class FP8Tensorwise(_FP8):
     """``float8_e4m3fn``: one float32 scale for the whole weight."""
 
-    name = "float8_e4m3fn"
+    spec = FormatSpec(
+        name="float8_e4m3fn", input_scale=True, label="FP8", family="fp8", color="#e0913a",
+        summary="8-bit float, one scale per weight: half of bf16's size, near-lossless; fast FP8 matmul on "
+                "RTX 40xx / Ada, Hopper and Blackwell GPUs",
+        variants=(Variant("tensor", "FP8 (one scale per tensor)", note="the format stock ComfyUI loads"),),
+        scale_out=True, kernels={"fp8_tensorwise": "fp8", "mx_blockscaled": "fp8"},
+        aliases=("fp8", "float8", "e4m3", "8-bit", "8bit"),
+        advice=(("float8_e4m3fn_rowwise", {}), ("mxfp8", {}), ("float8_e4m3fn_blockwise", {"group_size": 128})))
 
 
 class FP8E5M2Tensorwise(_FP8):
     """``float8_e5m2``: one float32 scale, e5m2 storage (wider range, 2 mantissa bits)."""
 
-    name = "float8_e5m2"
+    spec = FormatSpec(
+        name="float8_e5m2", label="FP8 e5m2", family="fp8", color="#c9742a",
+        summary="8-bit float with 2 mantissa bits (coarser than e4m3): only for files that need it",
+        scale_out=True, aliases=("fp8", "e5m2"))
     storage = torch.float8_e5m2
 
 
 class FP8Rowwise(_FP8):
     """``float8_e4m3fn_rowwise``: one float32 scale per output row, stored ``[M]``."""
 
-    name = "float8_e4m3fn_rowwise"
+    spec = FormatSpec(
+        name="float8_e4m3fn_rowwise", input_scale=True, label="FP8 per-row", family="fp8", color="#f0b25a",
+        summary="8-bit float, one scale per output row: less error than one scale per tensor, same size",
+        variants=(Variant("row", "FP8 (one scale per row)"),), scale_out=True,
+        aliases=("fp8", "float8", "rowwise", "per-row"),
+        advice=(("mxfp8", {}), ("float8_e4m3fn_blockwise", {"group_size": 128})))
     kind = "row"
 
 
 class FP8Blockwise(_FP8):
     """``float8_e4m3fn_blockwise``: one float32 scale per ``group_size``² tile."""
 
-    name = "float8_e4m3fn_blockwise"
+    spec = FormatSpec(
+        name="float8_e4m3fn_blockwise", input_scale=True, label="FP8 blocks", family="fp8", color="#f5c97d",
+        summary="8-bit float, one scale per 128x128 tile: the lowest 8-bit float error; dequantized per call",
+        variants=(Variant("block", "FP8 (one scale per 128x128 block)", {"group_size": 128}),),
+        aliases=("fp8", "float8", "blockwise"))
     kind = "tile"
     default_group_size = 128
 

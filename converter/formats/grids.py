@@ -256,6 +256,16 @@ class GridCodec(Codec):
     def extra_specs(self, opts: dict) -> dict[str, TensorSpec]:
         return {}
 
+    def heuristic_reason(self, shape, opts):
+        m, n = shape
+        kind, bs = self.layout(dict(opts))
+        if kind == "tile":
+            if m % bs or n % bs:
+                return f"heur: {m}x{n} not a multiple of block size {bs}"
+        elif m % 16 or n % 16:
+            return f"heur: {m}x{n} not a multiple of 16 (FP8/INT8 matmul)"
+        return None
+
     def extra_outputs(self, w: torch.Tensor, opts: dict, name: str) -> dict[str, torch.Tensor]:
         return {}
 

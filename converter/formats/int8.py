@@ -28,6 +28,7 @@ import torch
 
 from .base import FormatError
 from .grids import GridCodec, check_group_size
+from .spec import FormatSpec, Variant
 
 __all__ = ["Int8Tensorwise", "Int8Blockwise"]
 
@@ -43,7 +44,16 @@ class _Int8(GridCodec):
 class Int8Tensorwise(_Int8):
     """``int8_tensorwise``: one scale (``[]``), or one per output row (``[M, 1]``) with ``per_row``."""
 
-    name = "int8_tensorwise"
+    spec = FormatSpec(
+        name="int8_tensorwise", label="INT8", family="int8", color="#9c5fc9",
+        summary="8-bit integers: half of bf16's size; per-row scales are the most accurate 8-bit choice; "
+                "INT8 tensor cores on RTX 30xx and newer",
+        variants=(Variant("tensor", "INT8 (one scale per tensor)"),
+                  Variant("row", "INT8 (one scale per row)", {"per_row": True}, note="most accurate 8-bit")),
+        scale_out=True, clipping=True, kernels={"int8_tensorcore": "int8"},
+        aliases=("int8", "8-bit", "8bit", "w8a8"),
+        advice=(("int8_tensorwise", {"per_row": True}), ("int8_blockwise", {"group_size": 128}),
+                ("float8_e4m3fn_rowwise", {})))
 
     def layout(self, opts, tensors=None):
         per_row = opts.get("per_row")
@@ -65,7 +75,12 @@ class Int8Tensorwise(_Int8):
 class Int8Blockwise(_Int8):
     """``int8_blockwise``: one scale per ``group_size``² tile, grid ``[ceil(M/bs), ceil(N/bs)]``."""
 
-    name = "int8_blockwise"
+    spec = FormatSpec(
+        name="int8_blockwise", label="INT8 blocks", family="int8", color="#c08ae6",
+        summary="8-bit integers, one scale per 128x128 tile; dequantized per call",
+        variants=(Variant("block", "INT8 (one scale per 128x128 block)", {"group_size": 128}),),
+        clipping=True, aliases=("int8", "blockwise"),
+        advice=(("int8_tensorwise", {"per_row": True}), ("mxfp8", {})))
     default_group_size = 128
 
     def layout(self, opts, tensors=None):

@@ -29,101 +29,15 @@ from typing import Mapping
 
 import torch
 
-from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, check_finite, require, round_up
+from ._blocks import (E4M3_MAX, amax_of_blocks, blockwise_amax, check_fixed_group_size, check_shape, check_weight,
+                      div_const, e4m3_saturate, expand_blocks, padded_blocks, require_finite, row_chunks)
+from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
+from .spec import FormatSpec, Variant
 
 BLOCK = 32
-E4M3_MAX = 448.0
 E8M0_BIAS = 127
 _E8M0_DTYPE = getattr(torch, "float8_e8m0fnu", None)
-
-
-def e4m3_saturate(x: torch.Tensor) -> torch.Tensor:
-    """float32 -> float8_e4m3fn, round to nearest even, saturating at ±448, NaN -> 0.
-
-    NaN maps to 0 so that ``round_to_grid(w / S) * S`` is 0 for the S == 0 elements of all-zero
-    blocks (where ``w / S`` is 0/0); finite inputs never produce NaN here.
-    """
-    return torch.nan_to_num(x, nan=0.0).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-def check_shape(shape) -> tuple[int, int]:
-    shape = tuple(int(d) for d in shape)
-    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
-        raise FormatError(f"expected a 2-D logical weight shape with positive sizes, got {shape}")
-    return shape  # type: ignore[return-value]
-
-
-def check_weight(w: torch.Tensor, name: str) -> torch.Tensor:
-    """A 2-D float weight, detached, in its own dtype (no copy). Finiteness is checked by the callers
-    from their block maxima (NaN/Inf propagate through max), so no ``|w|``-sized temporary is made."""
-    if w.dim() != 2:
-        raise FormatError(f"{name}: expected a 2-D weight, got shape {tuple(w.shape)}")
-    if not w.is_floating_point():
-        raise FormatError(f"{name}: expected a floating-point weight, got {w.dtype}")
-    return w.detach()
-
-
-# Rows are processed in chunks of about this many elements so that the float32 temporaries of a
-# quantization stay small (~16 MiB on CPU) whatever the layer size: peak memory is the output plus a
-# chunk. On a GPU, larger chunks (~256 MiB) keep the per-chunk launch overhead negligible.
-CHUNK_ELEMS = 1 << 22
-CHUNK_ELEMS_GPU = 1 << 26
-
-
-def chunk_elems(device: torch.device) -> int:
-    return CHUNK_ELEMS if device.type == "cpu" else CHUNK_ELEMS_GPU
-
-
-def row_chunks(rows: int, cols: int, device: torch.device):
-    step = max(1, chunk_elems(device) // max(cols, 1))
-    for r0 in range(0, rows, step):
-        yield r0, min(rows, r0 + step)
-
-
-def padded_blocks(w: torch.Tensor, r0: int, r1: int, block: int) -> torch.Tensor:
-    """float32 copy of rows ``r0:r1`` of ``w``, columns zero-padded to a multiple of ``block``,
-    viewed as ``[rows, ceil(N/block), block]`` (a fresh tensor: callers may modify it in place)."""
-    n = w.shape[1]
-    nb = ceil_div(n, block)
-    buf = torch.zeros((r1 - r0, nb * block), dtype=torch.float32, device=w.device)
-    buf[:, :n] = w[r0:r1]
-    return buf.view(r1 - r0, nb, block)
-
-
-def amax_of_blocks(blocks: torch.Tensor) -> torch.Tensor:
-    """``|x|`` maximum over the last dim without an ``|x|`` temporary; NaN/Inf propagate."""
-    # abs_ on the small result: maximum(+0, -0) may return -0 for an all-zero block
-    return torch.maximum(blocks.amax(dim=-1), blocks.amin(dim=-1).neg()).abs_()
-
-
-def require_finite(amax: torch.Tensor, w: torch.Tensor, name: str) -> None:
-    """Block maxima are non-finite iff ``w`` holds NaN/Inf; then raise with the counts."""
-    if not bool(torch.isfinite(amax).all()):
-        check_finite(w, name)
-        raise NonFiniteError(f"{name}: contains NaN or Inf values; refusing to quantize")
-
-
-def blockwise_amax(w: torch.Tensor, block: int, name: str = "weight") -> torch.Tensor:
-    """float32 amax of each 1×``block`` block along dim 1 -> ``[M, ceil(N/block)]`` (zero padding)."""
-    m, n = w.shape
-    out = torch.empty((m, ceil_div(n, block)), dtype=torch.float32, device=w.device)
-    for r0, r1 in row_chunks(m, n, w.device):
-        out[r0:r1] = amax_of_blocks(padded_blocks(w, r0, r1, block))
-    require_finite(out, w, name)
-    return out
-
-
-def expand_blocks(s: torch.Tensor, shape: tuple[int, int], block: int) -> torch.Tensor:
-    """``[M, nb]`` per-block values -> ``[M, N]`` per-element values."""
-    m, n = shape
-    return s.repeat_interleave(block, dim=1)[:, :n].reshape(m, n)
-
-
-def div_const(x: torch.Tensor, c: float) -> torch.Tensor:
-    """``x / c`` correctly rounded on every device: CUDA turns a division by a Python scalar into a
-    multiplication by its rounded reciprocal (1 ulp off at times), a division by a tensor it does not."""
-    return x / torch.tensor(c, dtype=x.dtype, device=x.device)
 
 
 def e8m0_codes_from_amax(amax: torch.Tensor) -> torch.Tensor:
@@ -158,16 +72,24 @@ def as_e8m0_codes(t: torch.Tensor, name: str) -> torch.Tensor:
     raise FormatError(f"{name}: expected dtype torch.uint8 (E8M0 codes), found {t.dtype}")
 
 
-def check_fixed_group_size(opts, fmt: str = "mxfp8", block: int = BLOCK) -> None:
-    """Block-scaled formats (MXFP8, NVFP4) have a fixed block size: a ``group_size`` option, from a
-    file's metadata or a caller, must agree with it."""
-    gs = opts.get("group_size")
-    if gs is not None and gs != block:
-        raise FormatError(f"{fmt} has a fixed block size of {block}, got group_size={gs!r}")
-
-
 class MXFP8(Codec):
-    name = "mxfp8"
+    spec = FormatSpec(
+        name="mxfp8", label="MXFP8", family="mxfp8", color="#3fae6a",
+        summary="8-bit float with a power-of-two scale per 32 weights: lower error than FP8 per tensor; "
+                "native block-scaled matmul on Blackwell (RTX 50xx, B200), re-expressed as FP8 on Ada/Hopper",
+        variants=(Variant("", "MXFP8 (scale per 32 weights)"),), storage="padded",
+        kernels={"mx_blockscaled": "mx", "fp8_tensorwise": "fp8@load"},
+        aliases=("mxfp8", "mx", "fp8", "microscaling", "blackwell"),
+        advice=(("float8_e4m3fn_rowwise", {}),))
+
+    def logical_shape(self, stored, meta=None):
+        # Written without orig_shape by other tools: the padded shape is the best guess; a module's
+        # own shape wins at load (validate crops to it).
+        return (int(stored[0]), int(stored[1])) if len(stored) == 2 else None
+
+    def heuristic_reason(self, shape, opts):
+        n = shape[1]
+        return f"heur: in_features {n} not a multiple of 32 (MXFP8 pads)" if n % BLOCK else None
 
     # ---- layout -------------------------------------------------------------------------------
     @staticmethod
@@ -176,7 +98,7 @@ class MXFP8(Codec):
         return round_up(m, BLOCK), round_up(n, BLOCK)
 
     def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
-        check_fixed_group_size(opts)
+        check_fixed_group_size(opts, self.name, BLOCK)
         mp, np_ = self.padded_shape(shape)
         return {
             "weight": TensorSpec(torch.float8_e4m3fn, (mp, np_)),
@@ -189,7 +111,7 @@ class MXFP8(Codec):
 
     def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
         """``{"weight_scale": uint8 E8M0 codes [M, ceil(N/32)]}`` (logical grid, not swizzled)."""
-        check_fixed_group_size(opts)
+        check_fixed_group_size(opts, self.name, BLOCK)
         w = check_weight(w, name)
         grid = (w.shape[0], ceil_div(w.shape[1], BLOCK))
         if amax is None:
@@ -209,7 +131,7 @@ class MXFP8(Codec):
 
     # ---- encode / decode ----------------------------------------------------------------------
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
-        check_fixed_group_size(opts)
+        check_fixed_group_size(opts, self.name, BLOCK)
         w = check_weight(w, name)
         m, n = w.shape
         nb = ceil_div(n, BLOCK)
@@ -258,7 +180,7 @@ class MXFP8(Codec):
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
         try:
             shape = check_shape(shape)
-            check_fixed_group_size(opts)
+            check_fixed_group_size(opts, self.name, BLOCK)
         except FormatError as e:
             raise FormatError(f"{layer}: {e}") from None
         specs = self.output_specs(shape)

@@ -32,7 +32,9 @@ import torch
 
 from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
-from .mxfp8 import E4M3_MAX, amax_of_blocks, check_fixed_group_size, div_const, blockwise_amax, check_shape, check_weight, expand_blocks, padded_blocks, require_finite, row_chunks
+from ._blocks import (E4M3_MAX, amax_of_blocks, blockwise_amax, check_fixed_group_size, check_shape, check_weight,
+                      div_const, expand_blocks, padded_blocks, require_finite, row_chunks)
+from .spec import FormatSpec, Variant
 
 BLOCK = 16
 E2M1_MAX = 6.0
@@ -64,7 +66,21 @@ def _check_group_size(opts) -> None:
 
 
 class NVFP4(Codec):
-    name = "nvfp4"
+    spec = FormatSpec(
+        name="nvfp4", label="NVFP4", family="nvfp4", color="#d8505a",
+        summary="4-bit float with an FP8 scale per 16 weights: about a quarter of bf16's size; native FP4 "
+                "matmul only on Blackwell, dequantized elsewhere",
+        variants=(Variant("", "NVFP4 (4-bit, scale per 16 weights)"),), storage="padded", four_bit=True,
+        clipping=True, aliases=("nvfp4", "fp4", "4-bit", "4bit", "blackwell"),
+        advice=(("bnb_nf4", {"blocksize": 64}),))
+
+    def logical_shape(self, stored, meta=None):
+        # Two codes per byte; without orig_shape the padded [rows, 2*cols] is the best guess.
+        return (int(stored[0]), 2 * int(stored[1])) if len(stored) == 2 else None
+
+    def heuristic_reason(self, shape, opts):
+        m, n = shape
+        return f"heur: {m}x{n} not a multiple of 16 (NVFP4 pads)" if m % BLOCK or n % BLOCK else None
 
     @staticmethod
     def padded_shape(shape) -> tuple[int, int]:

@@ -106,7 +106,7 @@ def calibrated_input_scale(codec: Codec, stats: Mapping[str, torch.Tensor] | Non
     """Static activation scale for the FP8 fast path: the largest input magnitude seen in
     calibration over the e4m3 range (``absmax / 448``), for ``float8_e4m3fn*`` layers; ``None``
     when the format has no ``input_scale`` or there are no statistics."""
-    if stats is None or "absmax" not in stats or not codec.name.startswith("float8_e4m3fn"):
+    if stats is None or "absmax" not in stats or not codec.spec.input_scale:
         return None
     amax = float(stats["absmax"].to(torch.float32).max())
     if not amax > 0 or amax != amax or amax == float("inf"):

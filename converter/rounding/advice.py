@@ -23,22 +23,12 @@ from typing import Iterable, Mapping
 
 import torch
 
-from ..formats import get_codec
+from ..formats import get_codec, get_spec
 
-# planned format -> alternatives worth comparing (name, options). Only layouts that the same loaders
-# read, with similar bytes per weight.
-CANDIDATES: dict[str, tuple[tuple[str, dict], ...]] = {
-    "float8_e4m3fn": (("float8_e4m3fn_rowwise", {}), ("mxfp8", {}), ("float8_e4m3fn_blockwise", {"group_size": 128})),
-    "float8_e4m3fn_rowwise": (("mxfp8", {}), ("float8_e4m3fn_blockwise", {"group_size": 128})),
-    "int8_tensorwise": (("int8_tensorwise", {"per_row": True}), ("int8_blockwise", {"group_size": 128}),
-                        ("float8_e4m3fn_rowwise", {})),
-    "int8_blockwise": (("int8_tensorwise", {"per_row": True}), ("mxfp8", {})),
-    "mxfp8": (("float8_e4m3fn_rowwise", {}),),
-    "hybrid_mxfp8": (("float8_e4m3fn_rowwise", {}),),
-    "nvfp4": (("bnb_nf4", {"blocksize": 64}),),
-    "bnb_nf4": (("nvfp4", {}), ("bnb_nf4", {"blocksize": 32})),
-    "bnb_fp4": (("bnb_nf4", {}), ("nvfp4", {})),
-}
+def candidates(fmt: str) -> tuple[tuple[str, dict], ...]:
+    """Alternatives worth comparing for a planned format (name, options), as its spec declares them
+    (``FormatSpec.advice``): layouts the same loaders read, with similar bytes per weight."""
+    return tuple((name, dict(opts)) for name, opts in get_spec(fmt).advice)
 
 
 @dataclass
@@ -90,7 +80,7 @@ def advise_layer(layer: str, weight: torch.Tensor, fmt: str, opts: Mapping | Non
         ref = float(w32.square().sum())
     planned = _measure(fmt, dict(opts or {}), w32, h, ref)
     adv = LayerAdvice(layer, planned)
-    for alt, aopts in CANDIDATES.get(fmt, ()):
+    for alt, aopts in candidates(fmt):
         if alt == fmt and aopts == dict(opts or {}):
             continue
         try:
@@ -150,4 +140,4 @@ def format_advice(advice: list[LayerAdvice], limit: int = 20) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["advise_layer", "advise_layers", "advise_file", "format_advice", "LayerAdvice", "Option", "CANDIDATES"]
+__all__ = ["advise_layer", "advise_layers", "advise_file", "format_advice", "LayerAdvice", "Option", "candidates"]

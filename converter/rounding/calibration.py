@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Mapping
 import torch
 
 from ..errors import InputFileError
+from ..formats import get_spec
 from ..safetensors_io import SafetensorsReader
 from ..safetensors_writer import write_safetensors
 
@@ -321,7 +322,7 @@ def prepare_calibration(plans, calibration, prefix_map: Mapping[str, str] | None
     cf = calibration if isinstance(calibration, CalibrationFile) else CalibrationFile(calibration, prefix_map)
     cf.check(need)
     for p in plans:
-        if p.quantized and "input_scale" in p.opts and str(p.format).startswith("float8_e4m3fn"):
+        if p.quantized and "input_scale" in p.opts and get_spec(p.format).input_scale:
             a = cf.absmax(p.layer, int(p.shape[1]))
             if a is not None and float(a.max()) > 0:
                 p.opts["input_scale"] = float(a.max()) / 448.0

@@ -28,7 +28,6 @@ import torch
 from ..formats.base import Codec
 from .blocks import BlockMap
 
-FOUR_BIT = ("nvfp4", "bnb_nf4", "bnb_fp4")
 # Uniform grids (4-bit, INT8) gain most from clipping. FP8 grids are logarithmic: the relative error
 # of an element hardly depends on the scale, so clipping can only trade the error of the largest
 # weights for slightly finer small ones. Measured on MiniLM (bench/bench_quality.py), FP8 tensorwise
@@ -46,7 +45,7 @@ MIN_GAIN = 0.02
 
 
 def default_alphas(codec: Codec) -> tuple[float, ...]:
-    if codec.name in FOUR_BIT or codec.name.startswith("int8"):
+    if codec.spec.clipping:
         return ALPHAS_FINE
     return ALPHAS_FP8
 
