@@ -130,6 +130,18 @@ def make_plans(infos_in_order, options: PlanOptions) -> list[LayerPlan]:
     return [planner.plan(name, shape, dtype) for name, shape, dtype in infos_in_order]
 
 
+def plan_file(input_path, options: PlanOptions | None = None) -> list[LayerPlan]:
+    """The per-layer plan of converting ``input_path`` (header only: nothing is read or written)."""
+    infos, _ = read_header(input_path)
+    return make_plans(((i.name, i.shape, _dtype_name(i.dtype)) for i in infos.values()), options or PlanOptions())
+
+
+def plan_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOptions | None = None) -> list[LayerPlan]:
+    """The per-layer plan of ``quantize_state_dict`` on ``state_dict`` (nothing is quantized)."""
+    items = ((k, tuple(v.shape), _dtype_name(v.dtype)) for k, v in state_dict.items() if isinstance(v, torch.Tensor))
+    return make_plans(items, options or PlanOptions())
+
+
 def _prepare_calibration(plans: list[LayerPlan], calibration):
     """The rounding package's hook: checks that every calibrated layer has statistics (one error listing
     all that do not, before any work) and sets calibrated FP8 input scales. Returns the open file or None."""
