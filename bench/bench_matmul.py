@@ -11,7 +11,7 @@ Needs a CUDA GPU (numbers are only meaningful there); bitsandbytes for the NF4 r
   load, int8 = int8_tensorwise, nf4 = bitsandbytes NF4 nested); the path it took is printed.
 - ``deq+bf16 X``: the generic fallback (codec dequantize, then ``F.linear``).
 - ``fp8 gemm *-quant``: the tensorwise FP8 ``_scaled_mm`` with the dynamic activation scale computed
-  by the fused Triton quantizer, ``torch.compile``, or eager torch (DESIGN.md §4: eager loses).
+  by the fused Triton quantizer, ``torch.compile``, or eager torch (eager loses: measured, see README "Matmul paths").
 - ``bnb matmul_4bit``: bitsandbytes' own entry point, for comparison.
 Every layer output is checked against ``x @ dequant(W).T`` in float32 (relative error printed).
 """

@@ -2,7 +2,7 @@
 
 What a layer's quantization metadata is
 ---------------------------------------
-A quantized layer ``L`` may describe itself in two places (see ``shared/DESIGN.md`` §2):
+A quantized layer ``L`` may describe itself in two places (ARCHITECTURE.md, "On-disk conventions"):
 
 - the tensor ``L.comfy_quant``: 1-D uint8 holding the UTF-8 JSON of a flat dict ``{"format": ..., ...}``;
 - the header entry ``__metadata__["_quantization_metadata"]`` = JSON

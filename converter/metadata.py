@@ -1,8 +1,8 @@
 """Per-layer quantization metadata: the ``.comfy_quant`` tensor, the ``_quantization_metadata`` header,
 and discovery of the quantized layers of a state dict / safetensors file (ours and other tools').
 
-Conventions (DESIGN.md §2)
---------------------------
+Conventions (ARCHITECTURE.md, "On-disk conventions")
+----------------------------------------------------
 - ``<layer>.comfy_quant``: 1-D uint8 tensor holding compact UTF-8 JSON of a flat dict, at least
   ``{"format": NAME}``; optional ``group_size`` (int > 0), ``per_row`` (bool),
   ``full_precision_matrix_mult`` (bool), ``orig_dtype`` (str), ``orig_shape`` (list of 2 ints). Any

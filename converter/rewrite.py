@@ -6,7 +6,7 @@ through ``safetensors_writer.AtomicSafetensorsWriter`` (temp file beside the tar
 complete; any error or Ctrl+C leaves no output). ``check_output_path`` refuses output == input (same
 path, symlink or hard link) and an existing output without ``overwrite``, before any work.
 
-Quantization metadata (``shared/DESIGN.md`` §2): ``<layer>.comfy_quant`` is a 1-D uint8 tensor holding
+Quantization metadata (ARCHITECTURE.md, "On-disk conventions"): ``<layer>.comfy_quant`` is a 1-D uint8 tensor holding
 the UTF-8 JSON of a flat dict; the header ``__metadata__["_quantization_metadata"]`` is the JSON
 ``{"format_version": "1.0", "layers": {layer: dict}}``.
 """

@@ -58,7 +58,7 @@ def test_tensorwise_reexpression_error_and_naive_scalar_error():
     normal = deq.abs() >= 2.0**-6 * s
     assert torch.equal((wt.float() * s)[normal], deq[normal])
     assert float((wt.float() * s - deq).abs().max()) <= 2.0**-10 * float(s)
-    # DESIGN §2: multiplying the raw codes by the scalar is badly wrong.
+    # ARCHITECTURE.md (hybrid_mxfp8 docstring): multiplying the raw codes by the scalar is badly wrong.
     err_naive = _rel(t["weight"][: shape[0], : shape[1]].float() * s, w)
     assert err_naive > 0.9 and err_naive > 20 * err_mx
     # and a matmul through the tensorwise weight matches the MXFP8 one

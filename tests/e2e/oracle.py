@@ -1,7 +1,7 @@
 """Decode a saved quantized file with independent oracles, not with our codecs or ops.
 
 bitsandbytes' own ``QuantState.from_dict`` + ``dequantize_4bit`` for the NF4 layers, and
-``q.float() * weight_scale`` (DESIGN.md §2) for tensorwise FP8 layers. Non-quantized tensors must be
+``q.float() * weight_scale`` (ARCHITECTURE.md, "On-disk conventions") for tensorwise FP8 layers. Non-quantized tensors must be
 bit-identical to the original.
 """
 
