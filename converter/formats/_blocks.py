@@ -89,6 +89,17 @@ def blockwise_amax(w: torch.Tensor, block: int, name: str = "weight") -> torch.T
     return out
 
 
+def block_amax_or_given(w: torch.Tensor, block: int, amax: torch.Tensor | None, name: str) -> torch.Tensor:
+    """``amax`` checked against the 1×``block`` grid of ``w`` (a clipping search passes a shrunken one),
+    or the weight's own block maxima when None."""
+    grid = (w.shape[0], ceil_div(w.shape[1], block))
+    if amax is None:
+        return blockwise_amax(w, block, name)
+    if tuple(amax.shape) != grid:
+        raise FormatError(f"{name}: amax has shape {tuple(amax.shape)}, expected the block grid {grid}")
+    return amax
+
+
 def expand_blocks(s: torch.Tensor, shape: tuple[int, int], block: int) -> torch.Tensor:
     """``[M, nb]`` per-block values -> ``[M, N]`` per-element values."""
     m, n = shape

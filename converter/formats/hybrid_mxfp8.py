@@ -32,6 +32,7 @@ tensorwise weight re-expresses each block relative to ``s``:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Mapping
 
 import torch
@@ -40,7 +41,7 @@ from .base import FormatError, TensorSpec, require
 from ._blocks import check_shape, e4m3_saturate
 from .mxfp8 import E8M0_BIAS, MXFP8, as_e8m0_codes
 from .fp8 import FP8Tensorwise
-from .spec import FormatSpec, Variant
+from .spec import Variant
 
 REEXPRESSED_FORMAT = FP8Tensorwise.spec.name  # what to_tensorwise_fp8's output is, as a layer format
 
@@ -90,14 +91,13 @@ def to_tensorwise_fp8(tensors: Mapping[str, torch.Tensor], shape, layer: str = "
 
 
 class HybridMXFP8(MXFP8):
-    spec = FormatSpec(
-        name="hybrid_mxfp8", label="Hybrid MXFP8", family="hybrid_mxfp8", color="#7fd49a",
+    # MXFP8's traits (storage, kernels, advice) plus its own name and choice.
+    spec = replace(
+        MXFP8.spec, name="hybrid_mxfp8", label="Hybrid MXFP8", family="hybrid_mxfp8", color="#7fd49a",
         summary="MXFP8 plus one fallback scale: block-scaled matmul on Blackwell, exact FP8 re-expression "
                 "on RTX 40xx / Ada and Hopper; one file for both",
-        variants=(Variant("", "Hybrid MXFP8 (MXFP8 + FP8 fallback for RTX 40xx)"),), storage="padded",
-        kernels={"mx_blockscaled": "mx", "fp8_tensorwise": "fp8@load"},
-        aliases=("hybrid", "mxfp8", "fp8", "ada", "rtx 40"),
-        advice=(("float8_e4m3fn_rowwise", {}),))
+        variants=(Variant("", "Hybrid MXFP8 (MXFP8 + FP8 fallback for RTX 40xx)"),),
+        aliases=("hybrid", "mxfp8", "fp8", "ada", "rtx 40"))
 
     def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
         specs = super().output_specs(shape, **opts)

@@ -29,7 +29,7 @@ from typing import Mapping
 
 import torch
 
-from ._blocks import (E4M3_MAX, amax_of_blocks, blockwise_amax, check_fixed_group_size, check_shape, check_weight,
+from ._blocks import (E4M3_MAX, amax_of_blocks, block_amax_or_given, blockwise_amax, check_fixed_group_size, check_shape, check_weight,
                       div_const, e4m3_saturate, expand_blocks, padded_blocks, require_finite, row_chunks)
 from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
@@ -113,11 +113,7 @@ class MXFP8(Codec):
         """``{"weight_scale": uint8 E8M0 codes [M, ceil(N/32)]}`` (logical grid, not swizzled)."""
         check_fixed_group_size(opts, self.name, BLOCK)
         w = check_weight(w, name)
-        grid = (w.shape[0], ceil_div(w.shape[1], BLOCK))
-        if amax is None:
-            amax = blockwise_amax(w, BLOCK, name)
-        elif tuple(amax.shape) != grid:
-            raise FormatError(f"{name}: amax has shape {tuple(amax.shape)}, expected the block grid {grid}")
+        amax = block_amax_or_given(w, BLOCK, amax, name)
         return {"weight_scale": e8m0_codes_from_amax(amax.to(w.device))}
 
     def element_scale(self, params: Mapping[str, torch.Tensor], shape, **opts) -> torch.Tensor:

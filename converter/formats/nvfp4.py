@@ -32,7 +32,7 @@ import torch
 
 from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
-from ._blocks import (E4M3_MAX, amax_of_blocks, blockwise_amax, check_fixed_group_size, check_shape, check_weight,
+from ._blocks import (E4M3_MAX, amax_of_blocks, block_amax_or_given, blockwise_amax, check_fixed_group_size, check_shape, check_weight,
                       div_const, expand_blocks, padded_blocks, require_finite, row_chunks)
 from .spec import FormatSpec, Variant
 
@@ -107,12 +107,7 @@ class NVFP4(Codec):
         """
         _check_group_size(opts)
         w = check_weight(w, name)
-        grid = (w.shape[0], ceil_div(w.shape[1], BLOCK))
-        if amax is None:
-            amax = blockwise_amax(w, BLOCK, name)
-        elif tuple(amax.shape) != grid:
-            raise FormatError(f"{name}: amax has shape {tuple(amax.shape)}, expected the block grid {grid}")
-        amax = amax.to(device=w.device, dtype=torch.float32)
+        amax = block_amax_or_given(w, BLOCK, amax, name).to(device=w.device, dtype=torch.float32)
         s2 = div_const(amax.max(), E4M3_MAX * E2M1_MAX)
         b = div_const(amax, E2M1_MAX) / torch.where(s2 > 0, s2, torch.ones_like(s2))
         b = torch.where(s2 > 0, b, torch.zeros_like(b)).clamp(max=E4M3_MAX)
