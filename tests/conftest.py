@@ -2,7 +2,8 @@
 
 ComfyUI: the integration tests import a real ComfyUI. By default that is the 0.3.75 tree that
 ``scripts/install_comfyui.sh`` puts in ``.comfyui/ComfyUI``; set ``HYBRIDQUANT_COMFYUI=/path/to/tree``
-to run them against another one (e.g. current ComfyUI 0.29). A missing tree is an error, not a skip,
+to run them against another one (e.g. current ComfyUI 0.33.0, with the venv
+``scripts/install_current_comfyui.sh`` makes for it). A missing tree is an error, not a skip,
 unless ``HYBRIDQUANT_ALLOW_NO_COMFYUI=1`` (CI installs it, so those tests always run there).
 """
 

@@ -1,7 +1,7 @@
 """Run a REAL ComfyUI server for the end-to-end tests, and talk to it over HTTP and its websocket.
 
 ``ComfyServer`` starts ``python main.py --cpu --listen 127.0.0.1 --port N --base-directory TMP`` in its
-own process group. ``--base-directory`` (present in 0.3.75 and 0.29) moves models/, input/, output/,
+own process group. ``--base-directory`` (present in 0.3.75, 0.29 and 0.33) moves models/, input/, output/,
 temp/, user/ AND custom_nodes/ into a temp dir, so tests never touch the ComfyUI tree; the pack is
 symlinked into that custom_nodes/. ``stop()`` terminates the whole process group (SIGTERM, then
 SIGKILL). The server log is kept as a file (copied to artifacts/ by the fixture).
