@@ -32,7 +32,8 @@ file that its own bytes cannot back:
 Objects
 -------
 ``check_quant_header(doc, where)``: ``_quantization_metadata`` = object with ``layers`` an object of
-objects; ``format_version``, when present, a string. Unknown top-level keys are kept.
+objects whose ``format``, when present, is a string; ``format_version``, when present, a string.
+Unknown top-level keys are kept.
 ``check_layer_fields(d, where)``: a ``.comfy_quant`` / header layer dict: ``format`` a string; known
 fields typed (``group_size``, ``per_row``, ``full_precision_matrix_mult``, ``orig_dtype``,
 ``orig_shape``); unknown fields kept (other tools write their own). ``metadata.check_layer_dict`` adds
@@ -179,6 +180,9 @@ def check_quant_header(doc, where: str) -> dict:
     for name, d in layers.items():
         if not isinstance(d, dict):
             raise FormatError(f"{where}: layer {name!r} must be an object, found {_tname(d)}")
+        if "format" in d and not isinstance(d["format"], str):
+            raise FormatError(f"{where}: layer {name!r}: format must be a string, found {_tname(d['format'])} "
+                              f"{_show(d['format'])}")
     return doc
 
 
@@ -210,7 +214,7 @@ def check_quant_state(d, where: str, quant_type: str) -> dict:
         raise FormatError(f"{where}: quant state must be a JSON object, found {_tname(d)}")
     for req in ("quant_type", "blocksize", "dtype", "shape"):
         if req not in d:
-            raise FormatError(f"{where}: quant state lacks '{req}'")
+            raise FormatError(f"{where}: bitsandbytes quant state lacks '{req}'")
     if d["quant_type"] != quant_type:
         raise FormatError(f"{where}: quant state key says {quant_type} but its quant_type is {_show(d['quant_type'])}")
     if not is_int(d["blocksize"]) or d["blocksize"] not in BLOCKSIZES:

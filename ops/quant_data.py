@@ -56,7 +56,9 @@ def read_layer(state_dict, prefix: str, shape: tuple[int, int]):
     view = {k: state_dict[k] for k in keys}
     if prefix + STORAGE_SUFFIX in view:
         view[prefix + "weight"] = view.pop(prefix + STORAGE_SUFFIX)
-    infos = qmeta.discover_layers(list(view), None, view.__getitem__)
+    from .state_dict import tensor_bytes
+
+    infos = qmeta.discover_layers(list(view), None, view.__getitem__, sizes=tensor_bytes(view))
     info = infos.get(layer)
     if info is None:
         raise FormatError(f"{layer}: quantization keys present ({', '.join(k[len(prefix):] for k in keys)}) "
