@@ -53,7 +53,6 @@ one-tensor-at-a-time iterator.
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import re
 import struct

@@ -208,7 +208,7 @@ def check_layer_fields(d, where: str) -> dict:
 
 def check_quant_state(d, where: str, quant_type: str) -> dict:
     """A bitsandbytes quant state dict (see the module docstring); returns it unchanged."""
-    from .formats.bnb4bit import BLOCKSIZES, _DTYPES
+    from .formats.bnb4bit import _DTYPES, BLOCKSIZES
 
     if not isinstance(d, dict):
         raise FormatError(f"{where}: quant state must be a JSON object, found {_tname(d)}")

@@ -12,7 +12,6 @@ the module writes uses the on-disk suffixes again, so a saved model is a valid f
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -112,4 +111,6 @@ def comfy_quant_tensor(meta: dict | None) -> torch.Tensor | None:
 
 
 def parse_json_tensor(t: torch.Tensor) -> dict:
-    return json.loads(bytes(t.reshape(-1).tolist()).decode("utf-8"))
+    from ..converter.schema import loads
+
+    return loads(bytes(t.reshape(-1).tolist()), "quant-state tensor")

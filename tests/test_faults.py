@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from convert_helpers import REPO, write_checkpoint
+
 from hybridquant.converter.errors import OutputFileError
 from hybridquant.converter.formats.base import TensorSpec
 from hybridquant.converter.safetensors_io import read_header
@@ -137,7 +137,7 @@ def test_two_processes_writing_one_output(tmp_path, overwrite):
     out = tmp_path / "m.safetensors"
     if overwrite:
         out.write_bytes(b"old")
-    for round_ in range(3):
+    for _ in range(3):
         if not overwrite and out.exists():
             out.unlink()
         for f in tmp_path.glob("ready*"):

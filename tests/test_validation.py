@@ -15,9 +15,9 @@ import struct
 
 import pytest
 import torch
-
 from convert_helpers import run_cli
 from fuzz_helpers import pack
+
 from hybridquant.converter import metadata as qmeta
 from hybridquant.converter.errors import ConverterError, InputFileError
 from hybridquant.converter.formats import FormatError

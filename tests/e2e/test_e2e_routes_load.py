@@ -15,7 +15,6 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
 from fuzz_helpers import seed_files
 
 pytestmark = pytest.mark.comfyui
