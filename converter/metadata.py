@@ -41,10 +41,20 @@ Public API (used by the converter, the ComfyUI loaders and the editor)
     ``_quantization_metadata`` replaced by ``layers`` (removed when ``layers`` is empty).
 ``parse_header(metadata: dict | None) -> dict[str, dict]``
     ``{layer: dict}`` from a header's ``_quantization_metadata`` ({} when absent).
-``discover_layers(keys, header_metadata, get_tensor) -> dict[str, LayerInfo]``
+``discover_layers(keys, header_metadata, get_tensor, sizes=None) -> dict[str, LayerInfo]``
     Every quantized layer of a file/state dict (``keys``: its tensor names; ``header_metadata``: its
     ``__metadata__`` or None; ``get_tensor(key) -> Tensor``: called only for the small ``.comfy_quant``,
     quant-state and ``scaled_fp8`` marker tensors). Ordered as the layers' weights appear in ``keys``.
+    ``sizes`` (``{key: bytes}`` or ``key -> bytes``; e.g. from ``read_header``'s infos, or
+    ``ops.state_dict.tensor_bytes(sd)``): when given, a layer whose metadata announces more logical
+    elements than twice its stored weight's bytes is a FormatError (``schema.check_logical_size``), so no
+    one allocates by a lying ``orig_shape`` / quant-state ``shape``. Every JSON and every metadata
+    object goes through ``schema`` (depth-limited JSON, no duplicate keys, typed and bounded fields);
+    a bitsandbytes quant state without its ``<layer>.weight`` is a FormatError like a header entry
+    without one.
+``ghost_layers(layers, keys) -> list[str]``
+    The layers of a metadata listing whose ``<layer>.weight`` is not among ``keys``. Writers drop such
+    header entries with a warning (convert, edit, hybridize), never copy them.
     A key ``_quantization_metadata`` (ComfyUI 0.3.75 puts the header string into state dicts) is ignored.
 ``LayerInfo`` (frozen dataclass): ``layer``, ``format``, ``options`` (keyword arguments for the codec:
     the metadata dict minus ``format`` and minus names that would collide with codec parameters; for

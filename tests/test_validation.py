@@ -309,3 +309,27 @@ def test_a_valid_file_of_pack_written_bytes_still_reads(tmp_path):
     p.write_bytes(pack({"a": ("F32", [4], F32_4), "e": ("F32", [0, 3], b"")}, {"k": "v"}))
     infos, md = read_header(p)
     assert list(infos) == ["a", "e"] and md == {"k": "v"}
+
+
+def test_file_info_route_answers_422_for_every_bad_file(tmp_path, comfy):
+    """The route's summary of each corpus file: 422 with the reader's message, no server path, no 500;
+    the refusal is cached by (path, size, mtime) and a fixed file is read again."""
+    from hybridquant.nodes import routes
+
+    bad = []
+    for i, (text, data, msg) in enumerate(HEADER_CASES.values()):
+        bad.append((raw_file(tmp_path / f"h{i}.safetensors", text, data), msg))
+    for i, (make, msg) in enumerate(METADATA_CASES.values()):
+        bad.append((make(tmp_path / f"m{i}.safetensors"), None))  # the summary reads the header only
+    for path, msg in bad:
+        status, body = routes._summary(path)
+        assert status in (200, 422), (path, status, body)
+        if msg is not None:
+            assert status == 422 and msg in body["error"] and str(tmp_path) not in body["error"], body
+    path, _ = bad[0]
+    assert routes._summary(path)[0] == 422
+    p = tmp_path / "h0.safetensors"
+    p.write_bytes(pack({"a": ("F32", [4], F32_4)}, None))
+    os.utime(p, ns=(os.stat(p).st_atime_ns, os.stat(p).st_mtime_ns + 10**9))
+    status, body = routes._summary(str(p))
+    assert status == 200 and body["tensor_count"] == 1
