@@ -190,7 +190,8 @@ def _check_metadata(path: str, metadata) -> dict[str, str]:
     if raw is not None:
         # The pack's own metadata object: its JSON must be safe to parse for every later reader.
         try:
-            schema.check_quant_header(schema.loads(raw, f"header {QUANT_METADATA_KEY}"), f"header {QUANT_METADATA_KEY}")
+            where = f"header {QUANT_METADATA_KEY}"
+            schema.check_quant_header(schema.loads(raw, where), where)
         except FormatError as e:
             raise _bad(path, str(e)) from None
     return metadata
@@ -206,7 +207,8 @@ def _tensor_info(path: str, name: str, e, data_start: int, data_size: int) -> Te
         raise _bad(path, f"{where}: unsupported dtype {st!r}")
     shape, offs = e["shape"], e["data_offsets"]
     if not isinstance(shape, list) or len(shape) > MAX_NDIM or not all(schema.is_int(d) and d >= 0 for d in shape):
-        raise _bad(path, f"{where}: shape must be a list of at most {MAX_NDIM} non-negative integers, found {shape!r:.80}")
+        raise _bad(path, f"{where}: shape must be a list of at most {MAX_NDIM} non-negative integers, "
+                         f"found {shape!r:.80}")
     if not isinstance(offs, list) or len(offs) != 2 or not all(schema.is_int(o) and o >= 0 for o in offs):
         raise _bad(path, f"{where}: data_offsets must be two non-negative integers, found {offs!r:.80}")
     b, end = offs
@@ -221,7 +223,8 @@ def _tensor_info(path: str, name: str, e, data_start: int, data_size: int) -> Te
         raise _bad(path, f"{where}: empty tensor with an absurd dimension in shape {shape}")
     nbytes = numel * element_size(dtype)
     if end - b != nbytes:
-        raise _bad(path, f"{where}: data_offsets {offs} ({end - b} bytes) do not match {st} {shape} ({nbytes} bytes)")
+        raise _bad(path, f"{where}: data_offsets {offs} ({end - b} bytes) do not match {st} {shape} "
+                         f"({nbytes} bytes)")
     return TensorInfo(name, dtype, tuple(shape), data_start + b, nbytes)
 
 

@@ -212,7 +212,8 @@ def read_quant_state(layer: str, tensors: Mapping[str, torch.Tensor]) -> dict:
         raise FormatError(f"{layer}.{key}: expected a 1-D uint8 JSON tensor, found {t.dtype} {tuple(t.shape)}")
     from ..schema import check_quant_state, loads
 
-    d = check_quant_state(loads(bytes(t.cpu().tolist()), f"{layer}.{key}", what="quant state JSON"), f"{layer}.{key}", qt)
+    where = f"{layer}.{key}"
+    d = check_quant_state(loads(bytes(t.cpu().tolist()), where, what="quant state JSON"), where, qt)
     d["nested"] = "weight.nested_absmax" in tensors
     if d["nested"]:
         for field in ("nested_blocksize", "nested_offset"):
