@@ -463,8 +463,12 @@ def _targets():
 
     def t_summary(path, size, problems):
         file_summary(path)
-        if inspect_file is not None:
-            inspect_file(path)
+
+    def t_inspect(path, size, problems):
+        info = inspect_file(path)
+        for d in info.layers:
+            if d.shape is not None and d.shape[0] * d.shape[1] > 2 * size:
+                problems.append(f"inspect_file admitted {d.name} shape {d.shape} in {size} bytes")
 
     def t_load(path, size, problems):
         with SafetensorsReader(path) as r:
@@ -482,8 +486,11 @@ def _targets():
             opts = {k: v for k, v in info.options.items() if k != "dtype"}
             get_codec(info.format).dequantize(tensors, shape, torch.float32, layer=layer, **opts)
 
-    return [("read_header", t_read_header), ("discover_layers", t_discover), ("file_summary", t_summary),
-            ("load", t_load)]
+    targets = [("read_header", t_read_header), ("discover_layers", t_discover), ("file_summary", t_summary),
+               ("load", t_load)]
+    if inspect_file is not None:  # the converter's public summary (converter/inspect.py), where present
+        targets.append(("inspect_file", t_inspect))
+    return targets
 
 
 def run(cases: int | None, seconds: float | None, seed: int, work: Path, limit_memory: bool = True,
