@@ -25,6 +25,7 @@ before each tensor and raises ``Cancelled`` when it returns true.
 from __future__ import annotations
 
 import os
+import logging
 import queue
 import threading
 import time
@@ -33,7 +34,7 @@ from typing import Callable, Mapping
 import torch
 
 from .error_stats import relative_error, sample_fraction
-from .errors import Cancelled, LayerError, OptionError, OutputFileError
+from .errors import Cancelled, InputFileError, LayerError, OptionError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec
 from .formats.grids import output_allocator
@@ -46,6 +47,7 @@ from .rounding import quantize_weight
 from .safetensors_io import SafetensorsReader, read_header, same_file
 from .safetensors_writer import AtomicSafetensorsWriter
 
+log = logging.getLogger("hybridquant")
 _CODEC_ONLY_DROP = ("full_precision_matrix_mult",)  # .comfy_quant keys the converter adds itself
 
 
@@ -108,7 +110,11 @@ class OutputLayout:
             old = parse_quant_header(input_metadata)
         except FormatError as e:
             raise LayerError(f"input header: {e}") from None
-        kept = {layer: d for layer, d in old.items() if f"{layer}.weight" in self.specs and layer not in header_layers}
+        ghosts = [layer for layer in old if f"{layer}.weight" not in self.specs]
+        if ghosts:  # header entries of layers the file does not have: dropped, never copied
+            log.warning("input header %s lists %d layer(s) not in the file (%s); dropped from the output's header",
+                        "_quantization_metadata", len(ghosts), ", ".join(ghosts[:5]))
+        kept = {layer: d for layer, d in old.items() if layer not in ghosts and layer not in header_layers}
         new_layers = {**kept, **header_layers} if options.save_quant_metadata else kept
         self.metadata: dict[str, str] = build_quant_header(new_layers, input_metadata)
         self.header_layers = header_layers
@@ -196,6 +202,15 @@ def check_paths(input_path, output_path, overwrite: bool) -> None:
         raise OutputFileError(f"{output_path}: output directory {d} is not writable")
 
 
+def _refuse_ghost_configs(input_path, infos) -> None:
+    """A ``.comfy_quant`` tensor without its layer's weight would be copied as a plain tensor into a
+    file that every loader refuses: refuse the input instead, naming the layer."""
+    for name in infos:
+        if name.endswith(".comfy_quant") and f"{name[: -len('.comfy_quant')]}.weight" not in infos:
+            layer = name[: -len(".comfy_quant")]
+            raise InputFileError(f"{input_path}: {name} describes layer {layer}, but '{layer}.weight' is not in the file")
+
+
 def _check_device(device: str) -> str:
     device = device or "cpu"
     try:
@@ -217,6 +232,7 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
     sample_fraction(error_stats)
     t0 = time.monotonic()
     infos, metadata = read_header(input_path)
+    _refuse_ghost_configs(input_path, infos)
     if not dry_run:
         check_paths(input_path, output_path, overwrite)
     plans = make_plans(((i.name, i.shape, _dtype_name(i.dtype)) for i in infos.values()), options)

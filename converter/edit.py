@@ -43,8 +43,8 @@ import torch
 from .edit_keys import compile_filter, parse_add_keys, parse_remove_keys
 from .errors import InputFileError, NoMatchingLayersError, OptionError
 from .metadata import QUANT_METADATA_KEY, dumps_compact
-from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, encode_comfy_quant,
-                      parse_quant_header, read_layer_configs, rewrite_file)
+from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, drop_ghost_layers,
+                      encode_comfy_quant, parse_quant_header, read_layer_configs, rewrite_file)
 from .safetensors_io import SafetensorsReader
 
 
@@ -128,7 +128,7 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
     with SafetensorsReader(input) as reader:
         check_output_path(input, output, overwrite)
         tensor_cfgs = read_layer_configs(reader)
-        qm = parse_quant_header(reader.metadata, input)
+        qm, warnings = drop_ghost_layers(parse_quant_header(reader.metadata, input), reader)
         header_layers: dict = dict(qm.get("layers", {})) if qm is not None else {}
         all_layers = sorted(set(tensor_cfgs) | set(header_layers))
         if not all_layers:
@@ -178,7 +178,7 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
             new_qm["layers"] = layers_out
             metadata[QUANT_METADATA_KEY] = dumps_compact(new_qm)
             header_written = metadata.get(QUANT_METADATA_KEY) != reader.metadata.get(QUANT_METADATA_KEY)
-        elif qm is not None and header_changed:
+        elif qm is not None and (header_changed or warnings):  # edited, or ghost layers dropped
             new_qm = dict(qm)
             new_qm["layers"] = header_layers
             metadata[QUANT_METADATA_KEY] = dumps_compact(new_qm)
@@ -202,6 +202,7 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
         "keys_updated": counts["updated"],
         "keys_removed": counts["removed"],
         "keys_absent": counts["absent"],
+        "warnings": warnings,
         "bytes_written": nbytes,
         "seconds": round(time.perf_counter() - t0, 3),
     }

@@ -21,6 +21,13 @@ class InputFileError(ConverterError):
     """The input is missing, unreadable, not safetensors, or truncated."""
 
 
+class ModelLoadError(InputFileError):
+    """A model file the loader nodes cannot load: not safetensors, a header or metadata that does not
+    hold up (``safetensors_io`` / ``schema`` rules), a layer whose tensors do not match its format. The
+    message names the file and, where it applies, the layer and what is wrong; it is a message for the
+    user (ComfyUI shows it as the node's error), not a bug report."""
+
+
 class OutputFileError(ConverterError):
     """The output exists (without --overwrite), equals the input, or cannot be written."""
 

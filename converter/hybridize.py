@@ -49,8 +49,8 @@ from .formats.base import TensorSpec, round_up
 from .formats.fp8 import FP8Tensorwise
 from .formats.hybrid_mxfp8 import MXFP8, HybridMXFP8
 from .metadata import QUANT_METADATA_KEY, dumps_compact
-from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, encode_comfy_quant,
-                      parse_quant_header, read_layer_configs, rewrite_file)
+from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, drop_ghost_layers,
+                      encode_comfy_quant, parse_quant_header, read_layer_configs, rewrite_file)
 from .safetensors_io import SafetensorsReader, same_file
 
 log = logging.getLogger("hybridquant.converter.hybridize")
@@ -154,7 +154,7 @@ def make_hybrid_mxfp8(input, output, tensor_scales=None, overwrite: bool = False
         if tensor_scales is not None and os.path.exists(output) and same_file(tensor_scales, output):
             raise OutputFileError(f"{output}: output equals the --tensor-scales file; write to a new file")
         tensor_cfgs = read_layer_configs(reader)
-        qm = parse_quant_header(reader.metadata, input)
+        qm, ghost_warnings = drop_ghost_layers(parse_quant_header(reader.metadata, input), reader)
         header_layers = dict(qm.get("layers", {})) if qm is not None else {}
         formats = _layer_formats(input, tensor_cfgs, header_layers)
         layers = [L for L, f in formats.items() if f == SOURCE_FORMAT]
@@ -187,7 +187,7 @@ def make_hybrid_mxfp8(input, output, tensor_scales=None, overwrite: bool = False
             shapes[L] = (shape, tuple(w.shape), cfg.get("orig_shape") is not None)
 
         imported: dict[str, torch.Tensor] = {}
-        warnings: list[str] = []
+        warnings: list[str] = list(ghost_warnings)
         computed_fallback: list[str] = []
         if tensor_scales is not None:
             imported, why = load_tensor_scales(tensor_scales, shapes)

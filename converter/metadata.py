@@ -41,10 +41,20 @@ Public API (used by the converter, the ComfyUI loaders and the editor)
     ``_quantization_metadata`` replaced by ``layers`` (removed when ``layers`` is empty).
 ``parse_header(metadata: dict | None) -> dict[str, dict]``
     ``{layer: dict}`` from a header's ``_quantization_metadata`` ({} when absent).
-``discover_layers(keys, header_metadata, get_tensor) -> dict[str, LayerInfo]``
+``discover_layers(keys, header_metadata, get_tensor, sizes=None) -> dict[str, LayerInfo]``
     Every quantized layer of a file/state dict (``keys``: its tensor names; ``header_metadata``: its
     ``__metadata__`` or None; ``get_tensor(key) -> Tensor``: called only for the small ``.comfy_quant``,
     quant-state and ``scaled_fp8`` marker tensors). Ordered as the layers' weights appear in ``keys``.
+    ``sizes`` (``{key: bytes}`` or ``key -> bytes``; e.g. from ``read_header``'s infos, or
+    ``ops.state_dict.tensor_bytes(sd)``): when given, a layer whose metadata announces more logical
+    elements than twice its stored weight's bytes is a FormatError (``schema.check_logical_size``), so no
+    one allocates by a lying ``orig_shape`` / quant-state ``shape``. Every JSON and every metadata
+    object goes through ``schema`` (depth-limited JSON, no duplicate keys, typed and bounded fields);
+    a bitsandbytes quant state without its ``<layer>.weight`` is a FormatError like a header entry
+    without one.
+``ghost_layers(layers, keys) -> list[str]``
+    The layers of a metadata listing whose ``<layer>.weight`` is not among ``keys``. Writers drop such
+    header entries with a warning (convert, edit, hybridize), never copy them.
     A key ``_quantization_metadata`` (ComfyUI 0.3.75 puts the header string into state dicts) is ignored.
 ``LayerInfo`` (frozen dataclass): ``layer``, ``format``, ``options`` (keyword arguments for the codec:
     the metadata dict minus ``format`` and minus names that would collide with codec parameters; for
@@ -72,6 +82,7 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from . import schema
 from .formats import find_spec, format_names, get_codec
 from .formats.base import FormatError
 from .formats.bnb4bit import BNB_FORMATS
@@ -127,41 +138,21 @@ def decode_comfy_quant(t: torch.Tensor, layer: str = "?") -> dict:
     if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.ndim != 1:
         what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise FormatError(f"{layer}.comfy_quant: expected a 1-D uint8 tensor, found {what}")
-    try:
-        d = json.loads(bytes(t.tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{layer}.comfy_quant: invalid JSON ({e})") from None
+    d = schema.loads(bytes(t.tolist()), f"{layer}.comfy_quant")
     return check_layer_dict(d, f"{layer}.comfy_quant")
 
 
 def check_layer_dict(d, where: str) -> dict:
     """Check the known fields of a layer's metadata dict; keep unknown ones. ``where`` names it."""
-    if not isinstance(d, dict):
-        raise FormatError(f"{where}: expected a JSON object, found {type(d).__name__}")
-    fmt = d.get("format")
-    if fmt is None:
-        raise FormatError(f"{where}: no 'format' field")
+    schema.check_layer_fields(d, where)
+    fmt = d["format"]
     if find_spec(fmt) is None:
         raise FormatError(f"{where}: unknown quantization format {fmt!r}; known formats: {', '.join(format_names())}")
-    gs = d.get("group_size")
-    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
-        raise FormatError(f"{where}: group_size must be a positive integer, found {gs!r}")
-    for flag in ("per_row", "full_precision_matrix_mult"):
-        if flag in d and not isinstance(d[flag], bool):
-            raise FormatError(f"{where}: {flag} must be true or false, found {d[flag]!r}")
-    if "orig_dtype" in d and not isinstance(d["orig_dtype"], str):
-        raise FormatError(f"{where}: orig_dtype must be a string, found {d['orig_dtype']!r}")
-    if "orig_shape" in d:
-        _shape_of(d["orig_shape"], where)
     return d
 
 
 def _shape_of(value, where: str) -> tuple[int, int]:
-    ok = isinstance(value, (list, tuple)) and len(value) == 2 and all(
-        isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    if not ok:
-        raise FormatError(f"{where}: orig_shape must be two positive integers, found {value!r}")
-    return (value[0], value[1])
+    return schema.shape_of(value, where, "orig_shape")
 
 
 # ---- header ---------------------------------------------------------------------------------------
@@ -185,20 +176,27 @@ def parse_header(metadata: Mapping | None) -> dict[str, dict]:
     if not metadata or QUANT_METADATA_KEY not in metadata:
         return {}
     raw = metadata[QUANT_METADATA_KEY]
-    try:
-        doc = json.loads(raw) if isinstance(raw, (str, bytes)) else raw
-    except json.JSONDecodeError as e:
-        raise FormatError(f"header {QUANT_METADATA_KEY}: invalid JSON ({e})") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("layers"), dict):
-        raise FormatError(f"header {QUANT_METADATA_KEY}: expected an object with a 'layers' object")
+    where = f"header {QUANT_METADATA_KEY}"
+    doc = schema.loads(raw, where) if isinstance(raw, (str, bytes)) else raw
+    schema.check_quant_header(doc, where)
     return {name: check_layer_dict(d, f"header layer {name}") for name, d in doc["layers"].items()}
+
+
+def ghost_layers(layers: Iterable[str], keys: Iterable[str]) -> list[str]:
+    """The layers of a metadata listing (header ``layers``, ``.comfy_quant`` configs) whose
+    ``<layer>.weight`` is not among ``keys``: metadata a writer must not carry into its output."""
+    keyset = set(keys)
+    return [layer for layer in layers if f"{layer}.weight" not in keyset]
 
 
 # ---- discovery ------------------------------------------------------------------------------------
 
 def discover_layers(keys: Iterable[str], header_metadata: Mapping | None,
-                    get_tensor: Callable[[str], torch.Tensor]) -> dict[str, LayerInfo]:
-    """Every quantized layer of a file / state dict; see the module docstring."""
+                    get_tensor: Callable[[str], torch.Tensor],
+                    sizes: Mapping[str, int] | Callable[[str], int] | None = None) -> dict[str, LayerInfo]:
+    """Every quantized layer of a file / state dict; see the module docstring. ``sizes`` (the byte
+    size of each tensor, e.g. from the file's header) lets the metadata's logical shapes be checked
+    against the stored weights (``schema.check_logical_size``) before anyone allocates by them."""
     keys = [k for k in keys if k != QUANT_METADATA_KEY]
     keyset = set(keys)
     found: dict[str, LayerInfo] = {}
@@ -218,6 +216,7 @@ def discover_layers(keys: Iterable[str], header_metadata: Mapping | None,
         if f"{layer}.weight" not in keyset:
             raise FormatError(f"{layer}: listed as quantized ({source}) but '{layer}.weight' is not in the file")
         found[layer] = _info(layer, meta, source, _layer_tensors(layer, keys))
+        _check_size(found[layer], sizes)
 
     for k in keys:
         for qt, fmt in BNB_FORMATS.items():
@@ -226,10 +225,20 @@ def discover_layers(keys: Iterable[str], header_metadata: Mapping | None,
                 if layer in found:
                     raise FormatError(f"{layer}: has bitsandbytes quant state and {found[layer].source} metadata")
                 found[layer] = _bnb_info(layer, qt, fmt, k, keyset, get_tensor)
+                _check_size(found[layer], sizes)
 
     _discover_legacy(keys, keyset, found, get_tensor)
     order = {k[: -len(".weight")]: i for i, k in enumerate(keys) if k.endswith(".weight")}
     return dict(sorted(found.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _check_size(info: LayerInfo, sizes) -> None:
+    if sizes is None:
+        return
+    key = info.tensors.get("weight", f"{info.layer}.weight")
+    nbytes = sizes(key) if callable(sizes) else sizes.get(key)
+    shape = info.orig_shape if info.source != "bnb" else tuple(info.meta["shape"])
+    schema.check_logical_size(shape, nbytes, f"{info.layer}: {info.source} metadata")
 
 
 def _layer_tensors(layer: str, keys: Iterable[str]) -> dict[str, str]:
@@ -244,23 +253,15 @@ def _info(layer: str, meta: dict, source: str, tensors: dict[str, str]) -> Layer
 
 
 def _bnb_info(layer, qt, fmt, state_key, keyset, get_tensor) -> LayerInfo:
+    if f"{layer}.weight" not in keyset:
+        raise FormatError(f"{layer}: has a bitsandbytes quant state '{state_key}' but no '{layer}.weight'")
     t = get_tensor(state_key)
-    try:
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8:
-            raise ValueError("not a uint8 tensor")
-        state = json.loads(bytes(t.reshape(-1).tolist()).decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{layer}: invalid bitsandbytes quant state '{state_key}' ({e})") from None
-    if not isinstance(state, dict):
-        raise FormatError(f"{layer}: bitsandbytes quant state is not a JSON object")
-    if state.get("quant_type") != qt:
-        raise FormatError(f"{layer}: quant state key says {qt} but its quant_type is {state.get('quant_type')!r}")
-    for req in ("blocksize", "dtype", "shape"):
-        if req not in state:
-            raise FormatError(f"{layer}: bitsandbytes quant state lacks '{req}'")
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        what = f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise FormatError(f"{layer}: bitsandbytes quant state '{state_key}' must be a 1-D uint8 tensor, found {what}")
+    state = schema.loads(bytes(t.tolist()), layer, what=f"bitsandbytes quant state '{state_key}'")
+    schema.check_quant_state(state, layer, qt)
     shape = state["shape"]
-    if not (isinstance(shape, list) and shape and all(isinstance(v, int) and v > 0 for v in shape)):
-        raise FormatError(f"{layer}: bitsandbytes quant state has an invalid shape {shape!r}")
     tensors = {s: f"{layer}.{s}" for s in BNB_SUFFIXES if f"{layer}.{s}" in keyset}
     tensors[BNB_STATE_PREFIX + qt] = state_key
     opts = {"blocksize": state["blocksize"], "double_quant": "nested_blocksize" in state, "dtype": state["dtype"]}

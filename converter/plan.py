@@ -18,7 +18,6 @@ All regexes use ``re.search`` on the layer name (the tensor name without ``.weig
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -172,14 +171,15 @@ def load_layer_config(cfg: Any, options: PlanOptions) -> tuple[list[_LCEntry], _
     if isinstance(cfg, (str, os.PathLike)):
         src = f"--layer-config {os.fspath(cfg)}"
         try:
-            with open(cfg, encoding="utf-8") as f:
-                cfg = json.load(f)
+            with open(cfg, "rb") as f:
+                raw = f.read(64 << 20)  # a layer config is a few KB; a huge file is not one
         except FileNotFoundError:
             raise OptionError(f"{src}: file not found") from None
-        except (OSError, UnicodeDecodeError) as e:
+        except OSError as e:
             raise OptionError(f"{src}: cannot read ({e})") from None
-        except json.JSONDecodeError as e:
-            raise OptionError(f"{src}: invalid JSON ({e})") from None
+        from .schema import loads
+
+        cfg = loads(raw, src, error=OptionError)  # depth-limited, no duplicate keys
     if not isinstance(cfg, Mapping):
         raise OptionError(f"{src}: must be a JSON object mapping regex -> {{\"format\": ...}}")
     entries, default = [], None

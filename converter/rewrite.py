@@ -14,17 +14,17 @@ the UTF-8 JSON of a flat dict; the header ``__metadata__["_quantization_metadata
 from __future__ import annotations
 
 import contextlib
-import json
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Mapping
 
 import torch
 
-from . import metadata
+from . import metadata, schema
 from .errors import Cancelled, InputFileError, OutputFileError
 from .metadata import QUANT_METADATA_KEY
-from .formats.base import TensorSpec
+from .formats.base import FormatError, TensorSpec
 from .safetensors_io import SafetensorsReader, same_file
 from .safetensors_writer import AtomicSafetensorsWriter
 
@@ -37,15 +37,19 @@ CancelFn = Callable[[], bool]
 # .comfy_quant tensors and the header entry
 # ---------------------------------------------------------------------------------------------------
 
+MAX_CONFIG_BYTES = 1 << 16  # a .comfy_quant tensor is read whole; real ones are under 200 bytes
+log = logging.getLogger("hybridquant")
+
+
 def decode_comfy_quant(layer: str, t: torch.Tensor, path: str = "") -> dict:
     """The dict stored in ``layer.comfy_quant``; InputFileError naming file and layer if it is not one."""
     where = f"{path}: " if path else ""
     if t.dtype != torch.uint8 or t.dim() != 1:
         raise InputFileError(f"{where}{layer}.comfy_quant: expected a 1-D uint8 tensor, found {t.dtype} {tuple(t.shape)}")
     try:
-        cfg = json.loads(bytes(t.tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InputFileError(f"{where}{layer}.comfy_quant: not UTF-8 JSON ({e})") from None
+        cfg = schema.loads(bytes(t.tolist()), "comfy_quant")
+    except FormatError as e:
+        raise InputFileError(f"{where}{layer}.comfy_quant: not UTF-8 JSON ({str(e).split(': ', 1)[-1]})") from None
     if not isinstance(cfg, dict):
         raise InputFileError(f"{where}{layer}.comfy_quant: expected a JSON object, found {type(cfg).__name__}")
     return cfg
@@ -66,10 +70,7 @@ def parse_quant_header(metadata: Mapping[str, str], path: str = "") -> dict | No
     if raw is None:
         return None
     where = f"{path}: " if path else ""
-    try:
-        qm = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise InputFileError(f"{where}header {QUANT_METADATA_KEY} is not valid JSON ({e})") from None
+    qm = schema.loads(raw, f"{where}header {QUANT_METADATA_KEY}", error=InputFileError)
     if not isinstance(qm, dict):
         raise InputFileError(f"{where}header {QUANT_METADATA_KEY} must be a JSON object")
     layers = qm.get("layers", {})
@@ -79,13 +80,38 @@ def parse_quant_header(metadata: Mapping[str, str], path: str = "") -> dict | No
 
 
 def read_layer_configs(reader: SafetensorsReader) -> dict[str, dict]:
-    """``{layer: dict}`` from every ``*.comfy_quant`` tensor of the file (they are tiny)."""
+    """``{layer: dict}`` from every ``*.comfy_quant`` tensor of the file (they are tiny). A
+    ``.comfy_quant`` whose ``<layer>.weight`` is missing is refused: copying it would write a file that
+    every loader refuses."""
     out = {}
     for name in reader.keys():
         if name.endswith(COMFY_QUANT_SUFFIX):
             layer = name[: -len(COMFY_QUANT_SUFFIX)]
+            if f"{layer}.weight" not in reader.infos:
+                raise InputFileError(f"{reader.path}: {name} describes layer {layer}, but '{layer}.weight' is not "
+                                     "in the file")
+            info = reader.infos[name]
+            if info.nbytes > MAX_CONFIG_BYTES:
+                raise InputFileError(f"{reader.path}: {name} is {info.nbytes} bytes; a layer's metadata is a few "
+                                     "hundred")
             out[layer] = decode_comfy_quant(layer, reader.read(name), reader.path)
     return out
+
+
+def drop_ghost_layers(qm: dict | None, reader: SafetensorsReader) -> tuple[dict | None, list[str]]:
+    """``(qm without them, warnings)`` for the header ``layers`` entries whose ``<layer>.weight`` is not
+    in the file (ghost layers, e.g. left by a tool that deleted tensors): they are dropped from the
+    output's header, each with a warning on the ``hybridquant`` logger, never copied silently."""
+    if qm is None:
+        return None, []
+    ghosts = metadata.ghost_layers(qm.get("layers", {}), reader.infos)
+    if not ghosts:
+        return qm, []
+    shown = ", ".join(ghosts[:5]) + (f" and {len(ghosts) - 5} more" if len(ghosts) > 5 else "")
+    msg = (f"{reader.path}: header {QUANT_METADATA_KEY} lists {len(ghosts)} layer(s) not in the file ({shown}); "
+           "dropped from the output's header")
+    log.warning(msg)
+    return dict(qm, layers={k: v for k, v in qm["layers"].items() if k not in ghosts}), [msg]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -15,6 +15,21 @@ Public API
     the temp file is removed and ``path`` is untouched. ``.abort()`` does the same explicitly.
     Raises ``OutputFileError`` if ``path`` exists and ``overwrite`` is false.
 
+Faults (full disk, other writers)
+--------------------------------
+- Before any data, the whole size is reserved (``posix_fallocate``; ``reserve=False`` skips it): a
+  full disk, a quota or a file-size limit fails there. Any later write, flush or close error (ENOSPC
+  on a filesystem that cannot reserve, EIO ...) is an ``OutputFileError`` saying why ("not enough
+  disk space", "file size limit exceeded" ...) and "no output written"; the temp file is removed and
+  the output path is untouched.
+- Two writers of the same output (two processes, or two threads of one): each writes its own temp
+  file; at commit, under an exclusive ``flock`` of the output directory, the output path must still
+  hold what it held when the writer opened (nothing, or the file ``overwrite`` replaces). The first to
+  commit wins atomically; the other gets an ``OutputFileError`` ("another process wrote this output")
+  and its temp file is removed. Without ``overwrite`` the final step is a hard link (fails if the path
+  exists, whoever created it) rather than a rename; on a filesystem without hard links, a rename after
+  the check. A second writer of the same output in the same process is refused at ``open``.
+
 ``write_safetensors(path, tensors, metadata=None, overwrite=False)``
     Small-file convenience on top of the writer (whole dict in memory).
 
@@ -31,6 +46,7 @@ itself never holds a partial file. Before writing data the full size is reserved
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import struct
@@ -49,6 +65,29 @@ def partial_path(path, pid: int | None = None) -> str:
     path = os.path.abspath(os.fspath(path))
     d, base = os.path.split(path)
     return os.path.join(d, f".{base}.partial-{os.getpid() if pid is None else pid}")
+
+
+# Temp files of writers alive in THIS process: ``clean_stale_partials`` must not take them for a dead
+# writer's (their pid is ours), and a second writer of the same output in this process is refused.
+_ACTIVE: set[str] = set()
+_ACTIVE_LOCK = threading.Lock()
+
+_WHY = {errno.ENOSPC: "not enough disk space", errno.EDQUOT: "disk quota exceeded",
+        errno.EFBIG: "file size limit exceeded", errno.EROFS: "read-only file system", errno.EIO: "I/O error"}
+
+
+def _write_error(path: str, e: OSError, what: str = "write failed") -> OutputFileError:
+    why = _WHY.get(e.errno, e.strerror or str(e))
+    return OutputFileError(f"{path}: {what}: {why}; no output written")
+
+
+def _identity(path: str):
+    """What the output path holds now (None: nothing), to notice another writer's commit."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -75,7 +114,8 @@ def clean_stale_partials(path) -> list[str]:
         if not m or m.group("name") != base:
             continue
         pid = int(m.group("pid"))
-        if pid != os.getpid() and _pid_alive(pid):
+        full = os.path.join(d, entry)
+        if (pid != os.getpid() and _pid_alive(pid)) or full in _ACTIVE:
             continue
         try:
             os.unlink(os.path.join(d, entry))
@@ -119,13 +159,15 @@ class AtomicSafetensorsWriter:
     """Writes a safetensors file whose header is known up front; see the module docstring."""
 
     def __init__(self, path, specs: Mapping[str, TensorSpec], metadata: Mapping[str, str] | None = None,
-                 overwrite: bool = False, fsync: bool = True, sync_every: int = SYNC_EVERY):
+                 overwrite: bool = False, fsync: bool = True, sync_every: int = SYNC_EVERY, reserve: bool = True):
         self.path = os.path.abspath(os.fspath(path))
         self.specs = dict(specs)
         self.metadata = dict(metadata or {})
         self.overwrite = overwrite
         self.fsync = fsync
         self.sync_every = sync_every
+        self.reserve = reserve
+        self._target_id = None
         self._unsynced = 0
         self._flusher: threading.Thread | None = None
         self._flush_due = threading.Event()
@@ -147,18 +189,29 @@ class AtomicSafetensorsWriter:
         d = os.path.dirname(self.path)
         if not os.path.isdir(d):
             raise OutputFileError(f"{self.path}: output directory {d} does not exist")
-        clean_stale_partials(self.path)
+        self._target_id = _identity(self.path)
+        with _ACTIVE_LOCK:
+            if self.tmp_path in _ACTIVE:
+                raise OutputFileError(f"{self.path}: another conversion in this process is writing this output")
+            _ACTIVE.add(self.tmp_path)
         try:
+            clean_stale_partials(self.path)
             self._fd = os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         except OSError as e:
+            self._release()
             raise OutputFileError(f"{self.path}: cannot create output file {self.tmp_path} ({e.strerror})") from None
         try:
-            self._reserve()
+            if self.reserve:
+                self._reserve()
             self._pwrite(memoryview(self._header), 0)
         except BaseException:
             self.abort()
             raise
         return self
+
+    def _release(self) -> None:
+        with _ACTIVE_LOCK:
+            _ACTIVE.discard(self.tmp_path)
 
     def _reserve(self) -> None:
         # Reserve the whole file now: a full disk fails here, before minutes of work.
@@ -166,9 +219,8 @@ class AtomicSafetensorsWriter:
             os.posix_fallocate(self._fd, 0, self.total_bytes)
         except OSError as e:
             if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-                what = "not enough disk space" if e.errno != errno.EFBIG else "file size limit exceeded"
-                raise OutputFileError(f"{self.path}: {what}: the output needs {self.total_bytes / 1e6:.1f} MB "
-                                      f"({e.strerror})") from None
+                raise OutputFileError(f"{self.path}: {_WHY[e.errno]}: the output needs {self.total_bytes / 1e6:.1f} MB "
+                                      f"({e.strerror}); no output written") from None
             # EOPNOTSUPP/EINVAL (filesystem without fallocate): writes will report ENOSPC instead.
         except AttributeError:
             pass
@@ -180,7 +232,7 @@ class AtomicSafetensorsWriter:
             while done < total:
                 done += os.pwrite(self._fd, buf[done:], offset + done)
         except OSError as e:
-            raise OutputFileError(f"{self.path}: write failed ({e.strerror})") from None
+            raise _write_error(self.path, e) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store ``tensor`` under ``name`` (declared in ``specs``); thread-safe, any order, once each."""
@@ -259,17 +311,19 @@ class AtomicSafetensorsWriter:
         try:
             self._stop_flusher()
             if self._flush_error is not None:
-                raise OutputFileError(f"{self.path}: write failed ({self._flush_error.strerror})")
-            if self.fsync:
-                os.fsync(self._fd)
-            os.close(self._fd)
+                raise _write_error(self.path, self._flush_error)
+            try:
+                if self.fsync:
+                    os.fsync(self._fd)
+                os.close(self._fd)
+            except OSError as e:
+                raise _write_error(self.path, e) from None
             self._fd = -1
-            if os.path.exists(self.path) and not self.overwrite:
-                raise OutputFileError(f"{self.path}: output file appeared while converting; not replacing it")
-            os.replace(self.tmp_path, self.path)
+            self._publish()
         except BaseException:
             self.abort()
             raise
+        self._release()
         if self.fsync:
             try:
                 dfd = os.open(os.path.dirname(self.path), os.O_RDONLY)
@@ -280,6 +334,35 @@ class AtomicSafetensorsWriter:
             except OSError:
                 pass
         return self.path
+
+    def _publish(self) -> None:
+        """Move the complete temp file to the output path, atomically, unless another writer got there
+        first: the path must still hold what it held when this writer opened (nothing, or the file that
+        ``overwrite`` replaces). The check and the move run under an exclusive ``flock`` of the output
+        directory, so two of our writers cannot interleave them; without ``overwrite`` the move is a
+        hard link, which fails if anything (any program) created the path meanwhile."""
+        d = os.path.dirname(self.path)
+        lock = os.open(d, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if _identity(self.path) != self._target_id:
+                raise OutputFileError(f"{self.path}: another process wrote this output while this one was "
+                                      "converting; not replacing it (this run's output was discarded)")
+            if self.overwrite and self._target_id is not None:
+                os.replace(self.tmp_path, self.path)
+                return
+            try:
+                os.link(self.tmp_path, self.path)
+            except FileExistsError:
+                raise OutputFileError(f"{self.path}: output file appeared while converting; not replacing it") from None
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.EXDEV):
+                    raise _write_error(self.path, e, "cannot create the output") from None
+                os.replace(self.tmp_path, self.path)  # no hard links here: the check above under the lock
+                return
+            os.unlink(self.tmp_path)
+        finally:
+            os.close(lock)
 
     def abort(self) -> None:
         self._stop_flusher()
@@ -293,6 +376,7 @@ class AtomicSafetensorsWriter:
             os.unlink(self.tmp_path)
         except FileNotFoundError:
             pass
+        self._release()
 
     def __enter__(self):
         return self.open()

@@ -11,8 +11,11 @@ ComfyUI facts this relies on (DESIGN.md §3):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import inspect
 import logging
+import os
 
 log = logging.getLogger("HybridQuant")
 
@@ -57,9 +60,42 @@ def _with_dynamic_flag(fn, kwargs: dict) -> dict:
     return kwargs
 
 
+@contextlib.contextmanager
+def load_errors(path: str):
+    """Every user error of a load (bad header, metadata, layer data) as one ``ModelLoadError`` naming
+    the file: ComfyUI shows its message. Anything else is a bug and keeps its traceback."""
+    from ..converter.errors import ConverterError, ModelLoadError
+    from ..converter.formats import FormatError
+
+    try:
+        yield
+    except ModelLoadError:
+        raise
+    except (ConverterError, FormatError) as e:
+        msg = str(e)
+        if path not in msg:
+            msg = f"{os.path.basename(path)}: {msg}"
+        raise ModelLoadError(msg) from None
+
+
+def _guarded(fn):
+    @functools.wraps(fn)
+    def wrapper(path, *args, **kwargs):
+        with load_errors(path if isinstance(path, str) else ", ".join(map(str, path))):
+            return fn(path, *args, **kwargs)
+
+    return wrapper
+
+
 def load_file(path: str):
+    """(state dict, header metadata) of a model file, after the converter's reader has validated its
+    header (the same rules for every file the pack opens)."""
     import comfy.utils
 
+    from ..converter.safetensors_io import read_header
+
+    with load_errors(path):
+        read_header(path)
     sd, metadata = comfy.utils.load_torch_file(path, safe_load=True, return_metadata=True)
     return sd, (metadata or {})
 
@@ -80,6 +116,7 @@ def diffusion_model_from_state_dict(sd: dict, metadata: dict, ops_class, source:
     return adopt(model)
 
 
+@_guarded
 def load_diffusion_model(path: str, override: str = "auto"):
     sd, metadata = load_file(path)
     ops_class = pick_ops(sd.keys(), metadata, override)
@@ -87,6 +124,7 @@ def load_diffusion_model(path: str, override: str = "auto"):
     return diffusion_model_from_state_dict(sd, metadata, ops_class, path), ops_class
 
 
+@_guarded
 def load_checkpoint(path: str, override: str = "auto", embedding_directory=None):
     import comfy.sd
 
@@ -110,6 +148,7 @@ def load_checkpoint(path: str, override: str = "auto", embedding_directory=None)
     return model, clip, vae, ops_class
 
 
+@_guarded
 def load_clip(paths: list[str], clip_type: str, override: str = "auto", embedding_directory=None):
     import comfy.sd
 

@@ -12,7 +12,6 @@ the module writes uses the on-disk suffixes again, so a saved model is a valid f
 
 from __future__ import annotations
 
-import json
 import logging
 
 import torch
@@ -56,7 +55,9 @@ def read_layer(state_dict, prefix: str, shape: tuple[int, int]):
     view = {k: state_dict[k] for k in keys}
     if prefix + STORAGE_SUFFIX in view:
         view[prefix + "weight"] = view.pop(prefix + STORAGE_SUFFIX)
-    infos = qmeta.discover_layers(list(view), None, view.__getitem__)
+    from .state_dict import tensor_bytes
+
+    infos = qmeta.discover_layers(list(view), None, view.__getitem__, sizes=tensor_bytes(view))
     info = infos.get(layer)
     if info is None:
         raise FormatError(f"{layer}: quantization keys present ({', '.join(k[len(prefix):] for k in keys)}) "
@@ -110,4 +111,6 @@ def comfy_quant_tensor(meta: dict | None) -> torch.Tensor | None:
 
 
 def parse_json_tensor(t: torch.Tensor) -> dict:
-    return json.loads(bytes(t.reshape(-1).tolist()).decode("utf-8"))
+    from ..converter.schema import loads
+
+    return loads(bytes(t.reshape(-1).tolist()), "quant-state tensor")

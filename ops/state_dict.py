@@ -46,6 +46,16 @@ def logical_shape(info, weight: torch.Tensor) -> tuple[int, int]:
     return shape
 
 
+def tensor_bytes(sd):
+    """``sizes`` for ``discover_layers``: the stored bytes of each tensor of a state dict (0 for a value
+    that is not a tensor), so that metadata cannot announce a layer larger than its data."""
+    def size(key: str) -> int:
+        t = sd.get(key)
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    return size
+
+
 def placeholder(shape, dtype) -> torch.Tensor:
     """A read-only-in-spirit tensor of ``shape``/``dtype`` that occupies 1 element of memory."""
     return torch.zeros((), dtype=dtype).expand(*shape)
@@ -53,7 +63,7 @@ def placeholder(shape, dtype) -> torch.Tensor:
 
 def prepare_state_dict(sd: dict, header_metadata: dict | None) -> dict:
     keys = list(sd.keys())
-    infos = qmeta.discover_layers(keys, header_metadata, sd.__getitem__)
+    infos = qmeta.discover_layers(keys, header_metadata, sd.__getitem__, sizes=tensor_bytes(sd))
     out = {k: v for k, v in sd.items() if k != qmeta.QUANT_METADATA_KEY}
     for layer, info in infos.items():
         p = layer + "."
@@ -66,6 +76,8 @@ def prepare_state_dict(sd: dict, header_metadata: dict | None) -> dict:
         if info.source in ("header", "legacy_scaled_fp8"):
             out[p + "comfy_quant"] = qmeta.encode_comfy_quant(info.comfy_quant())
         if info.source == "legacy_scaled_fp8":
+            for key in info.dropped:  # a placeholder scale_input of 1.0: no data, and no reader wants it
+                out.pop(key, None)
             for suffix, key in info.tensors.items():
                 if key != p + suffix:
                     out[p + suffix] = out.pop(key)

@@ -210,30 +210,15 @@ def read_quant_state(layer: str, tensors: Mapping[str, torch.Tensor]) -> dict:
     t = tensors[key]
     if t.dtype != torch.uint8 or t.dim() != 1:
         raise FormatError(f"{layer}.{key}: expected a 1-D uint8 JSON tensor, found {t.dtype} {tuple(t.shape)}")
-    try:
-        d = json.loads(bytes(t.cpu().tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{layer}.{key}: invalid quant state JSON ({e})") from None
-    if not isinstance(d, dict):
-        raise FormatError(f"{layer}.{key}: quant state JSON is not an object")
-    for field in ("quant_type", "blocksize", "dtype", "shape"):
-        if field not in d:
-            raise FormatError(f"{layer}.{key}: quant state lacks '{field}'")
-    if d["quant_type"] != qt:
-        raise FormatError(f"{layer}.{key}: quant_type {d['quant_type']!r} does not match the key")
-    try:
-        check_blocksize(d["blocksize"])
-        dtype_name(d["dtype"])
-    except FormatError as e:
-        raise FormatError(f"{layer}.{key}: {e}") from None
+    from ..schema import check_quant_state, loads
+
+    where = f"{layer}.{key}"
+    d = check_quant_state(loads(bytes(t.cpu().tolist()), where, what="quant state JSON"), where, qt)
     d["nested"] = "weight.nested_absmax" in tensors
     if d["nested"]:
         for field in ("nested_blocksize", "nested_offset"):
             if field not in d:
                 raise FormatError(f"{layer}.{key}: nested quant state lacks '{field}'")
-        nbs = d["nested_blocksize"]
-        if isinstance(nbs, bool) or not isinstance(nbs, int) or nbs <= 0:
-            raise FormatError(f"{layer}.{key}: invalid nested_blocksize {nbs!r}")
         if d.get("nested_dtype", "float32") != "float32":
             raise FormatError(f"{layer}.{key}: nested_dtype {d.get('nested_dtype')!r} not supported (float32 only)")
     return d
