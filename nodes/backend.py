@@ -16,9 +16,6 @@ import logging
 
 log = logging.getLogger("HybridQuant")
 
-OPS_CHOICES = ("auto", "HybridBNB4bitOps", "HybridMXFP8Ops")
-
-
 def _ops_module():
     from .. import ops
 
