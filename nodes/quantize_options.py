@@ -138,7 +138,7 @@ def preset_help() -> str:
     from ..converter.presets import PRESETS
 
     return ("Model preset: keeps that architecture's sensitive layers in high precision. "
-            + "; ".join(f"{k}: {p.description}" for k, p in sorted(PRESETS.items())))
+            + "; ".join(f"{k}: {p.title}" for k, p in sorted(PRESETS.items())))
 
 
 def rounding_choices() -> list[str]:
