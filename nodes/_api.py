@@ -14,6 +14,19 @@ from comfy_api.latest import ComfyExtension, io  # noqa: F401  (present in 0.3.7
 SUFFIX = " (HybridQuant)"
 
 
+class Combo(io.Combo.Input):
+    """``io.Combo.Input`` whose type is its list of options, as V1 nodes declare combos.
+
+    ComfyUI 0.3.75 checks a combo's value only when the input's type IS the list
+    (``isinstance(input_type, list)`` in ``execution.validate_inputs``); a V3 combo's type is the string
+    "COMBO", so a bad value (a stale file name, a misspelt rounding in an API prompt) would pass
+    validation and fail late. With the list as the type, ComfyUI's own check runs and attributes a
+    "Value not in list" error to that input alone, before anything loads."""
+
+    def get_io_type(self):
+        return list(self.options)
+
+
 def schema_supports(field: str) -> bool:
     """Whether this core's ``io.Schema`` has ``field`` (0.3.75 has no ``search_aliases``)."""
     return field in {f.name for f in dataclasses.fields(io.Schema)}
@@ -39,4 +52,4 @@ def format_aliases() -> list[str]:
     return words
 
 
-__all__ = ["ComfyExtension", "io", "schema", "schema_supports", "format_aliases", "SUFFIX"]
+__all__ = ["ComfyExtension", "io", "Combo", "schema", "schema_supports", "format_aliases", "SUFFIX"]

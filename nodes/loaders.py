@@ -9,7 +9,7 @@ ComfyUI lists, symlinks followed), then handed to ComfyUI's loader with the Hybr
 
 from __future__ import annotations
 
-from ._api import SUFFIX, format_aliases, io, schema
+from ._api import SUFFIX, Combo, format_aliases, io, schema
 
 CATEGORY = "HybridQuant"
 INFO_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
@@ -49,7 +49,7 @@ class LoadDiffusionModelHQ(io.ComfyNode):
                          "HybridQuant (bitsandbytes NF4/FP4, mixed NF4 + FP8/INT8, FP8/INT8 per row or block, "
                          "MXFP8, Hybrid MXFP8, NVFP4) that the stock loader cannot read. The panel shows the "
                          "file's formats and this machine's matmul path."),
-            inputs=[io.Combo.Input("unet_name", options=_safetensors("diffusion_models"),
+            inputs=[Combo("unet_name", options=_safetensors("diffusion_models"),
                                    tooltip="The .safetensors file in models/diffusion_models (or models/unet).")],
             outputs=[io.Model.Output(tooltip="The diffusion model, layers run by the HybridQuant ops.")],
         )
@@ -72,7 +72,7 @@ class LoadCheckpointHQ(io.ComfyNode):
             search_aliases=["checkpoint", "loader", *format_aliases()],
             description=("Loads a full checkpoint (diffusion model, text encoders, VAE) from models/checkpoints, "
                          "including quantized and mixed files made by HybridQuant; text encoders use the same ops."),
-            inputs=[io.Combo.Input("ckpt_name", options=_safetensors("checkpoints"),
+            inputs=[Combo("ckpt_name", options=_safetensors("checkpoints"),
                                    tooltip="The .safetensors checkpoint in models/checkpoints.")],
             outputs=[
                 io.Model.Output(tooltip="The diffusion model."),
@@ -105,9 +105,9 @@ class LoadCLIPHQ(io.ComfyNode):
             description=("Loads a text encoder from models/text_encoders, including text encoders quantized "
                          "by HybridQuant (bitsandbytes 4-bit, mixed, FP8/INT8 variants)."),
             inputs=[
-                io.Combo.Input("clip_name", options=_safetensors("text_encoders"),
+                Combo("clip_name", options=_safetensors("text_encoders"),
                                tooltip="The .safetensors text encoder in models/text_encoders (or models/clip)."),
-                io.Combo.Input("type", options=clip_types(), default="stable_diffusion",
+                Combo("type", options=clip_types(), default="stable_diffusion",
                                tooltip="Which model family the text encoder is for (as in the stock Load CLIP)."),
             ],
             outputs=[io.Clip.Output(tooltip="The text encoder, layers run by the HybridQuant ops.")],
@@ -159,7 +159,7 @@ class QuantizationInfo(io.ComfyNode):
             description=("Shows a model file's layers (name, format, shape, size), its formats, whether this "
                          "ComfyUI's stock loaders read it and the matmul path here; read from the file's header. "
                          "Use the layer names to write Quantize Model's custom_layers regex."),
-            inputs=[io.Combo.Input("file", options=info_options(),
+            inputs=[Combo("file", options=info_options(),
                                    tooltip="A .safetensors file in diffusion_models, checkpoints or text_encoders.")],
             outputs=[io.String.Output(display_name="info", tooltip="The same per-layer table, as text.")],
             is_output_node=True,

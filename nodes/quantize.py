@@ -1,8 +1,8 @@
 """The "Quantize Model (HybridQuant)" node: its inputs, checks and cache key (the run is ``quantize_run``).
 
-Checks: ComfyUI's own (combo values, types) run for every input; ``validate_inputs`` takes only
-``custom_layers`` (the one input ComfyUI cannot check: a regex), so its error is attributed to that
-input alone. ComfyUI attaches a custom check's message to EVERY input the check takes, so checks that
+Checks: ComfyUI's own (combo values -- see ``_api.Combo`` --, types) run for every input;
+``validate_inputs`` takes only ``custom_layers`` (the one input ComfyUI cannot check: a regex), so its
+error is attributed to that input alone. ComfyUI attaches a custom check's message to EVERY input the check takes, so checks that
 need several inputs (a filename prefix only matters with save on; gptq needs a calibration file) run
 at the start of the node's run, before any weight is read, and name their input.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ._api import SUFFIX, format_aliases, io, schema
+from ._api import SUFFIX, Combo, format_aliases, io, schema
 from . import quantize_options as qo
 
 CATEGORY = "HybridQuant"
@@ -42,15 +42,15 @@ class QuantizeModel(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="The model whose diffusion model is quantized (its LoRAs/patches "
                                                 "are baked in). Connect a loader of the bf16/fp16 model."),
-                io.Combo.Input("format", options=primary, default=qo.device_default().text, tooltip=qo.options_help()),
-                io.Combo.Input("preset", options=qo.preset_choices(), default="none", tooltip=qo.preset_help()),
+                Combo("format", options=primary, default=qo.device_default().text, tooltip=qo.options_help()),
+                Combo("preset", options=qo.preset_choices(), default="none", tooltip=qo.preset_help()),
                 io.String.Input("custom_layers", default="", tooltip=(
                     "Optional regex (searched in layer names such as 'joint_blocks.0.x_block.attn.qkv'; the "
                     "Quantization Info node and this node's preview list them): matching layers get "
                     "custom_format. Empty: none.")),
-                io.Combo.Input("custom_format", options=custom, default=qo.default_custom().text,
+                Combo("custom_format", options=custom, default=qo.default_custom().text,
                                tooltip=qo.options_help(custom=True)),
-                io.Combo.Input("rounding", options=qo.rounding_choices(), default=qo.default_rounding(),
+                Combo("rounding", options=qo.rounding_choices(), default=qo.default_rounding(),
                                tooltip=qo.rounding_help()),
                 io.Boolean.Input("save", default=False,
                                  tooltip="Also write the quantized model to models/diffusion_models (never "
@@ -58,7 +58,7 @@ class QuantizeModel(io.ComfyNode):
                 io.String.Input("filename_prefix", default=qo.DEFAULT_PREFIX,
                                 tooltip="File name under models/diffusion_models; _00001.safetensors etc. is "
                                         "appended. Relative names only."),
-                io.Combo.Input("calibration", options=_calibration_choices(), default="none", optional=True,
+                Combo("calibration", options=_calibration_choices(), default="none", optional=True,
                                tooltip="Calibration statistics from models/calibration (recorded by 'Collect "
                                        "Calibration (HybridQuant)'); needed by rounding 'gptq'."),
             ],

@@ -112,7 +112,7 @@ function render(node, state) {
   const root = node.__hqPanel;
   if (!root) return;
   root.dataset.state = state.state;
-  root.replaceChildren(...(state.parts || []));
+  root.replaceChildren(...(state.parts || []).filter(Boolean));
   requestAnimationFrame(() => {
     const h = node.computeSize ? node.computeSize()[1] : node.size[1];
     if (node.size && h > node.size[1]) node.setSize([node.size[0], h]);
@@ -160,7 +160,7 @@ function fileParts(s, openTable) {
   return [
     line(`${s.name || s.file} · ${human(s.size_bytes)} · ${s.layer_count} layers (${s.quantized_layers} quantized)`),
     formatsLine(s),
-    line(s.loading ? s.loading.text : "", s.loading && s.loading.stock === false ? "hq-warn" : "hq-muted"),
+    s.quantized_layers ? line(s.loading.text, s.loading.stock === false ? "hq-warn" : "hq-muted") : null,
     fastLine(s),
     layerMap(s),
     layerTable(s.layers.map((d) => [d.name, labelOf(d.format, s), shape(d.shape), human(d.bytes)]),
@@ -328,12 +328,13 @@ app.registerExtension({
       const def = defs[id];
       if (!def || !words) continue;
       def.search_aliases = def.search_aliases || words;
-      // Frontends whose node search reads only name and display_name (1.32) find the format words
-      // through the searchable name; the node's title on the canvas stays the short name.
+      // Frontends whose node search reads only name and display_name (1.32; its fuzzy search also
+      // penalises matches far from the start) find the format words through a searchable name that
+      // starts with them; the node's title on the canvas stays the short name.
       def.__hqTitle = def.display_name;
       const short = [...new Set(Object.values(FORMATS.byName).filter((f) => f.summary !== "not quantized")
-        .map((f) => f.label.split(" ")[0].toLowerCase()))];
-      def.display_name = `${def.display_name} · ${short.join(" ")}`;
+        .map((f) => f.label.split(" ")[0].toLowerCase()))].filter((w) => /\d/.test(w));
+      def.display_name = `${short.join(" ")} · ${def.display_name}`;
     }
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {

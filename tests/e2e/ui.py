@@ -101,9 +101,11 @@ class UI:
 
     def queue(self) -> dict:
         """Queue the canvas like the Run button; returns {"ok": prompt id} or {"error": node_errors}."""
+        # app.queuePrompt shows a refused prompt in its dialog and keeps the node errors (it does not throw)
         return self.js("""(async () => {
-            try { await window.app.queuePrompt(0, 1); return {ok: true}; }
-            catch (e) { return {error: (e && e.response) || String(e)}; }
+            try { await window.app.queuePrompt(0, 1); } catch (e) { return {error: String(e)}; }
+            const ne = window.app.lastNodeErrors;
+            return ne && Object.keys(ne).length ? {error: {node_errors: JSON.parse(JSON.stringify(ne))}} : {ok: true};
         })()""", timeout=60)
 
     def wait_idle(self, timeout: float = 240) -> None:
