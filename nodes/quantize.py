@@ -78,7 +78,8 @@ class QuantizeModel(io.ComfyNode):
         try:
             qo.check_regex(custom_layers.strip())
         except ValueError as e:
-            return str(e)
+            # ComfyUI shows "custom_layers - <message>": the input's name is not repeated
+            return str(e).removeprefix("custom_layers: ")
         return True
 
     @classmethod

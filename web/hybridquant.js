@@ -300,7 +300,9 @@ function showValidationErrors(nodeErrors) {
     n.__hqBusy = false;
     const parts = ne.errors.map((e) => {
       const input = e.extra_info && e.extra_info.input_name;
-      const msg = e.details || e.message;
+      let msg = e.details || e.message;
+      // ComfyUI writes "<input> - <message>" for a node's own check
+      if (input && msg.startsWith(`${input} - `)) msg = msg.slice(input.length + 3);
       return line(`⚠ ${input && !msg.startsWith(input) ? input + ": " : ""}${msg}`, "hq-error");
     });
     render(n, { state: "invalid", inputs: ne.errors.map((e) => e.extra_info && e.extra_info.input_name), parts });

@@ -53,8 +53,16 @@ class UI:
     def wait(self, expression: str, timeout: float = 60):
         return self.run(self.page.wait_for(expression, timeout=timeout), timeout + 5)
 
-    def shot(self, name: str):
+    def dismiss_dialogs(self) -> None:
+        """Close the frontend's dialogs (error reports of earlier steps) so the canvas is visible."""
+        self.js("""(() => { for (const b of document.querySelectorAll('.p-dialog-close-button, .p-dialog-header-close'))
+            b.click(); return true; })()""")
+        self.run(asyncio.sleep(0.3))
+
+    def shot(self, name: str, keep_dialogs: bool = False):
         ARTIFACTS.mkdir(exist_ok=True)
+        if not keep_dialogs:
+            self.dismiss_dialogs()
         path = ARTIFACTS / f"e2e-ui-{self.renderer}-{name}.png"
         self.js("window.app.canvas.setDirty(true, true); window.app.canvas.draw(true, true); true")
         self.run(asyncio.sleep(0.6))
@@ -84,7 +92,8 @@ class UI:
                 % (dst, src, out_slot, json.dumps(in_name)))
 
     def clear(self) -> None:
-        self.js("window.app.graph.clear(); window.app.canvas.ds.offset = [0, 0]; window.app.canvas.ds.scale = 1; true")
+        self.dismiss_dialogs()
+        self.js("window.app.graph.clear(); window.app.canvas.ds.offset = [80, 90]; window.app.canvas.ds.scale = 1; true")
 
     def panel_text(self, node_id: int) -> str:
         """What the user reads in the node's panel (the DOM element both renderers show)."""
