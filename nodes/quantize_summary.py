@@ -3,12 +3,27 @@ options that matched nothing, and the readable summary of a run (no JSON, no abs
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 
 from . import quantize_options as qo
 
 REUSED_HELD = "(same source and options as an earlier run: its result was reused, nothing quantized again)"
 REUSED_FILE = "(same source and options as an earlier run: its saved file was loaded, nothing quantized again)"
+
+
+_PLAIN = ((re.compile(r"^primary mode$"), "the main format"),
+          (re.compile(r"^--custom-layers -> .*"), "matches custom_layers"),
+          (re.compile(r"^--(\w+) preset: high precision$"), r"kept by preset \1"),
+          (re.compile(r"^embedding table \(kept\)$"), "embedding table: kept"))
+
+
+def plain_reason(reason: str) -> str:
+    """The plan's reason (worded after the CLI flags) in the node's words."""
+    for rx, words in _PLAIN:
+        if rx.match(reason):
+            return rx.sub(words, reason)
+    return reason
 
 
 def _human(n: float) -> str:
@@ -47,7 +62,7 @@ def check_plan(plans, s: dict) -> None:
     cands = _candidates(plans)
     if not cands:
         raise QuantizeError("nothing to quantize: the model has no 2-D weight matrices")
-    why = "; ".join(f"{n} × {r}" for r, n in _reasons(plans).most_common(4))
+    why = "; ".join(f"{n} × {plain_reason(r)}" for r, n in _reasons(plans).most_common(4))
     hint = ""
     if any("not a float weight" in p.reason for p in cands):
         hint = (" The weights are already 8-bit: if the model comes from 'Load Diffusion Model', set its "
@@ -65,7 +80,7 @@ def summary_text(report, plans, s: dict, saved: str | None, seconds: float) -> s
              f"{_human(report.bytes_in)} → {_human(report.bytes_out)}{ratio} · {seconds:.1f} s"]
     kept = _reasons(plans)
     if kept:
-        lines.append("kept in high precision: " + ", ".join(f"{n} ({r})" for r, n in kept.most_common(4)))
+        lines.append("kept in high precision: " + ", ".join(f"{n} ({plain_reason(r)})" for r, n in kept.most_common(4)))
     for fmt, st in report.error_stats().items():
         if st.get("max") is not None:
             lines.append(f"{qo.label_of(fmt)} weight error: mean {st['mean']:.1%}, worst {st['max']:.1%}")

@@ -73,7 +73,7 @@ def plan_preview(folder_paths, body: dict) -> tuple[int, dict]:
     from ..converter.errors import ConverterError
     from ..converter.formats import FormatError
     from . import quantize_options as qo
-    from .quantize_summary import warnings
+    from .quantize_summary import plain_reason, warnings
 
     if not isinstance(body, dict):
         return 400, {"error": "expected a JSON object"}
@@ -103,7 +103,7 @@ def plan_preview(folder_paths, body: dict) -> tuple[int, dict]:
         label = qo.label_of(p.format) if p.quantized else "kept"
         counts[label] = counts.get(label, 0) + 1
         rows.append({"name": p.name[: -len(".weight")], "shape": list(p.shape), "dtype": p.dtype,
-                     "format": p.format, "label": label, "reason": p.reason})
+                     "format": p.format, "label": label, "reason": plain_reason(p.reason)})
     return 200, {"name": body.get("name"), "layers": rows, "counts": counts, "warnings": warnings(plans, s),
                  "quantized": sum(1 for r in rows if r["format"])}
 

@@ -153,7 +153,7 @@ def test_formats_and_plan_preview(folders):
     assert status == 200, out
     rows = {r["name"]: r for r in out["layers"]}
     assert rows["a"]["format"] == "bnb_nf4" and rows["b"]["format"] == "float8_e4m3fn"
-    assert rows["b"]["reason"].startswith("--custom-layers")
+    assert rows["b"]["reason"] == "matches custom_layers" and rows["a"]["reason"] == "the main format"
     status, out = plan_preview(fp, {"folder": "diffusion_models", "name": "plain.safetensors",
                                     "settings": {"format": nf4, "custom_layers": "(("}})
     assert status == 400 and out["input"] == "custom_layers"

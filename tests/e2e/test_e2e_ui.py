@@ -194,7 +194,7 @@ def test_choices(ui):
     opts = ui.js(f"window.app.graph.getNodeById({q}).widgets.find(w => w.name === 'format').options.values")
     assert all("bits/weight" in o for o in opts) and any(o.startswith("Hybrid MXFP8") for o in opts), opts
     assert ui.js(f"window.app.graph.getNodeById({q}).widgets.find(w => w.name === 'format').value").startswith("NF4")
-    ld = ui.add("HybridQuantLoadDiffusionModel", (40, 400), {"unet_name": EXAMPLE})
+    ld = ui.add("HybridQuantLoadDiffusionModel", (1080, 60), {"unet_name": EXAMPLE})
     assert "ops" not in ui.js(f"window.app.graph.getNodeById({ld}).widgets.map(w => w.name)")
     ui.js(f"(() => {{ const w = window.app.graph.getNodeById({q}).widgets.find(w => w.name === 'custom_layers');"
           f" w.value = 'attn\\\\.qkv'; w.callback(w.value); return true; }})()")
@@ -205,7 +205,7 @@ def test_choices(ui):
     assert "Preview for hybridquant_example_sd3_tiny.safetensors" in text and "→ NF4" in text, text
     ui.js(f"window.app.graph.getNodeById({q}).__hqPanel.querySelector('details').open = true; true")
     text = ui.panel_text(q)
-    assert "--custom-layers -> fp8" in text and "joint_blocks.0.context_block.attn.qkv" in text, text
+    assert "matches custom_layers" in text and "the main format" in text and "joint_blocks.0.context_block.attn.qkv" in text, text
     ui.shot("6-choices-preview")
     # a workflow saved with the old option values loads with the new texts
     wf = json.loads((REPO / "example_workflows" / "quantize_and_save.json").read_text())
