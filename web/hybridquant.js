@@ -139,7 +139,7 @@ function fastLine(s) {
 }
 
 function layerMap(s) {
-  const m = el("div", { class: "hq-map", title: "one cell per layer, in file order" });
+  const m = el("div", { class: "hq-map", title: "one cell per layer, in layer-name order" });
   (s.format_map || []).forEach((i, k) => {
     const f = s.format_legend[i];
     m.append(el("span", { style: { background: colorOf(f) }, title: `${s.layers[k].name}: ${labelOf(f, s)}` }));
