@@ -7,6 +7,49 @@ Both generations ship ``comfy_api.latest`` exporting ``ComfyExtension`` and ``io
 
 from __future__ import annotations
 
+import dataclasses
+
 from comfy_api.latest import ComfyExtension, io  # noqa: F401  (present in 0.3.75 and 0.29)
 
-__all__ = ["ComfyExtension", "io"]
+SUFFIX = " (HybridQuant)"
+
+
+class Combo(io.Combo.Input):
+    """``io.Combo.Input`` whose type is its list of options, as V1 nodes declare combos.
+
+    ComfyUI 0.3.75 checks a combo's value only when the input's type IS the list
+    (``isinstance(input_type, list)`` in ``execution.validate_inputs``); a V3 combo's type is the string
+    "COMBO", so a bad value (a stale file name, a misspelt rounding in an API prompt) would pass
+    validation and fail late. With the list as the type, ComfyUI's own check runs and attributes a
+    "Value not in list" error to that input alone, before anything loads."""
+
+    def get_io_type(self):
+        return list(self.options)
+
+
+def schema_supports(field: str) -> bool:
+    """Whether this core's ``io.Schema`` has ``field`` (0.3.75 has no ``search_aliases``)."""
+    return field in {f.name for f in dataclasses.fields(io.Schema)}
+
+
+def schema(*, search_aliases=(), **kw) -> "io.Schema":
+    """``io.Schema`` with the fields this core knows: search words go to ``search_aliases`` where the
+    core has it; the web extension adds them to the search of frontends that lack it."""
+    if search_aliases and schema_supports("search_aliases"):
+        kw["search_aliases"] = sorted(set(search_aliases))
+    return io.Schema(**kw)
+
+
+def format_aliases() -> list[str]:
+    """Every search word of every format in the registry (``fp8``, ``nf4``, ``int8`` ...)."""
+    from ..converter.formats import registry
+
+    words: list[str] = []
+    for spec in registry.specs():
+        for w in (spec.name, spec.label, *spec.aliases):
+            if w.lower() not in words:
+                words.append(w.lower())
+    return words
+
+
+__all__ = ["ComfyExtension", "io", "Combo", "schema", "schema_supports", "format_aliases", "SUFFIX"]

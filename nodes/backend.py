@@ -19,9 +19,6 @@ import os
 
 log = logging.getLogger("HybridQuant")
 
-OPS_CHOICES = ("auto", "HybridBNB4bitOps", "HybridMXFP8Ops")
-
-
 def _ops_module():
     from .. import ops
 

@@ -1,20 +1,18 @@
-"""Loader nodes for quantized and mixed files (BNB 4-bit + FP8/INT8, MXFP8, NVFP4, ...).
+"""Loader nodes for quantized and mixed files (BNB 4-bit + FP8/INT8, MXFP8, NVFP4, ...), and the
+"Quantization Info (HybridQuant)" node.
 
-Each loader reads the file, lets ``ops.choose_ops`` pick ``HybridBNB4bitOps`` or ``HybridMXFP8Ops``
-from its keys and header (the ``ops`` input overrides), and hands the prepared state dict to
-ComfyUI's own loader with ``custom_operations`` set (see ``backend``). Only ``.safetensors`` files are
-listed: quantized files are always safetensors, and the web summary reads their headers.
+Files are resolved as ComfyUI's own loaders resolve them (``folder_paths.get_full_path``: the names
+ComfyUI lists, symlinks followed), then handed to ComfyUI's loader with the HybridQuant ops set (see
+``backend``). There is one ops class, so the loaders have no ops choice; a workflow saved with the old
+``ops`` input still loads (ComfyUI drops inputs a node no longer declares).
 """
 
 from __future__ import annotations
 
-from ._api import io
-from .backend import OPS_CHOICES
+from ._api import SUFFIX, Combo, format_aliases, io, schema
 
 CATEGORY = "HybridQuant"
-OPS_TOOLTIP = ("Which HybridQuant ops class loads the layers. 'auto' picks from the file: "
-               "HybridBNB4bitOps when it has bitsandbytes 4-bit layers (mixed FP8/INT8 layers "
-               "included), HybridMXFP8Ops otherwise.")
+INFO_FOLDERS = ("diffusion_models", "checkpoints", "text_encoders")
 
 
 def _safetensors(folder: str) -> list[str]:
@@ -23,54 +21,59 @@ def _safetensors(folder: str) -> list[str]:
     return [n for n in folder_paths.get_filename_list(folder) if n.lower().endswith(".safetensors")]
 
 
-def _path(folder: str, name: str) -> str:
+def model_path(folder: str, name: str) -> str:
+    """The file ComfyUI means by ``name`` in ``folder`` (a clear error naming the input otherwise)."""
     import folder_paths
 
-    from .paths import resolve_model_file
+    from .paths import PathRejected, check_name
 
-    return resolve_model_file(folder_paths, folder, name)
+    try:
+        check_name(name)
+    except PathRejected as e:
+        raise ValueError(f"{folder}: {e}") from None
+    path = folder_paths.get_full_path(folder, name)
+    if path is None:
+        raise FileNotFoundError(f"{name!r} is not in models/{folder} (refresh the page if you just added it)")
+    return path
 
 
 class LoadDiffusionModelHQ(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="HybridQuantLoadDiffusionModel",
-            display_name="Load Diffusion Model (HybridQuant)",
+            display_name="Load Diffusion Model" + SUFFIX,
             category=CATEGORY,
-            description=("Loads a diffusion model from models/diffusion_models, including files quantized "
-                         "by HybridQuant (BNB 4-bit, mixed BNB + FP8/INT8, FP8/INT8 row/blockwise, MXFP8, "
-                         "Hybrid MXFP8, NVFP4) that the stock loader cannot read."),
-            inputs=[
-                io.Combo.Input("unet_name", options=_safetensors("diffusion_models"),
-                               tooltip="The .safetensors file in models/diffusion_models (or models/unet)."),
-                io.Combo.Input("ops", options=list(OPS_CHOICES), default="auto", tooltip=OPS_TOOLTIP),
-            ],
+            search_aliases=["unet", "loader", *format_aliases()],
+            description=("Loads a diffusion model from models/diffusion_models, including files quantized by "
+                         "HybridQuant (bitsandbytes NF4/FP4, mixed NF4 + FP8/INT8, FP8/INT8 per row or block, "
+                         "MXFP8, Hybrid MXFP8, NVFP4) that the stock loader cannot read. The panel shows the "
+                         "file's formats and this machine's matmul path."),
+            inputs=[Combo("unet_name", options=_safetensors("diffusion_models"),
+                                   tooltip="The .safetensors file in models/diffusion_models (or models/unet).")],
             outputs=[io.Model.Output(tooltip="The diffusion model, layers run by the HybridQuant ops.")],
         )
 
     @classmethod
-    def execute(cls, unet_name, ops="auto") -> io.NodeOutput:
+    def execute(cls, unet_name) -> io.NodeOutput:
         from .backend import load_diffusion_model
 
-        model, _ = load_diffusion_model(_path("diffusion_models", unet_name), ops)
+        model, _ = load_diffusion_model(model_path("diffusion_models", unet_name))
         return io.NodeOutput(model)
 
 
 class LoadCheckpointHQ(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        return io.Schema(
+        return schema(
             node_id="HybridQuantLoadCheckpoint",
-            display_name="Load Checkpoint (HybridQuant)",
+            display_name="Load Checkpoint" + SUFFIX,
             category=CATEGORY,
+            search_aliases=["checkpoint", "loader", *format_aliases()],
             description=("Loads a full checkpoint (diffusion model, text encoders, VAE) from models/checkpoints, "
                          "including quantized and mixed files made by HybridQuant; text encoders use the same ops."),
-            inputs=[
-                io.Combo.Input("ckpt_name", options=_safetensors("checkpoints"),
-                               tooltip="The .safetensors checkpoint in models/checkpoints."),
-                io.Combo.Input("ops", options=list(OPS_CHOICES), default="auto", tooltip=OPS_TOOLTIP),
-            ],
+            inputs=[Combo("ckpt_name", options=_safetensors("checkpoints"),
+                                   tooltip="The .safetensors checkpoint in models/checkpoints.")],
             outputs=[
                 io.Model.Output(tooltip="The diffusion model."),
                 io.Clip.Output(tooltip="The text encoder(s) of the checkpoint (None if it has none)."),
@@ -79,12 +82,12 @@ class LoadCheckpointHQ(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, ckpt_name, ops="auto") -> io.NodeOutput:
+    def execute(cls, ckpt_name) -> io.NodeOutput:
         import folder_paths
 
         from .backend import load_checkpoint
 
-        model, clip, vae, _ = load_checkpoint(_path("checkpoints", ckpt_name), ops,
+        model, clip, vae, _ = load_checkpoint(model_path("checkpoints", ckpt_name), "auto",
                                               folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(model, clip, vae)
 
@@ -94,58 +97,83 @@ class LoadCLIPHQ(io.ComfyNode):
     def define_schema(cls):
         from .backend import clip_types
 
-        return io.Schema(
+        return schema(
             node_id="HybridQuantLoadCLIP",
-            display_name="Load CLIP (HybridQuant)",
+            display_name="Load CLIP" + SUFFIX,
             category=CATEGORY,
+            search_aliases=["text encoder", "t5", "loader", *format_aliases()],
             description=("Loads a text encoder from models/text_encoders, including text encoders quantized "
-                         "by HybridQuant (BNB 4-bit, mixed, FP8/INT8 variants)."),
+                         "by HybridQuant (bitsandbytes 4-bit, mixed, FP8/INT8 variants)."),
             inputs=[
-                io.Combo.Input("clip_name", options=_safetensors("text_encoders"),
+                Combo("clip_name", options=_safetensors("text_encoders"),
                                tooltip="The .safetensors text encoder in models/text_encoders (or models/clip)."),
-                io.Combo.Input("type", options=clip_types(), default="stable_diffusion",
+                Combo("type", options=clip_types(), default="stable_diffusion",
                                tooltip="Which model family the text encoder is for (as in the stock Load CLIP)."),
-                io.Combo.Input("ops", options=list(OPS_CHOICES), default="auto", tooltip=OPS_TOOLTIP),
             ],
             outputs=[io.Clip.Output(tooltip="The text encoder, layers run by the HybridQuant ops.")],
         )
 
     @classmethod
-    def execute(cls, clip_name, type="stable_diffusion", ops="auto") -> io.NodeOutput:
+    def execute(cls, clip_name, type="stable_diffusion") -> io.NodeOutput:
         import folder_paths
 
         from .backend import load_clip
 
-        clip, _ = load_clip([_path("text_encoders", clip_name)], type, ops,
+        clip, _ = load_clip([model_path("text_encoders", clip_name)], type, "auto",
                             folder_paths.get_folder_paths("embeddings"))
         return io.NodeOutput(clip)
+
+
+def info_options() -> list[str]:
+    import folder_paths
+
+    from .paths import model_folders
+
+    folders = [f for f in INFO_FOLDERS if f in model_folders(folder_paths)]
+    return [f"{f}/{n}" for f in folders for n in _safetensors(f)]
+
+
+def info_payload(file: str) -> dict:
+    """The Info node's data for ``folder/name`` (what the panel and the text show)."""
+    from ..ops.capabilities import core_quant_algos
+    from . import capabilities_view
+    from .fileinfo import file_summary
+
+    folder, _, name = file.partition("/")
+    if folder not in INFO_FOLDERS:
+        raise ValueError(f"file: {file!r} is not in {', '.join(INFO_FOLDERS)}")
+    summary = file_summary(model_path(folder, name), core_quant_algos(), display_name=name)
+    summary["folder"], summary["name"] = folder, name
+    summary["fast_path"] = capabilities_view.fast_path_for_formats(summary["formats"], summary["quantized_formats"])
+    return summary
 
 
 class QuantizationInfo(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        import folder_paths
-
-        from .paths import model_folders
-
-        folders = [f for f in ("diffusion_models", "checkpoints", "text_encoders")
-                   if f in model_folders(folder_paths)]
-        options = [f"{f}/{n}" for f in folders for n in _safetensors(f)]
-        return io.Schema(
+        return schema(
             node_id="HybridQuantInfo",
-            display_name="Quantization Info",
+            display_name="Quantization Info" + SUFFIX,
             category=CATEGORY,
-            description="Lists the per-layer formats and sizes of a model file, read from its safetensors header only.",
-            inputs=[io.Combo.Input("file", options=options,
+            search_aliases=["inspect", "layers", "info", *format_aliases()],
+            description=("Shows a model file's layers (name, format, shape, size), its formats, whether this "
+                         "ComfyUI's stock loaders read it and the matmul path here; read from the file's header. "
+                         "Use the layer names to write Quantize Model's custom_layers regex."),
+            inputs=[Combo("file", options=info_options(),
                                    tooltip="A .safetensors file in diffusion_models, checkpoints or text_encoders.")],
-            outputs=[io.String.Output(display_name="info", tooltip="Per-layer formats and sizes, as text.")],
+            outputs=[io.String.Output(display_name="info", tooltip="The same per-layer table, as text.")],
             is_output_node=True,
         )
 
     @classmethod
     def execute(cls, file) -> io.NodeOutput:
-        from .fileinfo import file_summary, format_summary_text
+        from ..converter.errors import ConverterError
+        from ..converter.formats import FormatError
+        from .fileinfo import format_summary_text
 
-        folder, _, name = file.partition("/")
-        text = format_summary_text(file_summary(_path(folder, name)))
-        return io.NodeOutput(text, ui={"text": [text]})
+        try:
+            payload = info_payload(file)
+        except (ConverterError, FormatError) as e:
+            raise ValueError(str(e).replace(model_path(*file.split("/", 1)), file)) from None
+        text = format_summary_text(payload)
+        return io.NodeOutput(text, ui={"text": [text], "hybridquant_info": [payload]})

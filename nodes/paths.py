@@ -7,8 +7,9 @@ Rules (the route tests exercise each):
   friends are refused.
 - ``name`` must be a relative path with no ``..`` component, no NUL, no drive or leading slash
   (either separator), ending in ``.safetensors``.
-- the real path (symlinks resolved) must lie inside the real path of one of that folder's base
-  directories: a symlink that points out of the model folders is refused.
+- the name, joined to one of that folder's base directories, must stay inside it. Symlinks are
+  followed as ComfyUI's own loaders follow them (users keep models on other disks through symlinks
+  placed in the model folders): a link the user put in a model folder is part of that folder.
 """
 
 from __future__ import annotations
@@ -66,11 +67,10 @@ def resolve_model_file(folder_paths, folder: str, name: str) -> str:
         raise PathRejected(f"unknown model folder {folder!r}")
     rel = check_name(name)
     for base in folder_paths.get_folder_paths(folder):
-        real_base = os.path.realpath(base)
-        candidate = os.path.realpath(os.path.join(base, *rel.split("/")))
-        if not os.path.isfile(candidate):
-            continue
-        if not _inside(candidate, real_base):
-            raise PathRejected(f"{name!r} resolves outside the {folder} folder (symlink)")
-        return candidate
+        base = os.path.abspath(base)
+        candidate = os.path.normpath(os.path.join(base, *rel.split("/")))
+        if not _inside(candidate, base):
+            raise PathRejected(f"{name!r} is outside the {folder} folder")
+        if os.path.isfile(candidate):  # follows symlinks, as folder_paths.get_full_path does
+            return candidate
     raise PathRejected(f"{name!r} is not a file in the {folder} folder")

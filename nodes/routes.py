@@ -1,15 +1,20 @@
 """HTTP routes for the web extension (registered on ``PromptServer.instance.routes``).
 
 GET /hybridquant/file_info?folder=<model folder>&name=<relative file name>
-    JSON summary of a model file from its safetensors HEADER ONLY (``fileinfo.file_summary``) plus
-    ``fast_path``: for this machine, per format present, whether ops takes a fast matmul path and
-    which. Only files inside ComfyUI's registered model folders are served (``paths``): 400 for a
-    refused name/folder, 404 for a missing file, 422 for a file that is not safetensors.
+    The panel's summary of a model file (``fileinfo.file_summary``: header + metadata tensors only)
+    plus ``fast_path``: per quantized format, the matmul path this machine takes. Only files inside
+    ComfyUI's registered model folders are served (``paths``): 400 for a refused name/folder, 404 for
+    a missing file, 422 for a file that is not a readable safetensors model.
+POST /hybridquant/plan  {"folder", "name", "settings": {format, preset, custom_layers, custom_format}}
+    Quantize Model's preview: which layer of that file becomes which format and why the rest is kept
+    (``converter.plan_file``: header only). A bad setting is a 400 naming its input (``"input"``).
+GET /hybridquant/formats
+    The registry as the page needs it: per format label, colour, summary, search words; the node's
+    option texts and the old option values they replace; the nodes' search words.
 GET /hybridquant/capabilities
-    JSON of the device and the matmul path per format, from ``ops.capabilities`` (the one place that
-    decides paths).
+    The device, its fast-kernel features and the formats the running core loads natively.
 GET /hybridquant/folders
-    JSON list of the model folders the routes accept.
+    The model folders the routes accept.
 
 Every response is JSON; errors are ``{"error": message}`` with no server paths in the message.
 A file the reader refuses (``converter.safetensors_io`` / ``converter.schema`` rules) is a 422 with the
@@ -41,10 +46,24 @@ _cache: collections.OrderedDict = collections.OrderedDict()
 _cache_lock = threading.Lock()
 
 
+def _resolve(folder_paths, folder: str, name: str):
+    try:
+        return resolve_model_file(folder_paths, folder, name), None
+    except PathRejected as e:
+        status = 404 if "is not a file" in str(e) else 400
+        return None, (status, {"error": str(e)})
+
+
+def _short(e: Exception, path: str, name: str) -> str:
+    msg = str(e)
+    return f"{name}: {msg[len(path) + 2:] if msg.startswith(path + ': ') else msg.replace(path, name)}"
+
+
 def _summary(path: str) -> tuple[int, dict]:
     """(status, summary or error body) of one file, cached by (path, size, mtime); refusals too."""
     from ..converter.errors import ConverterError
     from ..converter.formats import FormatError
+    from ..ops.capabilities import core_quant_algos
     from .fileinfo import file_summary
 
     try:
@@ -58,7 +77,7 @@ def _summary(path: str) -> tuple[int, dict]:
             _cache.move_to_end(key)
             return hit
     try:
-        result = 200, file_summary(path)
+        result = 200, file_summary(path, core_quant_algos())
     except (ConverterError, FormatError) as e:
         # The converter's message starts with the absolute path; the caller puts the user's name there.
         result = 422, {"error": str(e).replace(path + ": ", "").replace(path, os.path.basename(path))}
@@ -74,19 +93,78 @@ def _summary(path: str) -> tuple[int, dict]:
 
 def file_info(folder_paths, folder: str, name: str) -> tuple[int, dict]:
     """The route's logic without aiohttp (tests call it directly too): (status, body)."""
-    try:
-        path = resolve_model_file(folder_paths, folder, name)
-    except PathRejected as e:
-        status = 404 if "is not a file" in str(e) else 400
-        return status, {"error": str(e)}
+    path, err = _resolve(folder_paths, folder, name)
+    if err:
+        return err
     status, body = _summary(path)
     if status != 200:
         return status, {"error": f"{name}: {body['error']}"}
     summary = dict(body)
+    summary["file"] = name
     summary["folder"] = folder
     summary["name"] = name
-    summary["fast_path"] = capabilities_view.fast_path_for_formats(summary["formats"])
+    summary["fast_path"] = capabilities_view.fast_path_for_formats(summary["formats"], summary["quantized_formats"])
     return 200, summary
+
+
+def plan_preview(folder_paths, body: dict) -> tuple[int, dict]:
+    """Quantize Model's plan for a file, from its header: rows of (layer, shape, format, reason)."""
+    from ..converter.convert import plan_file
+    from ..converter.errors import ConverterError
+    from ..converter.formats import FormatError
+    from . import quantize_options as qo
+    from .quantize_summary import plain_reason, warnings
+
+    if not isinstance(body, dict):
+        return 400, {"error": "expected a JSON object"}
+    path, err = _resolve(folder_paths, str(body.get("folder", "")), str(body.get("name", "")))
+    if err:
+        return err
+    raw = body.get("settings") if isinstance(body.get("settings"), dict) else {}
+    s = qo.settings_from_inputs({k: raw.get(k) for k in ("format", "preset", "custom_layers", "custom_format")})
+    for field, check in (("format", lambda: qo.resolve_choice(s["format"])),
+                         ("custom_format", lambda: qo.resolve_choice(s["custom_format"], custom=True)),
+                         ("custom_layers", lambda: qo.check_regex(s["custom_layers"]))):
+        try:
+            check()
+        except ValueError as e:
+            return 400, {"error": str(e), "input": field}
+    if s["preset"] not in qo.preset_choices():
+        return 400, {"error": f"preset: unknown {s['preset']!r}", "input": "preset"}
+    try:
+        plans = plan_file(path, qo.build_options(s))
+    except (ConverterError, FormatError, ValueError) as e:
+        return 422, {"error": _short(e, path, body.get("name", ""))}
+    rows = []
+    counts: dict[str, int] = {}
+    for p in plans:
+        if not (p.name.endswith(".weight") and len(p.shape) == 2):
+            continue
+        label = qo.label_of(p.format) if p.quantized else "kept"
+        counts[label] = counts.get(label, 0) + 1
+        rows.append({"name": p.name[: -len(".weight")], "shape": list(p.shape), "dtype": p.dtype,
+                     "format": p.format, "label": label, "reason": plain_reason(p.reason)})
+    return 200, {"name": body.get("name"), "layers": rows, "counts": counts, "warnings": warnings(plans, s),
+                 "quantized": sum(1 for r in rows if r["format"])}
+
+
+def formats_payload() -> dict:
+    from ..converter.formats import registry
+    from ..converter.inspect import PLAIN_DTYPES
+    from . import quantize_options as qo
+    from ._api import format_aliases
+
+    fmts = [{"name": s.name, "label": s.label, "family": s.family, "color": s.color, "summary": s.summary,
+             "aliases": list(s.aliases), "four_bit": s.four_bit} for s in registry.specs()]
+    plain = [{"name": n, "label": n, "color": "#8a8a8a", "summary": "not quantized", "aliases": [],
+              "four_bit": False} for n in dict.fromkeys(PLAIN_DTYPES.values())]
+    words = format_aliases()
+    return {"formats": fmts + plain,
+            "choices": {"format": [c.text for c in qo.primary_choices()],
+                        "custom_format": [c.text for c in qo.custom_choices()], "legacy": qo.legacy_map()},
+            "search_aliases": {"HybridQuantQuantizeModel": ["quantize", *words],
+                               "HybridQuantLoadDiffusionModel": words, "HybridQuantLoadCheckpoint": words,
+                               "HybridQuantLoadCLIP": words, "HybridQuantInfo": ["inspect", "layers", *words]}}
 
 
 def register_routes() -> bool:
@@ -115,6 +193,19 @@ def register_routes() -> bool:
         status, body = await asyncio.get_running_loop().run_in_executor(
             None, file_info, folder_paths, q.get("folder", ""), q.get("name", ""))
         return _json(web, body, status)
+
+    @routes.post("/hybridquant/plan")
+    async def _plan(request):
+        try:
+            body = await request.json()
+        except Exception:  # noqa: BLE001 - not JSON
+            return _json(web, {"error": "expected a JSON body"}, 400)
+        status, out = plan_preview(folder_paths, body)
+        return _json(web, out, status)
+
+    @routes.get("/hybridquant/formats")
+    async def _formats(request):
+        return _json(web, formats_payload())
 
     @routes.get("/hybridquant/capabilities")
     async def _capabilities(request):

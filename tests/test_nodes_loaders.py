@@ -10,6 +10,7 @@ same diffusion-model output as our loaders + ops on the quantized file.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -85,7 +86,7 @@ def test_load_checkpoint_matches_stock_loader_on_decoded_weights(folders, comfy)
 
     from hybridquant.ops import HybridBNB4bitOps
 
-    model, clip, vae = _result(LoadCheckpointHQ.execute("mixed.safetensors", "auto"))
+    model, clip, vae = _result(LoadCheckpointHQ.execute("mixed.safetensors"))
     # "auto" picked the BNB ops for both the diffusion model and the text encoder
     assert type(model.model.diffusion_model.joint_blocks[0].x_block.attn.qkv) is HybridBNB4bitOps.Linear
     assert type(clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1) is HybridBNB4bitOps.Linear
@@ -112,7 +113,7 @@ def test_load_clip_on_a_quantized_text_encoder(folders, comfy):
 
     from hybridquant.nodes.loaders import LoadCLIPHQ
 
-    (clip,) = _result(LoadCLIPHQ.execute("clip_l_mixed.safetensors", "sd3", "auto"))
+    (clip,) = _result(LoadCLIPHQ.execute("clip_l_mixed.safetensors", "sd3"))
     ref = comfy.sd.load_text_encoder_state_dicts(
         [comfy.utils.load_torch_file(str(folders / "te_decoded.safetensors"))], clip_type=comfy.sd.CLIPType.SD3)
     c, pooled = _cond(clip)
@@ -120,14 +121,35 @@ def test_load_clip_on_a_quantized_text_encoder(folders, comfy):
     assert _rel(c, rc) < 1e-3 and _rel(pooled, rpooled) < 1e-3, (_rel(c, rc), _rel(pooled, rpooled))
 
 
-def test_ops_override_and_info_node(folders, comfy):
+def test_info_node_table_and_symlinked_file(folders, comfy, tmp_path):
+    """The Info node lists every layer with its format label, shape and size (so users can write a
+    regex), says whether THIS core's stock loaders read the file, and the loaders (like ComfyUI's own)
+    load a file reached through a symlink placed in the model folder."""
     from hybridquant.nodes.loaders import LoadCLIPHQ, QuantizationInfo
+    from hybridquant.ops import HybridQuantOps
 
-    (clip,) = _result(LoadCLIPHQ.execute("clip_l_mixed.safetensors", "sd3", "HybridMXFP8Ops"))
-    from hybridquant.ops import HybridMXFP8Ops
-
+    other_disk = tmp_path / "other_disk"
+    other_disk.mkdir()
+    real = other_disk / "clip_l_mixed.safetensors"
+    real.write_bytes((folders / "text_encoders" / "clip_l_mixed.safetensors").read_bytes())
+    link = folders / "text_encoders" / "linked_clip.safetensors"
+    if not link.exists():
+        os.symlink(real, link)
+    (clip,) = _result(LoadCLIPHQ.execute("linked_clip.safetensors", "sd3"))
     layer = clip.cond_stage_model.clip_l.transformer.text_model.encoder.layers[0].mlp.fc1
-    assert type(layer) is HybridMXFP8Ops.Linear
-    out = _result(QuantizationInfo.execute("text_encoders/clip_l_mixed.safetensors"))
-    text = out[0]
-    assert "bnb_nf4" in text and "float8_e4m3fn" in text and "encoder.layers.0.self_attn.q_proj" in text
+    assert type(layer) is HybridQuantOps.Linear
+    out = QuantizationInfo.execute("text_encoders/clip_l_mixed.safetensors")
+    text = _result(out)[0]
+    assert out.ui["text"] == [text]
+    info = out.ui["hybridquant_info"][0]
+    assert info["formats"]["bnb_nf4"] > 0 and info["formats"]["float8_e4m3fn"] > 0
+    row = next(d for d in info["layers"] if d["name"].endswith("encoder.layers.0.self_attn.q_proj"))
+    assert row["format"] == "float8_e4m3fn" and row["shape"] == [768, 768]
+    assert "encoder.layers.0.self_attn.q_proj" in text and "768 x 768" in text and "NF4" in text
+    # 0.3.75's core knows FP8 but not bitsandbytes NF4: the hint comes from its QUANT_ALGOS
+    from hybridquant.ops.capabilities import core_quant_algos
+
+    algos = core_quant_algos()
+    assert info["loading"]["stock"] is (False if algos is not None else None)
+    assert "float8_e4m3fn" not in info["loading"].get("missing", [])
+    assert str(tmp_path) not in text

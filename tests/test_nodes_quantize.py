@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 pytestmark = pytest.mark.comfyui
 
+# old option values on purpose: workflows saved before the registry-derived option texts still run
 INPUTS = dict(format="bnb_nf4", preset="none", custom_layers=r"attn\.qkv", custom_format="fp8 tensorwise",
               rounding="rtn", save=True, filename_prefix="hq_test/tiny")
 
@@ -29,10 +30,13 @@ def env(comfy, tmp_path, monkeypatch):
     table["diffusion_models"] = ([str(dm)], table["diffusion_models"][1])
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", table)
     save_file(sd3_mmdit_state_dict(depth=2, seed=3), str(dm / "tiny.safetensors"))
-    from hybridquant.nodes import quantize
+    import weakref
 
-    monkeypatch.setattr(quantize, "_LAST", {})
-    monkeypatch.setattr(quantize, "_SAVED", {})
+    from hybridquant.nodes import quantize_run
+
+    monkeypatch.setattr(quantize_run, "_RESULTS", weakref.WeakValueDictionary())
+    monkeypatch.setattr(quantize_run, "_SUMMARIES", {})
+    monkeypatch.setattr(quantize_run, "_SAVED", {})
     return dm
 
 
@@ -51,7 +55,10 @@ def _run(model, **kw):
 
 
 def test_never_overwrites_and_does_not_quantize_twice(env):
-    from hybridquant.nodes.quantize import QuantizeModel, quantization_runs
+    import gc
+
+    from hybridquant.nodes.quantize import QuantizeModel
+    from hybridquant.nodes.quantize_run import quantization_runs
 
     (env / "hq_test").mkdir()
     squatter = env / "hq_test" / "tiny_00001.safetensors"
@@ -61,14 +68,19 @@ def test_never_overwrites_and_does_not_quantize_twice(env):
     qmodel, summary = _run(model)
     assert squatter.read_bytes() == b"someone else's file"
     saved = env / "hq_test" / "tiny_00002.safetensors"
-    assert saved.is_file() and str(saved) in summary
+    assert saved.is_file() and "hq_test/tiny_00002.safetensors" in summary and str(env) not in summary
     assert quantization_runs() == runs0 + 1
-    assert "bnb_nf4" in summary and "float8_e4m3fn" in summary
+    assert "NF4" in summary and "FP8" in summary and "Quantized" in summary
 
     # Same weights (a freshly loaded MODEL object) and options: reused, no new file.
     fp1 = QuantizeModel.fingerprint_inputs(**INPUTS)
-    _, summary2 = _run(_model(env))
-    assert "not quantized again" in summary2
+    held, summary2 = _run(_model(env))
+    assert "nothing quantized again" in summary2 and held is qmodel
+    # The output MODEL is held only weakly: once nothing else holds it, the saved file is reused.
+    del qmodel, held
+    gc.collect()
+    _, summary2b = _run(_model(env))
+    assert "its saved file was loaded" in summary2b
     assert quantization_runs() == runs0 + 1
     assert sorted(p.name for p in (env / "hq_test").iterdir()) == ["tiny_00001.safetensors", "tiny_00002.safetensors"]
 
@@ -76,7 +88,7 @@ def test_never_overwrites_and_does_not_quantize_twice(env):
     os.unlink(saved)
     assert QuantizeModel.fingerprint_inputs(**INPUTS) != fp1
     _, summary3 = _run(model)
-    assert quantization_runs() == runs0 + 2 and "not quantized again" not in summary3
+    assert quantization_runs() == runs0 + 2 and "quantized again" not in summary3
     assert saved.is_file()
 
 
@@ -105,7 +117,7 @@ def test_quantized_model_output_samples_like_the_saved_file(env, comfy):
 def test_cancel_writes_nothing(env, comfy):
     import comfy.model_management as mm
 
-    from hybridquant.nodes.quantize import quantization_runs
+    from hybridquant.nodes.quantize_run import quantization_runs
 
     model = _model(env)
     runs0 = quantization_runs()
@@ -119,19 +131,55 @@ def test_cancel_writes_nothing(env, comfy):
     assert not (env / "hq_test").exists() or not list((env / "hq_test").iterdir())
 
 
+def test_validate_inputs_checks_only_the_regex_so_comfyui_keeps_its_own_checks(comfy):
+    """ComfyUI skips its own combo/range checks for every input ``validate_inputs`` takes, and puts a
+    failing check's message on each of them: the node's check takes custom_layers alone."""
+    import inspect
+
+    from hybridquant.nodes.quantize import QuantizeModel
+
+    assert list(inspect.signature(QuantizeModel.validate_inputs).parameters) == ["custom_layers"]
+    res = QuantizeModel.validate_inputs(custom_layers="attn((")
+    assert isinstance(res, str) and res.startswith("invalid regex 'attn(('"), res
+    assert QuantizeModel.validate_inputs(custom_layers=r"attn\.qkv") is True
+    assert QuantizeModel.validate_inputs(custom_layers=None) is True  # linked input
+
+
 @pytest.mark.parametrize("kw, msg", [
-    ({"custom_layers": "attn(("}, "custom_layers"),
     ({"filename_prefix": "../escape"}, "filename_prefix"),
     ({"filename_prefix": "/abs/path"}, "filename_prefix"),
     ({"filename_prefix": "C:/x"}, "filename_prefix"),
     ({"format": "float128"}, "format"),
     ({"rounding": "gptq"}, "calibration"),
 ])
-def test_validate_inputs_names_the_bad_input(comfy, kw, msg):
+def test_run_checks_settings_before_reading_weights(comfy, kw, msg):
+    """Checks that need several inputs run first in the node's run, before the MODEL is touched (a
+    MODEL of None would fail on first use), with a short builtin error type naming the input."""
     from hybridquant.nodes.quantize import QuantizeModel
 
-    res = QuantizeModel.validate_inputs(**(INPUTS | kw))
-    assert isinstance(res, str) and msg in res, res
+    with pytest.raises(ValueError) as e:
+        QuantizeModel.execute(None, **(INPUTS | kw))
+    assert type(e.value) is ValueError and str(e.value).startswith(msg), str(e.value)
+
+
+def test_zero_layer_runs_are_errors_that_say_why(env, comfy):
+    """An fp8-loaded model (UNETLoader weight_dtype), an already-quantized one, and options that leave
+    nothing to quantize are refused with the reason; a regex that matches nothing is a warning."""
+    import comfy.sd
+    import torch
+
+    from hybridquant.nodes.backend import load_diffusion_model
+
+    fp8 = comfy.sd.load_diffusion_model(str(env / "tiny.safetensors"), model_options={"dtype": torch.float8_e4m3fn})
+    with pytest.raises(ValueError, match=r"nothing to quantize.*weight_dtype"):
+        _run(fp8)
+    quantized = env / "hq_test"
+    _run(_model(env))
+    q, _ = load_diffusion_model(str(next(quantized.iterdir())))
+    with pytest.raises(ValueError, match="already quantized"):
+        _run(q)
+    _, summary = _run(_model(env), custom_layers="no_such_layer", save=False)
+    assert "custom_layers 'no_such_layer' matched no layer" in summary
 
 
 def test_save_off_writes_nothing(env):
@@ -145,7 +193,7 @@ def test_calibration_choice_and_fingerprint(env, comfy, tmp_path, monkeypatch):
     change of that file (more recorded runs) changes the node's fingerprint."""
     import folder_paths
 
-    from hybridquant.nodes import quantize
+    from hybridquant.nodes import quantize, quantize_run
 
     cal = tmp_path / "calibration"
     cal.mkdir()
@@ -155,11 +203,10 @@ def test_calibration_choice_and_fingerprint(env, comfy, tmp_path, monkeypatch):
     f = cal / "stats.safetensors"
     save_file({"x": __import__("torch").zeros(1)}, str(f))
     assert "stats.safetensors" in quantize._calibration_choices()
-    assert quantize._calibration_path("stats.safetensors") == str(f.resolve())
+    assert quantize_run.calibration_path("stats.safetensors") == str(f)
     with pytest.raises(ValueError):
-        quantize._calibration_path("../diffusion_models/tiny.safetensors")
+        quantize_run.calibration_path("../diffusion_models/tiny.safetensors")
     kw = INPUTS | {"save": False, "rounding": "gptq", "calibration": "stats.safetensors"}
-    assert quantize.QuantizeModel.validate_inputs(**kw) is True
     fp1 = quantize.QuantizeModel.fingerprint_inputs(**kw)
     os.utime(f, ns=(1, 1))
     assert quantize.QuantizeModel.fingerprint_inputs(**kw) != fp1

@@ -64,14 +64,20 @@ def test_summary_of_a_mixed_file(folders):
     status, body = file_info(fp, "diffusion_models", "mixed.safetensors")
     assert status == 200, body
     assert body["formats"] == {"bf16": 1, "bnb_nf4": 1, "float8_e4m3fn": 1}
+    assert body["labels"]["bnb_nf4"].startswith("NF4") and body["quantized_formats"] == ["bnb_nf4", "float8_e4m3fn"]
     assert body["layer_count"] == 3 and body["quantized_layers"] == 2
     assert body["size_bytes"] == os.path.getsize(dm / "mixed.safetensors")
     names = [d["name"] for d in body["layers"]]
     assert names == ["blocks.0.attn", "blocks.1.mlp", "final"]
     assert [body["format_legend"][i] for i in body["format_map"]] == ["bnb_nf4", "float8_e4m3fn", "bf16"]
-    assert body["needs_hybridquant_loader"] is True
+    # the running core (0.3.75: FP8 names only) decides; NF4 is not among its QUANT_ALGOS
+    from hybridquant.ops.capabilities import core_quant_algos
+
+    if core_quant_algos() is not None:
+        assert body["loading"]["stock"] is False and body["loading"]["missing"] == ["bnb_nf4"]
     assert body["fast_path"]["available"] is True, body["fast_path"]
     assert body["fast_path"]["formats"]["bnb_nf4"]["fast"] is False  # CPU: dequantize per call
+    assert "bf16" not in body["fast_path"]["formats"]  # unquantized layers are not a "path" question
 
 
 def test_subfolder_file_is_served(folders):
@@ -109,15 +115,51 @@ def test_refuses_absolute_path_to_a_real_model(folders):
     assert status == 400
 
 
-def test_refuses_symlink_out_of_the_model_folder(folders):
+def test_symlinked_model_file_is_served_as_comfyui_loads_it(folders):
+    """Users keep models on other disks through symlinks in the model folder: ComfyUI's loaders follow
+    them, so the routes do too; names that leave the folder are still refused (above)."""
     from hybridquant.nodes.routes import file_info
 
     fp, dm, _, outside = folders
-    _mixed_file(outside / "secret.safetensors")
-    os.symlink(outside / "secret.safetensors", dm / "link.safetensors")
+    _mixed_file(outside / "big.safetensors")
+    os.symlink(outside / "big.safetensors", dm / "link.safetensors")
     os.symlink(outside, dm / "linkdir")
-    assert file_info(fp, "diffusion_models", "link.safetensors")[0] == 400
-    assert file_info(fp, "diffusion_models", "linkdir/secret.safetensors")[0] == 400
+    status, body = file_info(fp, "diffusion_models", "link.safetensors")
+    assert status == 200 and body["file"] == "link.safetensors" and str(outside) not in json.dumps(body)
+    assert file_info(fp, "diffusion_models", "linkdir/big.safetensors")[0] == 200
+    assert file_info(fp, "diffusion_models", "linkdir/../../outside/big.safetensors")[0] == 400
+
+
+def test_formats_and_plan_preview(folders):
+    from hybridquant.converter.formats import registry
+    from hybridquant.nodes import quantize_options as qo
+    from hybridquant.nodes.routes import formats_payload, plan_preview
+
+    body = formats_payload()
+    names = [f["name"] for f in body["formats"]]
+    assert set(registry.format_names()) <= set(names)
+    assert all(f["color"].startswith("#") and f["label"] for f in body["formats"])
+    assert "fp8" in body["search_aliases"]["HybridQuantQuantizeModel"]
+    assert body["choices"]["legacy"]["bnb_nf4"] in body["choices"]["format"]
+    assert any("Hybrid MXFP8" in c for c in body["choices"]["format"])
+
+    fp, dm, _, _ = folders
+    save_file({"a.weight": torch.zeros(64, 64, dtype=torch.bfloat16), "b.weight": torch.zeros(32, 64),
+               "emb.weight": torch.zeros(4, dtype=torch.bfloat16)}, str(dm / "plain.safetensors"))
+    nf4 = qo.legacy_map()["bnb_nf4"]
+    fp8 = qo.legacy_map()["fp8 tensorwise"]
+    status, out = plan_preview(fp, {"folder": "diffusion_models", "name": "plain.safetensors",
+                                    "settings": {"format": nf4, "custom_layers": "^b$", "custom_format": fp8}})
+    assert status == 200, out
+    rows = {r["name"]: r for r in out["layers"]}
+    assert rows["a"]["format"] == "bnb_nf4" and rows["b"]["format"] == "float8_e4m3fn"
+    assert rows["b"]["reason"] == "matches custom_layers" and rows["a"]["reason"] == "the main format"
+    status, out = plan_preview(fp, {"folder": "diffusion_models", "name": "plain.safetensors",
+                                    "settings": {"format": nf4, "custom_layers": "(("}})
+    assert status == 400 and out["input"] == "custom_layers"
+    status, out = plan_preview(fp, {"folder": "diffusion_models", "name": "plain.safetensors",
+                                    "settings": {"format": nf4, "custom_layers": "nothing_matches"}})
+    assert status == 200 and out["warnings"] and "matched no layer" in out["warnings"][0]
 
 
 def test_symlink_inside_the_folder_is_fine(folders):

@@ -1,29 +1,53 @@
 // HybridQuant frontend extension (served by ComfyUI from WEB_DIRECTORY = "./web").
 //
-// - On our loader nodes: a canvas-drawn widget with a compact summary of the chosen file (formats by
-//   layer count, size, whether this machine gets a fast matmul path) and a small per-layer format map.
-//   Data: GET /hybridquant/file_info (reads only the safetensors header, model folders only).
-// - On "Quantize Model": live progress (layer, ETA) from the "hybridquant.progress" websocket
-//   messages, and the final summary from "hybridquant.done".
+// One panel per node of the pack, built as a DOM widget (addDOMWidget): the classic LiteGraph canvas
+// overlays it on the node and the Vue node renderer (setting Comfy.VueNodes.Enabled) mounts the same
+// element, so both renderers show the same live content (a canvas-drawn widget is redrawn by the Vue
+// renderer only on resize, which froze the old panel at "reading ...").
+// - Loaders and Quantization Info: the chosen file's summary (size, formats with the registry's
+//   colours and labels, whether this ComfyUI's stock loaders read it, this machine's matmul path), a
+//   per-layer map and a per-layer table (names, formats, shapes, sizes: what a regex needs).
+//   Data: GET /hybridquant/file_info (header only, model folders only). Info also shows its run output.
+// - Quantize Model: a preview of the plan (POST /hybridquant/plan on the upstream loader's file:
+//   which layer becomes what, and why the rest is kept), live progress in layers with an ETA, the
+//   summary, and errors: validation errors attributed to their input and run errors, never a stale
+//   result after a failure.
+// - Search: the formats' search words (GET /hybridquant/formats, from the registry) are added to the
+//   node definitions; frontends that search only names also get them in the searchable name.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
-const LOADERS = {
+const FILE_NODES = {
   HybridQuantLoadDiffusionModel: { widget: "unet_name", folder: "diffusion_models" },
   HybridQuantLoadCheckpoint: { widget: "ckpt_name", folder: "checkpoints" },
   HybridQuantLoadCLIP: { widget: "clip_name", folder: "text_encoders" },
+  HybridQuantInfo: { widget: "file", folder: null },
 };
 const QUANTIZE = "HybridQuantQuantizeModel";
-
-// One colour per format family, stable across files so maps are comparable.
-const COLORS = {
-  bnb_nf4: "#4f8fdc", bnb_fp4: "#2f5f9c",
-  float8_e4m3fn: "#e0913a", float8_e5m2: "#c9742a", float8_e4m3fn_rowwise: "#f0b25a",
-  float8_e4m3fn_blockwise: "#f5c97d", int8_tensorwise: "#9c5fc9", int8_blockwise: "#c08ae6",
-  mxfp8: "#3fae6a", hybrid_mxfp8: "#7fd49a", nvfp4: "#d8505a",
-  bf16: "#777777", fp16: "#8c8c8c", fp32: "#a5a5a5",
+// Upstream nodes whose MODEL is a file's weights: the preview plans that file.
+const MODEL_SOURCES = {
+  UNETLoader: { widget: "unet_name", folder: "diffusion_models" },
+  HybridQuantLoadDiffusionModel: { widget: "unet_name", folder: "diffusion_models" },
+  CheckpointLoaderSimple: { widget: "ckpt_name", folder: "checkpoints" },
+  HybridQuantLoadCheckpoint: { widget: "ckpt_name", folder: "checkpoints" },
 };
-const colorOf = (fmt) => COLORS[fmt] || "#bbbbbb";
+const PLAN_WIDGETS = ["format", "preset", "custom_layers", "custom_format"];
+const OURS = new Set([...Object.keys(FILE_NODES), QUANTIZE, "HybridQuantCollectCalibration"]);
+
+let FORMATS = { byName: {}, legacy: {}, aliases: {} };
+const formatsReady = api
+  .fetchApi("/hybridquant/formats")
+  .then((r) => r.json())
+  .then((d) => {
+    FORMATS = {
+      byName: Object.fromEntries(d.formats.map((f) => [f.name, f])),
+      legacy: d.choices.legacy,
+      aliases: d.search_aliases,
+    };
+  })
+  .catch(() => {});
+const colorOf = (fmt) => (FORMATS.byName[fmt] && FORMATS.byName[fmt].color) || "#bbbbbb";
+const labelOf = (fmt, s) => (s && s.labels && s.labels[fmt]) || (FORMATS.byName[fmt] && FORMATS.byName[fmt].label) || fmt;
 
 function human(n) {
   const u = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -31,209 +55,366 @@ function human(n) {
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
   return i === 0 ? `${n} ${u[i]}` : `${n.toFixed(2)} ${u[i]}`;
 }
+const fmtSeconds = (s) => (s == null ? "…" : s < 60 ? `${s.toFixed(0)} s` : `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`);
 
-function fmtSeconds(s) {
-  if (s == null) return "…";
-  if (s < 60) return `${s.toFixed(0)} s`;
-  return `${Math.floor(s / 60)} min ${Math.round(s % 60)} s`;
+// -- DOM helpers (text only through textContent: file and layer names are user data) -------------
+function el(tag, attrs = {}, ...children) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "style") Object.assign(e.style, v);
+    else if (k === "class") e.className = v;
+    else e.setAttribute(k, v);
+  }
+  for (const c of children) if (c != null) e.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return e;
+}
+const STYLE = `
+.hq-panel{font:12px/1.35 sans-serif;color:#dcdcdc;background:#1d1f24;border-radius:6px;padding:6px 8px;
+  box-sizing:border-box;width:100%;overflow:auto;max-height:340px;pointer-events:auto}
+.hq-panel .hq-line{margin:1px 0;white-space:normal;word-break:break-word}
+.hq-panel .hq-error{color:#ff7b7b;font-weight:600}
+.hq-panel .hq-warn{color:#ffc46b}
+.hq-panel .hq-muted{color:#9a9a9a}
+.hq-panel .hq-chip{display:inline-block;width:9px;height:9px;border-radius:2px;margin:0 3px 0 6px;vertical-align:-1px}
+.hq-panel .hq-map{display:flex;flex-wrap:wrap;gap:1px;margin:4px 0}
+.hq-panel .hq-map span{width:4px;height:8px}
+.hq-panel .hq-bar{height:7px;background:#333;border-radius:3px;margin:4px 0}
+.hq-panel .hq-bar div{height:7px;background:#4f8fdc;border-radius:3px}
+.hq-panel table{border-collapse:collapse;font-size:11px;width:100%}
+.hq-panel td,.hq-panel th{padding:1px 6px 1px 0;text-align:left;white-space:nowrap}
+.hq-panel th{color:#9a9a9a;font-weight:normal}
+.hq-panel summary{cursor:pointer;color:#9ec3f0}`;
+function addStyle() {
+  if (document.getElementById("hq-style")) return;
+  document.head.append(el("style", { id: "hq-style" }, STYLE));
 }
 
-function fastPathLine(fp) {
-  if (!fp || !fp.available) return "fast path: unknown" + (fp && fp.reason ? ` (${fp.reason})` : "");
-  const fast = Object.entries(fp.formats || {}).filter(([, v]) => v && v.fast).map(([k, v]) => `${k}: ${v.path}`);
-  const dev = fp.device ? ` on ${fp.device}` : "";
-  return fast.length ? `fast path${dev}: ${fast.join(", ")}` : `no fast path${dev} (dequantize per layer)`;
+// -- panel ----------------------------------------------------------------------------------------
+function makePanel(node) {
+  addStyle();
+  const root = el("div", { class: "hq-panel", "data-hq-panel": "1" });
+  const widget = node.addDOMWidget("hybridquant_panel", "hybridquant_panel", root, {
+    serialize: false,
+    hideOnZoom: false,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => Math.min(340, Math.max(40, root.scrollHeight + 4)),
+    getMaxHeight: () => 340,
+  });
+  widget.serialize = false;
+  node.__hqPanel = root;
+  node.__hq = { state: "idle" };
+  return root;
 }
 
-function summaryLines(s) {
-  if (s.error) return [`⚠ ${s.error}`];
-  const fmts = Object.entries(s.formats).map(([f, n]) => `${f} ×${n}`).join(", ");
+function render(node, state) {
+  node.__hq = state;
+  const root = node.__hqPanel;
+  if (!root) return;
+  root.dataset.state = state.state;
+  root.replaceChildren(...(state.parts || []).filter(Boolean));
+  requestAnimationFrame(() => {
+    const h = node.computeSize ? node.computeSize()[1] : node.size[1];
+    if (node.size && h > node.size[1]) node.setSize([node.size[0], h]);
+    node.setDirtyCanvas && node.setDirtyCanvas(true, true);
+  });
+}
+const line = (text, cls = "") => el("div", { class: `hq-line ${cls}` }, text);
+
+function formatsLine(s) {
+  const d = el("div", { class: "hq-line" });
+  for (const [f, n] of Object.entries(s.formats || {})) {
+    d.append(el("span", { class: "hq-chip", style: { background: colorOf(f) } }), `${labelOf(f, s)} ×${n}`);
+  }
+  if (!Object.keys(s.formats || {}).length) d.append("no weight matrices");
+  return d;
+}
+
+function fastLine(s) {
+  const fp = s.fast_path;
+  if (!s.quantized_formats || !s.quantized_formats.length) return line("not quantized: runs as in stock ComfyUI", "hq-muted");
+  if (!fp || !fp.available) return line(`matmul path: unknown${fp && fp.reason ? ` (${fp.reason})` : ""}`, "hq-muted");
+  const parts = Object.entries(fp.formats).map(([f, v]) => `${labelOf(f, s)}: ${v.path}`);
+  return line(`on ${fp.device}: ${parts.join("; ")}`);
+}
+
+function layerMap(s) {
+  const m = el("div", { class: "hq-map", title: "one cell per layer, in layer-name order" });
+  (s.format_map || []).forEach((i, k) => {
+    const f = s.format_legend[i];
+    m.append(el("span", { style: { background: colorOf(f) }, title: `${s.layers[k].name}: ${labelOf(f, s)}` }));
+  });
+  return m;
+}
+
+function layerTable(rows, head, open) {
+  const t = el("table", { class: "hq-layers" }, el("tr", {}, ...head.map((h) => el("th", {}, h))));
+  for (const r of rows) t.append(el("tr", {}, ...r.map((c) => el("td", {}, c))));
+  const d = el("details", {}, el("summary", {}, `${rows.length} layers`), t);
+  if (open) d.open = true;
+  return d;
+}
+
+function fileParts(s, openTable) {
+  const shape = (sh) => (sh ? sh.join(" × ") : "?");
   return [
-    `${human(s.size_bytes)} · ${s.layer_count} layers (${s.quantized_layers} quantized)`,
-    fmts || "no 2-D weights",
-    fastPathLine(s.fast_path),
+    line(`${s.name || s.file} · ${human(s.size_bytes)} · ${s.layer_count} layers (${s.quantized_layers} quantized)`),
+    formatsLine(s),
+    s.quantized_layers ? line(s.loading.text, s.loading.stock === false ? "hq-warn" : "hq-muted") : null,
+    fastLine(s),
+    layerMap(s),
+    layerTable(s.layers.map((d) => [d.name, labelOf(d.format, s), shape(d.shape), human(d.bytes)]),
+      ["layer", "format", "shape", "size"], openTable),
   ];
 }
 
-const LINE_H = 16;
-const LEGEND_H = 14;
-
-// Word-wrap text lines to the panel width (a long summary line must not be squeezed by fillText).
-let measureCtx = null;
-function wrapLines(lines, width) {
-  measureCtx = measureCtx || document.createElement("canvas").getContext("2d");
-  measureCtx.font = "12px sans-serif";
-  const max = Math.max(40, width - 20);
-  const out = [];
-  for (const line of lines) {
-    const words = String(line).split(" ");
-    let cur = "";
-    for (const w of words) {
-      const next = cur ? `${cur} ${w}` : w;
-      if (cur && measureCtx.measureText(next).width > max) {
-        out.push(cur);
-        cur = w;
-      } else {
-        cur = next;
-      }
-    }
-    out.push(cur);
-  }
-  return out;
-}
-
-// Grid of the per-layer map for a panel width: one cell per layer, rows of at most ~3 px cells.
-function mapGeometry(n, width) {
-  const w = width - 20;
-  const cols = Math.max(1, Math.min(n, Math.floor(w / 3)));
-  const rows = Math.ceil(n / cols);
-  const ch = rows <= 2 ? 10 : Math.max(2, Math.floor(30 / rows));
-  return { cols, rows, cw: w / cols, ch, h: rows * ch + LEGEND_H + 6 };
-}
-
-// Canvas-drawn widget: text lines + optional per-layer map + optional progress bar.
-function makePanel(node, name) {
-  const w = {
-    name,
-    type: "hybridquant_panel",
-    value: "",
-    serialize: false,
-    options: { serialize: false },
-    draw(ctx, node, width, y) {
-      const st = node.__hq || {};
-      const lines = wrapLines(st.lines || [], width);
-      const x = 10;
-      ctx.save();
-      ctx.fillStyle = "#1d1f24";
-      ctx.fillRect(x - 4, y, width - 2 * (x - 4), this.computeSize(width)[1] - 4);
-      ctx.font = "12px sans-serif";
-      ctx.fillStyle = "#dcdcdc";
-      ctx.textBaseline = "top";
-      let yy = y + 4;
-      for (const ln of lines) {
-        ctx.fillText(ln, x, yy, width - 2 * x);
-        yy += LINE_H;
-      }
-      if (st.progress != null) {
-        ctx.fillStyle = "#333";
-        ctx.fillRect(x, yy + 2, width - 2 * x, 8);
-        ctx.fillStyle = "#4f8fdc";
-        ctx.fillRect(x, yy + 2, (width - 2 * x) * Math.max(0, Math.min(1, st.progress)), 8);
-        yy += 14;
-      }
-      if (st.map && st.map.length) {
-        drawMap(ctx, st, x, yy + 2, mapGeometry(st.map.length, width));
-      }
-      ctx.restore();
-    },
-    computeSize(width) {
-      const st = node.__hq || {};
-      let h = 8 + LINE_H * Math.max(1, wrapLines(st.lines || [], width).length);
-      if (st.progress != null) h += 14;
-      if (st.map && st.map.length) h += mapGeometry(st.map.length, width).h;
-      return [width, h];
-    },
-  };
-  node.addCustomWidget(w);
-  return w;
-}
-
-// One cell per layer, in natural layer order, wrapped into rows; legend under it.
-function drawMap(ctx, st, x, y, geo) {
-  const n = st.map.length;
-  const { cols, rows, cw, ch } = geo;
-  const w = cols * cw;
-  for (let i = 0; i < n; i++) {
-    ctx.fillStyle = colorOf(st.legend[st.map[i]]);
-    ctx.fillRect(x + (i % cols) * cw, y + Math.floor(i / cols) * ch, Math.max(1, cw - 0.5), ch - 0.5);
-  }
-  let lx = x;
-  const ly = y + rows * ch + 3;
-  ctx.font = "10px sans-serif";
-  for (const f of st.legend) {
-    ctx.fillStyle = colorOf(f);
-    ctx.fillRect(lx, ly + 1, 8, 8);
-    ctx.fillStyle = "#bbb";
-    ctx.fillText(f, lx + 10, ly);
-    lx += 14 + ctx.measureText(f).width;
-    if (lx > x + w - 40) break;
-  }
-}
-
-function refresh(node) {
-  node.setSize([node.size[0], node.computeSize()[1]]);
-  node.setDirtyCanvas(true, true);
-}
-
-async function loadSummary(node, folder, name) {
-  if (!name) return;
+// -- file nodes -----------------------------------------------------------------------------------
+async function loadFile(node, spec, value) {
+  if (!value) return render(node, { state: "idle", parts: [line("no file chosen", "hq-muted")] });
+  let folder = spec.folder;
+  let name = value;
+  if (!folder) [folder, name] = [value.split("/")[0], value.split("/").slice(1).join("/")];
   const seq = (node.__hqSeq = (node.__hqSeq || 0) + 1);
-  node.__hq = { lines: [`reading ${name} …`] };
-  refresh(node);
+  render(node, { state: "loading", parts: [line(`reading ${name} …`, "hq-muted")] });
   let s;
   try {
     const r = await api.fetchApi(`/hybridquant/file_info?folder=${encodeURIComponent(folder)}&name=${encodeURIComponent(name)}`);
     s = await r.json();
   } catch (e) {
-    s = { error: `cannot read summary: ${e}` };
+    s = { error: `cannot read the summary (${e})` };
   }
+  await formatsReady;
   if (seq !== node.__hqSeq) return; // a newer selection won
-  node.__hq = { lines: summaryLines(s), map: s.format_map || [], legend: s.format_legend || [], summary: s };
   node.hqSummary = s;
-  refresh(node);
+  if (s.error) return render(node, { state: "error", parts: [line(`⚠ ${s.error}`, "hq-error")] });
+  render(node, { state: "ok", parts: fileParts(s, node.comfyClass === "HybridQuantInfo") });
 }
 
-function setupLoader(node, spec) {
-  makePanel(node, "hybridquant_summary");
+function setupFileNode(node, spec) {
+  makePanel(node);
   const combo = node.widgets && node.widgets.find((w) => w.name === spec.widget);
   if (!combo) return;
   const orig = combo.callback;
   combo.callback = function (v, ...rest) {
     const r = orig ? orig.call(this, v, ...rest) : undefined;
-    loadSummary(node, spec.folder, combo.value);
+    loadFile(node, spec, combo.value);
     return r;
   };
-  // Initial value (new node or loaded workflow): after the graph has set widget values.
-  setTimeout(() => loadSummary(node, spec.folder, combo.value), 0);
+  node.__hqRefresh = () => loadFile(node, spec, combo.value);
+  setTimeout(node.__hqRefresh, 0); // after a loaded workflow has set the widget values
+}
+
+// -- Quantize Model -------------------------------------------------------------------------------
+function upstreamFile(node) {
+  const slot = node.inputs && node.inputs.findIndex((i) => i.name === "model");
+  const link = slot >= 0 && node.inputs[slot].link != null && node.graph && node.graph.links[node.inputs[slot].link];
+  const src = link && node.graph.getNodeById(link.origin_id);
+  const spec = src && MODEL_SOURCES[src.comfyClass || src.type];
+  const w = spec && src.widgets && src.widgets.find((x) => x.name === spec.widget);
+  return w && w.value ? { folder: spec.folder, name: w.value, node: src } : null;
+}
+
+function widgetValue(node, name) {
+  const w = node.widgets && node.widgets.find((x) => x.name === name);
+  return w ? w.value : undefined;
+}
+
+function fixLegacy(node) {
+  for (const name of ["format", "custom_format"]) {
+    const w = node.widgets && node.widgets.find((x) => x.name === name);
+    if (w && FORMATS.legacy[w.value]) w.value = FORMATS.legacy[w.value];
+  }
+}
+
+async function preview(node) {
+  if (node.__hqBusy) return; // a run owns the panel
+  const src = upstreamFile(node);
+  if (!src) {
+    return render(node, { state: "idle", parts: [line("connect a model loader to preview which layer becomes what; "
+      + "queue the workflow to quantize", "hq-muted")] });
+  }
+  const seq = (node.__hqSeq = (node.__hqSeq || 0) + 1);
+  const settings = Object.fromEntries(PLAN_WIDGETS.map((n) => [n, widgetValue(node, n)]));
+  let p;
+  try {
+    const r = await api.fetchApi("/hybridquant/plan", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ folder: src.folder, name: src.name, settings }),
+    });
+    p = await r.json();
+  } catch (e) {
+    p = { error: `preview unavailable (${e})` };
+  }
+  if (seq !== node.__hqSeq || node.__hqBusy) return;
+  if (p.error) {
+    const where = p.input ? `${p.input}: ` : "";
+    return render(node, { state: "invalid", input: p.input,
+      parts: [line(`⚠ ${p.error.startsWith(where) ? p.error : where + p.error}`, "hq-error")] });
+  }
+  const counts = Object.entries(p.counts).map(([k, n]) => `${n} → ${k}`).join(", ");
+  render(node, { state: "preview", plan: p, parts: [
+    line(`Preview for ${src.name}: ${counts}`),
+    ...p.warnings.map((w) => line(`⚠ ${w}`, "hq-warn")),
+    layerTable(p.layers.map((d) => [d.name, d.shape.join(" × "), d.format ? d.label : "kept", d.reason]),
+      ["layer", "shape", "becomes", "why"], false),
+    line("queue the workflow to quantize", "hq-muted"),
+  ] });
 }
 
 function setupQuantize(node) {
-  node.__hq = { lines: ["idle: queue the workflow to quantize"] };
-  makePanel(node, "hybridquant_progress");
+  makePanel(node);
+  const schedule = () => {
+    clearTimeout(node.__hqTimer);
+    node.__hqTimer = setTimeout(() => preview(node), 150);
+  };
+  node.__hqRefresh = schedule;
+  for (const w of node.widgets || []) {
+    if (!PLAN_WIDGETS.includes(w.name)) continue;
+    const orig = w.callback;
+    w.callback = function (...a) {
+      const r = orig ? orig.apply(this, a) : undefined;
+      schedule();
+      return r;
+    };
+  }
+  const origConn = node.onConnectionsChange;
+  node.onConnectionsChange = function (...a) {
+    const r = origConn ? origConn.apply(this, a) : undefined;
+    schedule();
+    return r;
+  };
+  setTimeout(() => { fixLegacy(node); schedule(); }, 0);
 }
 
+// -- run messages ---------------------------------------------------------------------------------
 function nodeById(id) {
   const g = app.graph;
   return g && (g.getNodeById(Number(id)) || g.getNodeById(id));
 }
+const ourNodes = () => ((app.graph && app.graph._nodes) || []).filter((n) => OURS.has(n.comfyClass) && n.__hqPanel);
+
+function showValidationErrors(nodeErrors) {
+  for (const n of ourNodes()) {
+    const ne = nodeErrors && nodeErrors[String(n.id)];
+    if (!ne) continue;
+    n.__hqBusy = false;
+    const parts = ne.errors.map((e) => {
+      const input = e.extra_info && e.extra_info.input_name;
+      let msg = e.details || e.message;
+      // ComfyUI writes "<input> - <message>" for a node's own check
+      if (input && msg.startsWith(`${input} - `)) msg = msg.slice(input.length + 3);
+      return line(`⚠ ${input && !msg.startsWith(input) ? input + ": " : ""}${msg}`, "hq-error");
+    });
+    render(n, { state: "invalid", inputs: ne.errors.map((e) => e.extra_info && e.extra_info.input_name), parts });
+  }
+}
+
+function onExecuted(node, output) {
+  if (node.comfyClass === "HybridQuantInfo" && output && output.hybridquant_info) {
+    const s = output.hybridquant_info[0];
+    node.hqSummary = s;
+    return render(node, { state: "done", parts: fileParts(s, true) });
+  }
+  if (node.comfyClass === QUANTIZE && output && output.text) {
+    node.__hqBusy = false;
+    const lines = String(output.text[0]).split("\n");
+    render(node, { state: "done", text: output.text[0], parts: lines.map((l) => line(l, l.startsWith("⚠") ? "hq-warn" : "")) });
+  }
+}
 
 app.registerExtension({
-  name: "HybridQuant.FileSummary",
+  name: "HybridQuant.Panels",
+  async addCustomNodeDefs(defs) {
+    await formatsReady;
+    for (const [id, words] of Object.entries(FORMATS.aliases || {})) {
+      const def = defs[id];
+      if (!def || !words) continue;
+      def.search_aliases = def.search_aliases || words;
+      // Frontends whose node search reads only name and display_name (1.32; its fuzzy search also
+      // penalises matches far from the start) find the format words through a searchable name that
+      // starts with them; the node's title on the canvas stays the short name.
+      def.__hqTitle = def.display_name;
+      const short = [...new Set(Object.values(FORMATS.byName).filter((f) => f.summary !== "not quantized")
+        .map((f) => f.label.split(" ")[0].toLowerCase()))].filter((w) => /\d/.test(w));
+      def.display_name = `${short.join(" ")} · ${def.display_name}`;
+    }
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (!OURS.has(nodeData.name)) return;
+    const title = nodeData.__hqTitle;
+    const created = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function (...a) {
+      const r = created ? created.apply(this, a) : undefined;
+      if (title && this.title === nodeData.display_name) this.title = title;
+      return r;
+    };
+    const executed = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (output) {
+      const r = executed ? executed.call(this, output) : undefined;
+      onExecuted(this, output);
+      return r;
+    };
+  },
   async nodeCreated(node) {
     const cls = node.comfyClass || node.type;
-    if (LOADERS[cls]) setupLoader(node, LOADERS[cls]);
+    if (FILE_NODES[cls]) setupFileNode(node, FILE_NODES[cls]);
     else if (cls === QUANTIZE) setupQuantize(node);
   },
+  async loadedGraphNode(node) {
+    if ((node.comfyClass || node.type) === QUANTIZE) fixLegacy(node);
+    if (node.__hqRefresh) setTimeout(node.__hqRefresh, 0);
+  },
   async setup() {
+    const queue = api.queuePrompt.bind(api);
+    api.queuePrompt = async (...a) => {
+      try {
+        return await queue(...a);
+      } catch (e) {
+        showValidationErrors(e && e.response && e.response.node_errors);
+        throw e;
+      }
+    };
+    api.addEventListener("execution_start", () => {
+      for (const n of ourNodes()) {
+        if (n.comfyClass !== QUANTIZE) continue;
+        n.__hqBusy = true;
+        render(n, { state: "queued", parts: [line("queued: waiting for the model …", "hq-muted")] });
+      }
+    });
     api.addEventListener("hybridquant.progress", ({ detail: d }) => {
       const node = nodeById(d.node);
-      if (!node) return;
-      const frac = d.bytes_total ? d.bytes_done / d.bytes_total : 0;
-      node.__hq = {
-        lines: [
-          `quantizing ${d.index}/${d.count} · ${(100 * frac).toFixed(0)}% · ETA ${fmtSeconds(d.eta_s)}`,
-          d.layer ? `${d.layer}` : "",
-        ],
-        progress: frac,
-      };
-      refresh(node);
+      if (!node || !node.__hqPanel) return;
+      node.__hqBusy = true;
+      const bar = el("div", { class: "hq-bar" }, el("div", { style: { width: `${(100 * d.fraction).toFixed(1)}%` } }));
+      render(node, { state: "running", progress: d, parts: [
+        line(`quantizing layer ${d.index} of ${d.count} · ${(100 * d.fraction).toFixed(0)}% · ETA ${fmtSeconds(d.eta_s)}`),
+        bar, d.layer ? line(d.layer, "hq-muted") : null,
+      ].filter(Boolean) });
     });
     api.addEventListener("hybridquant.done", ({ detail: d }) => {
       const node = nodeById(d.node);
-      if (!node) return;
-      const lines = d.cancelled ? ["cancelled: nothing was saved"] : (d.summary || "").split("\n").slice(0, 6);
-      node.__hq = { lines, summary: d };
-      refresh(node);
+      if (!node || !node.__hqPanel) return;
+      node.__hqBusy = false;
+      if (d.cancelled) render(node, { state: "cancelled", parts: [line("cancelled: nothing was saved", "hq-warn")] });
+      else render(node, { state: "done", text: d.summary, parts: d.summary.split("\n").map((l) => line(l, l.startsWith("⚠") ? "hq-warn" : "")) });
+    });
+    api.addEventListener("execution_error", ({ detail: d }) => {
+      for (const n of ourNodes()) {
+        if (String(n.id) === String(d.node_id)) {
+          n.__hqBusy = false;
+          render(n, { state: "error", parts: [line(`⚠ ${d.exception_message}`, "hq-error")] });
+        } else if (n.__hqBusy) {
+          n.__hqBusy = false;
+          render(n, { state: "idle", parts: [line(`not run: ${d.node_type} failed first`, "hq-muted")] });
+        }
+      }
+    });
+    api.addEventListener("execution_interrupted", () => {
+      for (const n of ourNodes()) {
+        if (!n.__hqBusy) continue;
+        n.__hqBusy = false;
+        render(n, { state: "cancelled", parts: [line("cancelled: nothing was saved", "hq-warn")] });
+      }
     });
   },
 });

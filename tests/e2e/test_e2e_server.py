@@ -9,13 +9,13 @@ import pytest
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
 NODES = {
-    "HybridQuantQuantizeModel": ("Quantize Model",
+    "HybridQuantQuantizeModel": ("Quantize Model (HybridQuant)",
                                  {"model", "format", "preset", "custom_layers", "custom_format", "rounding",
                                   "save", "filename_prefix", "calibration"}, ["MODEL", "STRING"]),
-    "HybridQuantLoadDiffusionModel": ("Load Diffusion Model (HybridQuant)", {"unet_name", "ops"}, ["MODEL"]),
-    "HybridQuantLoadCheckpoint": ("Load Checkpoint (HybridQuant)", {"ckpt_name", "ops"}, ["MODEL", "CLIP", "VAE"]),
-    "HybridQuantLoadCLIP": ("Load CLIP (HybridQuant)", {"clip_name", "type", "ops"}, ["CLIP"]),
-    "HybridQuantInfo": ("Quantization Info", {"file"}, ["STRING"]),
+    "HybridQuantLoadDiffusionModel": ("Load Diffusion Model (HybridQuant)", {"unet_name"}, ["MODEL"]),
+    "HybridQuantLoadCheckpoint": ("Load Checkpoint (HybridQuant)", {"ckpt_name"}, ["MODEL", "CLIP", "VAE"]),
+    "HybridQuantLoadCLIP": ("Load CLIP (HybridQuant)", {"clip_name", "type"}, ["CLIP"]),
+    "HybridQuantInfo": ("Quantization Info (HybridQuant)", {"file"}, ["STRING"]),
     "HybridQuantCollectCalibration": ("Collect Calibration (HybridQuant)", set(), ["MODEL", "STRING"]),
 }
 
@@ -35,8 +35,17 @@ def test_object_info_lists_every_node_with_inputs(comfy_server):
             spec = (node["input"].get("required", {}) | node["input"].get("optional", {}))[name]
             assert spec[1].get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert node.get("description")
+        got_all = set(node["input"].get("required", {})) | set(node["input"].get("optional", {}))
+        assert "ops" not in got_all, f"{node_id}: the ops input offered choices that all do the same"
     q = info["HybridQuantQuantizeModel"]["input"]["required"]
-    assert "bnb_nf4" in q["format"][1]["options"] if isinstance(q["format"][0], str) else "bnb_nf4" in q["format"][0]
+    fmt = q["format"]
+    options = fmt[1]["options"] if fmt[0] == "COMBO" else fmt[0]
+    assert any(o.startswith("NF4") for o in options) and any(o.startswith("Hybrid MXFP8") for o in options)
+    assert fmt[1]["default"].startswith("NF4")  # CPU server: no fast 8-bit kernels here
+    assert "bits per weight" in fmt[1]["tooltip"] and "% of bf16" in fmt[1]["tooltip"]
+    # the bundled example model is offered to the loaders (the example workflows use it)
+    unet = info["UNETLoader"]["input"]["required"]["unet_name"][0]
+    assert "hybridquant_example_sd3_tiny.safetensors" in unet
 
 
 def test_pack_loaded_without_errors_or_warnings(comfy_server):
