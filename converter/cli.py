@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(*_flag("--help-filters"), dest="help_filters", action="store_true", help="list presets and filters, then exit")
     for flag, preset in PRESETS.items():
         c.add_argument(f"--{flag}", dest=f"preset_{flag}", action="store_true", help=f"preset: keep {preset.title}")
+    t = p.add_argument_group("transforms around any quantized format")
+    t.add_argument(*_flag("--svd-rank"), dest="svd_rank", type=int, default=None, metavar="R",
+                   help="keep a rank-R bf16 branch (svd_up/svd_down) per layer and quantize the residual "
+                        "(layers whose smaller side is < 2R are left without it)")
+    t.add_argument("--rotate", default=None, metavar="hadamard[:B]",
+                   help="Hadamard-rotate each layer's input dim in blocks of B (default: largest power of two "
+                        "<= 256 dividing in_features) before quantizing; the layer rotates its inputs at run time")
     q = p.add_argument_group("rounding")
     q.add_argument("--simple", action="store_true", help=rtn_note)
     q.add_argument("--method", choices=list(methods), default=None,
@@ -157,7 +164,8 @@ def options_from_args(a) -> PlanOptions:
         presets=tuple(f for f in PRESETS if getattr(a, f"preset_{f}")), heur=a.heur,
         method="rtn" if a.simple else (a.method or (_calibrated_method() if a.calibration else default_method)),
         comfy_quant=a.comfy_quant, save_quant_metadata=True if a.save_quant_metadata is None else a.save_quant_metadata,
-        full_precision_matrix_mult=a.full_precision_matrix_mult, input_scale=a.input_scale)
+        full_precision_matrix_mult=a.full_precision_matrix_mult, input_scale=a.input_scale,
+        svd_rank=a.svd_rank, rotate=a.rotate)
 
 
 def _calibrated_method() -> str:
