@@ -240,11 +240,72 @@ def run_transforms(layers, orig, model, tok, held_s, ref, calib, methods):
     return rows
 
 
+def run_budget(layers, orig, model, tok, held_s, ref, calib):
+    """Issue 14 budgets: per-layer choice (converter.budget, RTN candidates) at the uniform NF4 size, NF4 + 1
+    bit per weight, and the uniform FP8 size; data-free (weight error) and calibrated (output error)."""
+    from hybridquant.converter import budget
+
+    nweights = sum(w.numel() for w in orig.values())
+    deqs, cands = {}, {"data-free": {}, "calibrated": {}}
+    for n, w in orig.items():
+        stats = calib.stats_for(n, w.shape[1])
+        for label, entry, name, opts in budget.MENU:
+            if name is None:
+                deqs[(n, label)] = w.float()
+                nb, errs = w.numel() * w.element_size(), (0.0, 0.0)
+            else:
+                codec = get_codec(name)
+                dopts = {k: v for k, v in opts.items() if k != "dtype"}
+                d = codec.dequantize(codec.quantize(w, **opts), tuple(w.shape), torch.float32, **dopts)
+                deqs[(n, label)] = d
+                nb = sum(x.nbytes for x in codec.output_specs(tuple(w.shape), **opts).values())
+                errs = (budget._sensitivity(w.float(), d, None), budget._sensitivity(w.float(), d, stats))
+            for kind, e in zip(cands, errs):
+                cands[kind].setdefault(n, []).append(budget.Candidate(label, entry, nb, e))
+    nf4 = sum(sum(x.nbytes for x in get_codec("bnb_nf4").output_specs(tuple(w.shape), blocksize=64).values())
+              for w in orig.values())
+    fp8 = sum(w.numel() + 4 for w in orig.values())
+    res = {}
+
+    def measure_uniform(name, opts):
+        c = get_codec(name)
+        dopts = {k: v for k, v in opts.items() if k != "dtype"}
+        set_weights(layers, {n: c.dequantize(c.quantize(w, **opts), tuple(w.shape), torch.float32, **dopts)
+                             for n, w in orig.items()})
+        return emb_error(embed(model, tok, held_s), ref)
+
+    res["nf4"] = measure_uniform("bnb_nf4", {"blocksize": 64, "double_quant": False})
+    res["fp8"] = measure_uniform("float8_e4m3fn", {})
+    print(f"uniform NF4 RTN {res['nf4']:.3e} ({8 * nf4 / nweights:.2f} bits/weight), uniform FP8 RTN {res['fp8']:.3e}")
+    rows = []
+    for bname, b, base, bl in (("= uniform NF4 size", nf4, res["nf4"], "nf4"),
+                               ("= NF4 size + 1 bit/weight", nf4 + nweights // 8, res["nf4"], "nf4"),
+                               ("= uniform FP8 size", fp8, res["fp8"], "fp8")):
+        for kind in cands:
+            choice = budget.choose(cands[kind], b)
+            used = sum(c.nbytes for c in choice.values())
+            set_weights(layers, {n: deqs[(n, c.label)] for n, c in choice.items()})
+            err = emb_error(embed(model, tok, held_s), ref)
+            mix = {}
+            for c in choice.values():
+                mix[c.label] = mix.get(c.label, 0) + 1
+            rows.append((bname, kind, err, err / base, bl, used / b, 8 * used / nweights, mix))
+            print(f"budget {bname:28s} {kind:10s} error {err:.3e}  vs uniform {bl.upper()} RTN {err / base:.3f}  "
+                  f"{used / b:.2%} of budget, {8 * used / nweights:.2f} bits/weight  {mix}", flush=True)
+    set_weights(layers, orig)
+    print("\n| budget | sensitivity | embedding error | vs uniform RTN at that size | budget used | bits/weight | layers |")
+    print("|---|---|---|---|---|---|---|")
+    for bname, kind, err, rel, bl, frac, bpw, mix in rows:
+        print(f"| {bname} | {kind} | {err:.3e} | {rel:.3f} ({bl.upper()}) | {frac:.2%} | {bpw:.2f} | "
+              + ", ".join(f"{k}: {v}" for k, v in mix.items()) + " |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--transforms", action="store_true",
                     help="issue 14 table: low-rank branch, rotation, 5/6-bit formats (RTN and data-free default)")
     ap.add_argument("--transform-methods", default="rtn,default")
+    ap.add_argument("--budget", action="store_true", help="issue 14 size-budget table")
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--no-peer", action="store_true", help="skip convert-to-quant rows")
     ap.add_argument("--threads", type=int, default=2)
@@ -275,6 +336,9 @@ def main(argv=None) -> int:
     print(f"calibration: {tokens} tokens, collected + saved in {t_collect:.2f}s wall, {c_collect:.2f}s CPU "
           f"-> {calib_path}")
 
+    if args.budget:
+        run_budget(layers, orig, model, tok, held_s, ref, calib)
+        return 0
     if args.transforms:
         run_transforms(layers, orig, model, tok, held_s, ref, calib, args.transform_methods.split(","))
         return 0

@@ -1,7 +1,7 @@
 """``--target-size`` / ``--target-bpw``: choose each layer's format under a size budget.
 
-Candidates per layer (``MENU``): kept in its own dtype (bf16 in a bf16 file), INT8 per-row, INT6, INT5
-(group 32) and NF4 (blocksize 64); layers the primary plan keeps (embeddings, presets, exclusions) stay
+Candidates per layer (``MENU``): kept in its own dtype (bf16 in a bf16 file), INT8 per-row, INT6 and INT5
+(groups of 32 or 128) and NF4 (blocksize 64 or 256: 4.5 / 4.125 bits per weight); layers the primary plan keeps (embeddings, presets, exclusions) stay
 kept. For every candidate the layer is really quantized (round to nearest) and its sensitivity measured:
 the squared weight error ``||W - Q(W)||²`` (data-free) or, with calibration statistics, the output error
 ``tr((W-Q) XᵀX (W-Q)ᵀ)`` (diagonal ``E[x²]`` when only that was collected). Bytes come from the codecs'
@@ -32,8 +32,11 @@ MENU = [
     ("keep", {"format": "skip"}, None, {}),
     ("int8 per-row", {"format": "int8_tensorwise", "per_row": True}, "int8_tensorwise", {"per_row": True}),
     ("int6 g32", {"format": "int6_groupwise"}, "int6_groupwise", {"group_size": 32}),
+    ("int6 g128", {"format": "int6_groupwise", "group_size": 128}, "int6_groupwise", {"group_size": 128}),
     ("int5 g32", {"format": "int5_groupwise"}, "int5_groupwise", {"group_size": 32}),
+    ("int5 g128", {"format": "int5_groupwise", "group_size": 128}, "int5_groupwise", {"group_size": 128}),
     ("nf4 b64", {"format": "bnb_nf4"}, "bnb_nf4", {"blocksize": 64, "double_quant": False}),
+    ("nf4 b256", {"format": "bnb_nf4", "blocksize": 256}, "bnb_nf4", {"blocksize": 256, "double_quant": False}),
 ]
 _UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
           "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40, "k": 10 ** 3, "m": 10 ** 6, "g": 10 ** 9}
