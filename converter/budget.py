@@ -192,7 +192,66 @@ def budget_config(input_path, options, target_size: int | None = None, target_bp
         budget = int(target_bpw * weights / 8)
         total_budget = None
     choice = choose(cands, budget)
+    if target_size is not None:
+        # the header's exact size depends on the choice: correct the tensor budget by the real layout's
+        # file size and choose again (keeps the best choice that fits)
+        import dataclasses
+
+        specs = {n: i.spec for n, i in infos.items()}
+
+        def file_size(ch):
+            o = dataclasses.replace(options, layer_config=layer_config(ch))
+            lay = OutputLayout(make_plans(((i.name, i.shape, _dtype_name(i.dtype)) for i in infos.values()), o),
+                               specs, o, metadata)
+            h, _ = build_header(lay.specs, lay.metadata)
+            return len(h) + sum(x.nbytes for x in lay.specs.values())
+
+        best = None
+        for _ in range(4):
+            size = file_size(choice)
+            if size <= target_size and (best is None or size > best[0]):
+                best = (size, choice)
+            if size <= target_size and size >= 0.995 * target_size:
+                break
+            budget += target_size - size
+            choice = choose(cands, budget)
+        if best is None:
+            raise OptionError(f"--target-size {target_size:,} bytes: no choice of formats fits (smallest file "
+                              f"{size:,} bytes)")
+        choice = best[1]
+        other = best[0] - sum(c.nbytes for c in choice.values())
     return layer_config(choice), plan_text(choice, other, total_budget, weights)
+
+
+def budget_for_state_dict(state_dict, options, calibration=None) -> tuple[dict, str]:
+    """``budget_config`` for an in-memory state dict (the Quantize Model node): ``options.target_size``
+    (bytes of all tensors) or ``options.target_bpw``."""
+    import dataclasses
+
+    from .convert import _dtype_name, make_plans
+
+    opts = dataclasses.replace(options, layer_config=None)
+    sd = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    plans = make_plans(((k, tuple(v.shape), _dtype_name(v.dtype)) for k, v in sd.items()), opts)
+
+    class _Reader:
+        def read(self, name):
+            return sd[name].detach().to("cpu")
+
+    calib = None
+    if calibration is not None:
+        from .rounding.calibration import CalibrationFile
+
+        calib = calibration if isinstance(calibration, CalibrationFile) else CalibrationFile(calibration)
+    cands = measure(plans, _Reader(), calib)
+    weights = sum(int(p.shape[0]) * int(p.shape[1]) for p in plans if p.layer in cands)
+    other = sum(sd[p.name].numel() * sd[p.name].element_size() for p in plans if p.layer not in cands)
+    if options.target_size is not None:
+        budget, total = int(options.target_size) - other, int(options.target_size)
+    else:
+        budget, total = int(float(options.target_bpw) * weights / 8), None
+    choice = choose(cands, budget)
+    return layer_config(choice), plan_text(choice, other, total, weights)
 
 
 def write_config(cfg: dict, path) -> None:

@@ -463,6 +463,13 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOpt
     t0 = time.monotonic()
     # ComfyUI 0.3.75 may carry the header string as a "_quantization_metadata" entry: not a tensor
     state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if (options.target_size is not None or options.target_bpw is not None) and options.layer_config is None:
+        import dataclasses
+
+        from .budget import budget_for_state_dict
+
+        cfg, _ = budget_for_state_dict(state_dict, options, calibration)
+        options = dataclasses.replace(options, layer_config=cfg)
     plans = make_plans(((k, tuple(v.shape), _dtype_name(v.dtype)) for k, v in state_dict.items()), options)
     calib = _prepare_calibration(plans, calibration)
     try:

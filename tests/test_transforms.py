@@ -152,3 +152,52 @@ def test_ops_output_is_x_decoded(ops, tmp_path, mode, kw, tf):
     out_sd = m.state_dict()
     for k in sd:
         assert k in out_sd, k
+
+
+def test_target_size_meets_budget_and_config_reproduces(tmp_path):
+    import os
+
+    from hybridquant.converter import budget
+
+    g = torch.Generator().manual_seed(0)
+    src = tmp_path / "m.safetensors"
+    save_file({f"l{i}.weight": (torch.randn(128, 256, generator=g) * (1 + i)).to(torch.bfloat16) for i in range(12)},
+              str(src))
+    uniform = tmp_path / "nf4.safetensors"
+    convert_file(src, uniform, PlanOptions(mode="bnb4bit", method="rtn"))
+    target = int(os.path.getsize(uniform) * 1.25)
+    cfg, text = budget.budget_config(src, PlanOptions(mode="bnb4bit", method="rtn"), target_size=target)
+    assert "size-budget plan" in text
+    out = tmp_path / "b.safetensors"
+    convert_file(src, out, PlanOptions(mode="bnb4bit", method="rtn", layer_config=cfg))
+    size = os.path.getsize(out)
+    assert 0.99 * target <= size <= target
+    again = tmp_path / "b2.safetensors"
+    budget.write_config(cfg, tmp_path / "cfg.json")
+    convert_file(src, again, PlanOptions(mode="bnb4bit", method="rtn", layer_config=str(tmp_path / "cfg.json")))
+    assert open(out, "rb").read() == open(again, "rb").read()
+    # a budget below every layer's smallest choice is a clear error
+    with pytest.raises(Exception, match="budget too small"):
+        budget.budget_config(src, PlanOptions(mode="bnb4bit"), target_size=1000)
+
+
+def test_parse_size():
+    from hybridquant.converter.budget import parse_size
+
+    assert parse_size("900MB") == 900 * 10 ** 6 and parse_size("6.5GB") == 6_500_000_000
+    assert parse_size("2GiB") == 2 * 2 ** 30 and parse_size("12345") == 12345
+    with pytest.raises(Exception, match="target-size"):
+        parse_size("big")
+
+
+@pytest.mark.comfyui
+def test_node_settings_translate_budget_and_transforms(comfy):
+    from hybridquant.nodes import quantize_options as qo
+
+    o = qo.build_options({"format": "bnb_nf4", "target_size": "6.5GB", "svd_rank": 32, "rotate": "hadamard:128"})
+    assert o.target_size == 6_500_000_000 and o.svd_rank == 32 and o.rotate == "hadamard:128"
+    assert qo.build_options({"format": "nvfp4", "target_size": "5.5bpw"}).target_bpw == 5.5
+    with pytest.raises(ValueError, match="target_size"):
+        qo.build_options({"format": "nvfp4", "target_size": "lots"})
+    with pytest.raises(ValueError, match="rotate"):
+        qo.build_options({"format": "nvfp4", "rotate": "givens"})
