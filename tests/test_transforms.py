@@ -194,10 +194,13 @@ def test_parse_size():
 def test_node_settings_translate_budget_and_transforms(comfy):
     from hybridquant.nodes import quantize_options as qo
 
-    o = qo.build_options({"format": "bnb_nf4", "target_size": "6.5GB", "svd_rank": 32, "rotate": "hadamard:128"})
+    def build(**kw):
+        return qo.build_options(qo.settings_from_inputs(kw))
+
+    o = build(format="bnb_nf4", target_size="6.5GB", svd_rank=32, rotate="hadamard:128")
     assert o.target_size == 6_500_000_000 and o.svd_rank == 32 and o.rotate == "hadamard:128"
-    assert qo.build_options({"format": "nvfp4", "target_size": "5.5bpw"}).target_bpw == 5.5
+    assert build(format="nvfp4", target_size="5.5bpw").target_bpw == 5.5
     with pytest.raises(ValueError, match="target_size"):
-        qo.build_options({"format": "nvfp4", "target_size": "lots"})
+        build(format="nvfp4", target_size="lots")
     with pytest.raises(ValueError, match="rotate"):
-        qo.build_options({"format": "nvfp4", "rotate": "givens"})
+        build(format="nvfp4", rotate="givens")
