@@ -204,3 +204,27 @@ def test_node_settings_translate_budget_and_transforms(comfy):
         build(format="nvfp4", target_size="lots")
     with pytest.raises(ValueError, match="rotate"):
         build(format="nvfp4", rotate="givens")
+
+
+@pytest.mark.comfyui
+@pytest.mark.parametrize("mode,kw", [("bnb4bit", {}), ("nvfp4", {}), ("int8", {"scaling_mode": "row"}), ("int5", {})])
+def test_ops_patch_on_transformed_layer(ops, tmp_path, mode, kw):
+    """A weight patch (LoRA / low-VRAM function) applies to the FULL decoded weight: 4-bit layers compute
+    ``x @ (decoded + delta).T``; 8-bit ones the fixed-scale requantization of it (branch and rotation kept)."""
+    src = _file(tmp_path)
+    out = tmp_path / "out.safetensors"
+    convert_file(src, out, PlanOptions(mode=mode, **kw, svd_rank=8, rotate="hadamard"))
+    sd = load_file(str(out))
+    dec = decode_file(out)
+    m = H.load_ours(sd)
+    layer = m.a
+    delta = torch.randn(96, 80, generator=torch.Generator().manual_seed(5)) * 0.01
+    layer.weight_function = [lambda w: w + delta.to(w.dtype)]
+    x = torch.randn(5, 80, generator=torch.Generator().manual_seed(3))
+    want = x @ (dec["a"] + delta).T + sd["a.bias"]
+    got = layer(x)
+    if ops.dispatch.is_four_bit(layer.hq_format):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # requantized with the stored scales: within the format's rounding of the patched weight
+        assert float((got - want).norm() / want.norm()) < 0.05
+        assert float((got - want).norm()) < float((x @ delta.T).norm())  # the patch is really applied
