@@ -103,6 +103,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(*_flag("--help-filters"), dest="help_filters", action="store_true", help="list presets and filters, then exit")
     for flag, preset in PRESETS.items():
         c.add_argument(f"--{flag}", dest=f"preset_{flag}", action="store_true", help=f"preset: keep {preset.title}")
+    t = p.add_argument_group("transforms around any quantized format")
+    t.add_argument(*_flag("--svd-rank"), dest="svd_rank", type=int, default=None, metavar="R",
+                   help="keep a rank-R bf16 branch (svd_up/svd_down) per layer and quantize the residual "
+                        "(layers whose smaller side is < 2R are left without it)")
+    t.add_argument("--rotate", default=None, metavar="hadamard[:B]",
+                   help="Hadamard-rotate each layer's input dim in blocks of B (default: largest power of two "
+                        "<= 256 dividing in_features) before quantizing; the layer rotates its inputs at run time")
+    t.add_argument(*_flag("--target-size"), dest="target_size", default=None, metavar="SIZE",
+                   help="choose each layer's format (bf16, 8/6/5/4-bit) so that the whole output file fits SIZE "
+                        "(bytes or 900MB, 6.5GB, 2GiB) with the least measured error; writes the plan as "
+                        "<output>.layers.json (a --layer-config that reproduces the run)")
+    t.add_argument(*_flag("--target-bpw"), dest="target_bpw", type=float, default=None, metavar="B",
+                   help="like --target-size, as bits per weight of the quantizable layers")
     q = p.add_argument_group("rounding")
     q.add_argument("--simple", action="store_true", help=rtn_note)
     q.add_argument("--method", choices=list(methods), default=None,
@@ -157,7 +170,8 @@ def options_from_args(a) -> PlanOptions:
         presets=tuple(f for f in PRESETS if getattr(a, f"preset_{f}")), heur=a.heur,
         method="rtn" if a.simple else (a.method or (_calibrated_method() if a.calibration else default_method)),
         comfy_quant=a.comfy_quant, save_quant_metadata=True if a.save_quant_metadata is None else a.save_quant_metadata,
-        full_precision_matrix_mult=a.full_precision_matrix_mult, input_scale=a.input_scale)
+        full_precision_matrix_mult=a.full_precision_matrix_mult, input_scale=a.input_scale,
+        svd_rank=a.svd_rank, rotate=a.rotate)
 
 
 def _calibrated_method() -> str:
@@ -219,6 +233,19 @@ def _run(a) -> int:
 
     opts = options_from_args(a)
     out = a.output or default_output(a.input, _mode_suffix(opts))
+    if a.target_size is not None or a.target_bpw is not None:
+        from . import budget
+
+        if opts.layer_config is not None:
+            raise OptionError("--target-size/--target-bpw choose the layer config themselves; drop --layer-config")
+        size = budget.parse_size(a.target_size) if a.target_size is not None else None
+        cfg, text = budget.budget_config(a.input, opts, size, a.target_bpw, a.calibration)
+        print(text)
+        cfg_path = os.path.splitext(out)[0] + ".layers.json"
+        if not a.dry_run:
+            budget.write_config(cfg, cfg_path)
+            print(f"layer config: {cfg_path} (reproduce with --layer-config {cfg_path})")
+        opts.layer_config = cfg
     rep = convert_file(a.input, out, opts, progress=progress, device=a.device, overwrite=a.overwrite,
                        dry_run=a.dry_run, error_stats=(a.error_sample if a.error_stats and a.error_sample is not None
                                                        else a.error_stats), calibration=a.calibration,

@@ -46,9 +46,11 @@ from .report import ConversionReport, LayerRecord
 from .rounding import quantize_weight
 from .safetensors_io import SafetensorsReader, read_header, same_file
 from .safetensors_writer import AtomicSafetensorsWriter
+from . import transforms as tfm
 
 log = logging.getLogger("hybridquant")
-_CODEC_ONLY_DROP = ("full_precision_matrix_mult",)  # .comfy_quant keys the converter adds itself
+# .comfy_quant keys the converter adds itself (and the transforms, applied around the codec)
+_CODEC_ONLY_DROP = ("full_precision_matrix_mult",) + tfm.KEYS
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -64,9 +66,12 @@ def codec_opts(p: LayerPlan) -> dict:
 def comfy_quant_dict(p: LayerPlan) -> dict | None:
     """The ``.comfy_quant`` dict of a planned layer (None for bitsandbytes layers)."""
     md = get_codec(p.format).metadata(**codec_opts(p))
-    if md is None:
+    t = tfm.of(p.opts)
+    if md is None and not t:
         return None
-    md = dict(md)
+    # bitsandbytes layers with transforms: a .comfy_quant entry beside their own quant state
+    md = dict(md) if md is not None else {"format": p.format}
+    md.update(t)
     if p.opts.get("full_precision_matrix_mult"):
         md["full_precision_matrix_mult"] = True
     if get_codec(p.format).spec.storage != "exact":
@@ -94,6 +99,7 @@ class OutputLayout:
                 specs = get_codec(p.format).output_specs(p.shape, **codec_opts(p))
             except FormatError as e:
                 raise LayerError(f"layer {p.layer}: {e}") from None
+            specs.update(tfm.output_specs(p.shape, tfm.of(p.opts)))
             for suffix, spec in specs.items():
                 self._add(f"{p.layer}.{suffix}", spec, p.name)
             md = comfy_quant_dict(p)
@@ -164,12 +170,26 @@ def _quantize_one(p: LayerPlan, w: torch.Tensor, device: str, error_stats,
     opts = codec_opts(p)
     wd = w.to(device, non_blocking=True) if device != "cpu" else w
     stats = calib.stats_for(p.layer, int(p.shape[1]), device=device) if calib is not None and p.method == "gptq" else None
+    t = tfm.of(p.opts)
+    if t and calib is not None and stats is None and calib.resolve(p.layer) is not None:
+        stats = calib.stats_for(p.layer, int(p.shape[1]), device=device)  # the branch fit uses them
     try:
-        out = quantize_weight(codec, wd, method=p.method, stats=stats, **opts)
+        if t:
+            out = tfm.quantize(codec, wd, t, method=p.method, stats=stats, **opts)
+        else:
+            out = quantize_weight(codec, wd, method=p.method, stats=stats, **opts)
     except (FormatError, ValueError) as e:  # NonFiniteError is a FormatError; rounding raises ValueError
         raise LayerError(f"layer {p.layer} ({p.name}): {e}") from None
     sample = sample_fraction(error_stats)
-    err = relative_error(codec, out, wd, p.shape, opts, sample=sample) if sample is not None else None
+    if sample is None:
+        err = None
+    elif t:
+        dopts = {k: v for k, v in opts.items() if k != "dtype"}
+        w32 = wd.to(torch.float32)
+        d = tfm.decode(codec, out, p.shape, t, **dopts)
+        err = (float((d - w32).norm() / w32.norm().clamp_min(1e-30)), 1.0)
+    else:
+        err = relative_error(codec, out, wd, p.shape, opts, sample=sample)
     if device != "cpu":
         out = {k: v.to("cpu") for k, v in out.items()}
     return out, err
@@ -180,7 +200,8 @@ def _records(plans: list[LayerPlan], layout: OutputLayout, input_specs: Mapping[
     for p in plans:
         recs.append(LayerRecord(name=p.name, shape=list(p.shape), dtype=p.dtype, format=p.format, reason=p.reason,
                                 method=p.method if p.quantized else None, bytes_in=input_specs[p.name].nbytes,
-                                bytes_out=layout.nbytes(layout.outputs.get(p.name, []))))
+                                bytes_out=layout.nbytes(layout.outputs.get(p.name, [])),
+                                transforms=tfm.of(p.opts) or None if p.quantized else None))
     return recs
 
 
@@ -470,6 +491,13 @@ def quantize_state_dict(state_dict: Mapping[str, torch.Tensor], options: PlanOpt
     t0 = time.monotonic()
     # ComfyUI 0.3.75 may carry the header string as a "_quantization_metadata" entry: not a tensor
     state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    if (options.target_size is not None or options.target_bpw is not None) and options.layer_config is None:
+        import dataclasses
+
+        from .budget import budget_for_state_dict
+
+        cfg, _ = budget_for_state_dict(state_dict, options, calibration)
+        options = dataclasses.replace(options, layer_config=cfg)
     plans = make_plans(((k, tuple(v.shape), _dtype_name(v.dtype)) for k, v in state_dict.items()), options)
     calib = _prepare_calibration(plans, calibration)
     try:

@@ -87,6 +87,7 @@ from .formats import find_spec, format_names, get_codec
 from .formats.base import FormatError
 from .formats.bnb4bit import BNB_FORMATS
 from .formats.fp8 import legacy_scaled_fp8_format
+from . import transforms as tfm
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 FORMAT_VERSION = "1.0"
@@ -95,7 +96,7 @@ BNB_SUFFIXES = ("weight", "weight.absmax", "weight.quant_map", "weight.nested_ab
 LEGACY_MARKER = "scaled_fp8"
 # Metadata fields never passed to codecs: ``format`` is the codec itself, the rest are the names of
 # codec method parameters that a stray field from another tool would collide with.
-_NOT_OPTIONS = frozenset({"format", "params", "amax", "tensors", "shape", "layer", "w", "x", "name"})
+_NOT_OPTIONS = frozenset({"format", "params", "amax", "tensors", "shape", "layer", "w", "x", "name"}) | set(tfm.KEYS)
 # Tensor suffixes that belong to a quantized layer (weight, weight_scale, weight_scale_2,
 # weight_scalar, input_scale, weight.absmax ...). A child module's keys never match.
 _LAYER_SUFFIX = re.compile(r"^(weight|input)(_[A-Za-z0-9_]+)?(\..+)?$")
@@ -111,11 +112,19 @@ class LayerInfo:
     source: str = "comfy_quant"
     orig_shape: tuple[int, int] | None = None
     dropped: tuple[str, ...] = ()  # keys of this layer deliberately ignored (legacy 1.0 scale_input)
+    # low-rank branch / rotation (``converter.transforms``): {"svd_rank": R, "rotation": {...}} or {}
+    transforms: dict = field(default_factory=dict)
 
     def comfy_quant(self) -> dict | None:
-        """The ``.comfy_quant`` dict to write for this layer (None for bitsandbytes layers)."""
+        """The ``.comfy_quant`` dict to write for this layer (None for plain bitsandbytes layers; those
+        with transforms get one beside their quant state)."""
         if self.source == "bnb":
-            return None
+            if not self.transforms:
+                return None
+            d = {"format": self.format, **self.transforms}
+            if self.orig_shape is not None:
+                d["orig_shape"] = list(self.orig_shape)
+            return d
         return dict(self.meta)
 
 
@@ -148,6 +157,16 @@ def check_layer_dict(d, where: str) -> dict:
     fmt = d["format"]
     if find_spec(fmt) is None:
         raise FormatError(f"{where}: unknown quantization format {fmt!r}; known formats: {', '.join(format_names())}")
+    r = d.get("svd_rank")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
+        raise FormatError(f"{where}: svd_rank must be a positive integer, found {r!r}")
+    rot = d.get("rotation")
+    if rot is not None:
+        b = rot.get("block") if isinstance(rot, dict) else None
+        if not isinstance(rot, dict) or rot.get("kind") != "hadamard" or isinstance(b, bool) \
+                or not isinstance(b, int) or b < 1 or b & (b - 1):
+            raise FormatError(f"{where}: rotation must be {{\"kind\": \"hadamard\", \"block\": <power of two>}}, "
+                              f"found {rot!r}")
     return d
 
 
@@ -204,6 +223,7 @@ def discover_layers(keys: Iterable[str], header_metadata: Mapping | None,
     header = parse_header(header_metadata)
     from_tensor = {k[: -len(".comfy_quant")]: decode_comfy_quant(get_tensor(k), k[: -len(".comfy_quant")])
                    for k in keys if k.endswith(".comfy_quant")}
+    bnb_extra: dict[str, dict] = {}  # bitsandbytes layers' entries (their transforms)
     for layer in list(from_tensor) + [l for l in header if l not in from_tensor]:
         meta, source = from_tensor.get(layer), "comfy_quant"
         if meta is None:
@@ -215,6 +235,9 @@ def discover_layers(keys: Iterable[str], header_metadata: Mapping | None,
             meta = {**header[layer], **meta}
         if f"{layer}.weight" not in keyset:
             raise FormatError(f"{layer}: listed as quantized ({source}) but '{layer}.weight' is not in the file")
+        if meta["format"] in BNB_FORMATS.values():
+            bnb_extra[layer] = meta
+            continue
         found[layer] = _info(layer, meta, source, _layer_tensors(layer, keys))
         _check_size(found[layer], sizes)
 
@@ -224,8 +247,19 @@ def discover_layers(keys: Iterable[str], header_metadata: Mapping | None,
                 layer = k[: -len(BNB_STATE_PREFIX + qt) - 1]
                 if layer in found:
                     raise FormatError(f"{layer}: has bitsandbytes quant state and {found[layer].source} metadata")
-                found[layer] = _bnb_info(layer, qt, fmt, k, keyset, get_tensor)
-                _check_size(found[layer], sizes)
+                info = _bnb_info(layer, qt, fmt, k, keyset, get_tensor)
+                extra = bnb_extra.pop(layer, None)
+                if extra is not None:
+                    if extra["format"] != fmt:
+                        raise FormatError(f"{layer}: .comfy_quant/header says {extra['format']!r} but the "
+                                          f"bitsandbytes quant state is {fmt!r}")
+                    info = _with_transforms(info, extra, keyset)
+                found[layer] = info
+                _check_size(info, sizes)
+    if bnb_extra:
+        layer = next(iter(bnb_extra))
+        raise FormatError(f"{layer}: metadata says format {bnb_extra[layer]['format']!r} but the file has no "
+                          f"bitsandbytes quant state for it")
 
     _discover_legacy(keys, keyset, found, get_tensor)
     order = {k[: -len(".weight")]: i for i, k in enumerate(keys) if k.endswith(".weight")}
@@ -249,7 +283,24 @@ def _layer_tensors(layer: str, keys: Iterable[str]) -> dict[str, str]:
 def _info(layer: str, meta: dict, source: str, tensors: dict[str, str]) -> LayerInfo:
     opts = {k: v for k, v in meta.items() if k not in _NOT_OPTIONS}
     shape = _shape_of(meta["orig_shape"], layer) if "orig_shape" in meta else None
-    return LayerInfo(layer, meta["format"], opts, tensors, meta, source, shape)
+    t = tfm.of(meta)
+    if t.get("svd_rank"):
+        tensors = {**tensors, **{s: f"{layer}.{s}" for s in tfm.TENSORS}}
+    return LayerInfo(layer, meta["format"], opts, tensors, meta, source, shape, transforms=t)
+
+
+def _with_transforms(info: LayerInfo, extra: dict, keyset) -> LayerInfo:
+    """A bitsandbytes layer plus the transforms of its .comfy_quant / header entry."""
+    import dataclasses
+
+    t = tfm.of(extra)
+    tensors = dict(info.tensors)
+    if t.get("svd_rank"):
+        tensors.update({s: f"{info.layer}.{s}" for s in tfm.TENSORS})
+    if "orig_shape" in extra and info.orig_shape is not None and tuple(extra["orig_shape"]) != tuple(info.orig_shape):
+        raise FormatError(f"{info.layer}: .comfy_quant orig_shape {extra['orig_shape']} does not match the "
+                          f"bitsandbytes quant state shape {list(info.orig_shape)}")
+    return dataclasses.replace(info, tensors=tensors, transforms=t)
 
 
 def _bnb_info(layer, qt, fmt, state_key, keyset, get_tensor) -> LayerInfo:
@@ -328,3 +379,19 @@ def validate_layer(info: LayerInfo, tensors: Mapping[str, torch.Tensor], shape=N
         raise FormatError(f"{info.layer}: logical shape of this {info.format} layer is unknown "
                           "(no orig_shape in its metadata and none given)")
     get_codec(info.format).validate(info.layer, tensors, shape, **info.options)
+    if info.transforms:
+        validate_transforms(info, tensors, shape)
+
+
+def validate_transforms(info: LayerInfo, tensors: Mapping[str, torch.Tensor], shape) -> None:
+    """Check a layer's low-rank tensors and rotation against its logical ``shape``; FormatError naming it."""
+    from .formats.base import require
+
+    try:
+        t = tfm.resolve(info.transforms, shape, info.layer)
+    except ValueError as e:
+        raise FormatError(str(e)) from None
+    if "rotation" in info.transforms and info.transforms["rotation"].get("block") is None:
+        raise FormatError(f"{info.layer}: rotation has no block size")
+    for suffix, spec in tfm.output_specs(shape, t).items():
+        require(info.layer, tensors, suffix, dtype=spec.dtype, shape=spec.shape)

@@ -56,6 +56,10 @@ class PlanOptions:
     save_quant_metadata: bool = True
     full_precision_matrix_mult: bool = False
     input_scale: bool = False
+    svd_rank: int | None = None  # --svd-rank: low-rank bf16 branch beside every quantized layer
+    rotate: str | None = None  # --rotate hadamard[:B]
+    target_size: int | None = None  # --target-size in bytes (converter.budget)
+    target_bpw: float | None = None  # --target-bpw
 
 
 @dataclass
@@ -151,7 +155,29 @@ def _literal_len(pattern: str) -> int:
 
 
 _LC_KEYS = {"format", "type", "scaling_mode", "block_size", "group_size", "per_row", "blocksize",
-            "double_quant", "quant_type", "simple", "method", "full_precision_matrix_mult", "comment"}
+            "double_quant", "quant_type", "simple", "method", "full_precision_matrix_mult", "comment",
+            "svd_rank", "rotate", "rotation"}
+
+
+def parse_transforms(svd_rank, rotate, where: str) -> dict:
+    """``--svd-rank`` / ``--rotate`` (or a layer-config entry's ``svd_rank`` / ``rotate``) -> the requested
+    transforms (``converter.transforms``); the rotation block stays None for "each layer's default"."""
+    from . import rotation
+
+    out = {}
+    if svd_rank not in (None, 0):
+        if isinstance(svd_rank, bool) or not isinstance(svd_rank, int) or svd_rank < 0:
+            raise OptionError(f"{where}svd_rank must be a non-negative integer, got {svd_rank!r}")
+        out["svd_rank"] = svd_rank
+    if isinstance(rotate, Mapping):
+        rotate = f"{rotate.get('kind')}:{rotate['block']}" if rotate.get("block") else rotate.get("kind")
+    try:
+        rot = rotation.parse(rotate)
+    except ValueError as e:
+        raise OptionError(f"{where}{e}") from None
+    if rot is not None:
+        out["rotation"] = rot
+    return out
 
 
 @dataclass
@@ -163,6 +189,7 @@ class _LCEntry:
     method: str | None
     fpmm: bool | None
     order: int
+    transforms: dict | None = None  # None: the run's --svd-rank/--rotate
 
 
 def load_layer_config(cfg: Any, options: PlanOptions) -> tuple[list[_LCEntry], _LCEntry | None]:
@@ -211,12 +238,36 @@ def load_layer_config(cfg: Any, options: PlanOptions) -> tuple[list[_LCEntry], _
             if spec.get("per_row") and any("per_row" in v.opts for v in registry.get_spec(fmt).variants):
                 opts["per_row"] = True
         regex = None if pattern == "_default" else compile_regex(pattern, f"{src} (entry {pattern!r})")
-        e = _LCEntry(pattern, regex, fmt, opts, method, spec.get("full_precision_matrix_mult"), i)
+        tf = None
+        if any(k in spec for k in ("svd_rank", "rotate", "rotation")):
+            tf = parse_transforms(spec.get("svd_rank"), spec.get("rotate", spec.get("rotation")), where)
+        e = _LCEntry(pattern, regex, fmt, opts, method, spec.get("full_precision_matrix_mult"), i, tf)
         if pattern == "_default":
             default = e
         else:
             entries.append(e)
     return entries, default
+
+
+def layer_transforms(requested: Mapping, shape: tuple[int, ...]) -> dict:
+    """The transforms a layer of ``shape`` gets from the requested ones: a rank above half the layer's
+    smaller side is dropped (the branch would cost more than the weight), a rotation block that does not
+    divide in_features falls back to the layer's default block, and a block of 1 means no rotation."""
+    from . import rotation
+
+    out: dict = {}
+    m, n = int(shape[0]), int(shape[1])
+    r = requested.get("svd_rank")
+    if r and r <= min(m, n) // 2:
+        out["svd_rank"] = int(r)
+    rot = requested.get("rotation")
+    if rot is not None:
+        b = rot.get("block") or rotation.default_block(n)
+        if n % b:
+            b = rotation.default_block(n)
+        if b >= 2:
+            out["rotation"] = {"kind": rot["kind"], "block": int(b)}
+    return out
 
 
 def layer_name(tensor_name: str) -> str | None:
@@ -254,14 +305,17 @@ class Planner:
             raise OptionError(f"unknown preset(s) {unknown}; known: {', '.join(PRESETS)}")
         self.preset_res = [(p, PRESETS[p].matcher()) for p in options.presets]
         self.embed_re = re.compile(EMBEDDING_TABLES)
+        self.transforms = parse_transforms(options.svd_rank, options.rotate, "")
         self.lc_entries, self.lc_default = ([], None)
         if options.layer_config is not None:
             self.lc_entries, self.lc_default = load_layer_config(options.layer_config, options)
         # most specific first; the first match wins
         self.lc_entries.sort(key=lambda e: (_literal_len(e.pattern), len(e.pattern), e.order), reverse=True)
 
-    def _finish(self, p: LayerPlan, fmt: str, opts: dict, method: str, reason: str, fpmm: bool | None = None) -> LayerPlan:
+    def _finish(self, p: LayerPlan, fmt: str, opts: dict, method: str, reason: str, fpmm: bool | None = None,
+                transforms: dict | None = None) -> LayerPlan:
         p.format, p.opts, p.method, p.reason = fmt, dict(opts), method, reason
+        p.opts.update(layer_transforms(self.transforms if transforms is None else transforms, p.shape))
         spec = registry.get_spec(fmt)
         if not spec.writes_comfy_quant:
             # The layout's own serialization records the original dtype (bitsandbytes quant state);
@@ -269,8 +323,8 @@ class Planner:
             p.opts["dtype"] = p.dtype
         elif fpmm if fpmm is not None else self.o.full_precision_matrix_mult:
             p.opts["full_precision_matrix_mult"] = True
-        if self.o.input_scale and spec.input_scale:
-            p.opts["input_scale"] = 1.0
+        if self.o.input_scale and spec.input_scale and "rotation" not in p.opts:
+            p.opts["input_scale"] = 1.0  # (a static scale of unrotated inputs does not fit rotated ones)
         from .rounding import METHODS
 
         if p.method not in METHODS:
@@ -306,7 +360,8 @@ class Planner:
                 if e.fmt is None:
                     p.layer, p.reason = None, f"--layer-config {e.pattern!r}: keep"
                     return p
-                return self._finish(p, e.fmt, e.opts, e.method or method, f"--layer-config {e.pattern!r}", e.fpmm)
+                return self._finish(p, e.fmt, e.opts, e.method or method, f"--layer-config {e.pattern!r}", e.fpmm,
+                                    e.transforms)
         if self.embed_re.search(layer):
             p.layer, p.reason = None, "embedding table (kept)"
             return p
@@ -323,11 +378,12 @@ class Planner:
                 return p
             fmt, opts, reason = self.lc_default.fmt, self.lc_default.opts, "--layer-config _default"
             method = self.lc_default.method or method
+            tf = self.lc_default.transforms
         else:
-            (fmt, opts), reason = self.primary, "primary mode"
+            (fmt, opts), reason, tf = self.primary, "primary mode", None
         if self.o.heur:
             why = heuristic_reason(fmt, shape, opts)
             if why:
                 p.layer, p.reason = None, why
                 return p
-        return self._finish(p, fmt, opts, method, reason, self.lc_default.fpmm if self.lc_default else None)
+        return self._finish(p, fmt, opts, method, reason, self.lc_default.fpmm if self.lc_default else None, tf)

@@ -27,6 +27,7 @@ class LayerRecord:
     bytes_out: int = 0
     rel_error: float | None = None
     error_fraction: float | None = None  # fraction of the weights rel_error was measured on (1 = all)
+    transforms: dict | None = None  # {"svd_rank": R, "rotation": {...}} when the layer uses them
 
 
 @dataclass

@@ -190,7 +190,43 @@ def settings_from_inputs(kw: dict) -> dict:
         "save": bool(kw.get("save", False)),
         "calibration": kw.get("calibration") or "none",
         "filename_prefix": kw.get("filename_prefix") or DEFAULT_PREFIX,
+        # issue 14: "" = none; "6.5GB" / "900MB" / bytes = size of all weights; "5.5bpw" = bits per weight
+        "target_size": str(kw.get("target_size") or "").strip(),
+        "svd_rank": int(kw.get("svd_rank") or 0),
+        "rotate": str(kw.get("rotate") or "none"),
     }
+
+
+def budget_fields(s: dict) -> dict:
+    """PlanOptions fields of the budget / transform inputs (ValueError naming the input)."""
+    from ..converter import rotation
+    from ..converter.budget import parse_size
+    from ..converter.errors import OptionError
+
+    out: dict = {}
+    t = s.get("target_size", "")
+    if t:
+        if t.lower().endswith("bpw"):
+            try:
+                out["target_bpw"] = float(t[:-3])
+            except ValueError:
+                raise ValueError(f"target_size: cannot read {t!r} as bits per weight (e.g. 5.5bpw)") from None
+        else:
+            try:
+                out["target_size"] = parse_size(t)
+            except OptionError as e:
+                raise ValueError(f"target_size: {e}") from None
+    if s.get("svd_rank", 0) < 0:
+        raise ValueError(f"svd_rank: must be >= 0, got {s['svd_rank']}")
+    if s.get("svd_rank"):
+        out["svd_rank"] = s["svd_rank"]
+    if s.get("rotate", "none") != "none":
+        try:
+            rotation.parse(s["rotate"])
+        except ValueError as e:
+            raise ValueError(f"rotate: {e}") from None
+        out["rotate"] = s["rotate"]
+    return out
 
 
 def validate_settings(kw: dict) -> None:
@@ -201,6 +237,7 @@ def validate_settings(kw: dict) -> None:
     check_regex(s["custom_layers"])
     if s["save"]:
         check_prefix(s["filename_prefix"])
+    budget_fields(s)
     if s["rounding"] == CALIBRATED and s["calibration"] == "none":
         raise ValueError("calibration: rounding 'gptq' needs a calibration file: record one with "
                          "'Collect Calibration (HybridQuant)' and pick it here")
@@ -210,6 +247,11 @@ def public_settings(s: dict) -> dict:
     """The settings recorded in the saved file's header (everything that decides the result)."""
     out = {"format": resolve_choice(s["format"]).format, "variant": resolve_choice(s["format"]).key,
            "preset": s["preset"], "rounding": s["rounding"]}
+    for k in ("target_size", "svd_rank"):
+        if s.get(k):
+            out[k] = s[k]
+    if s.get("rotate", "none") != "none":
+        out["rotate"] = s["rotate"]
     if s.get("calibration", "none") != "none":
         out["calibration"] = s["calibration"]
     if s["custom_layers"]:
@@ -249,6 +291,7 @@ def build_options(s: dict):
     if s["preset"] != "none":
         fields["presets"] = (s["preset"],)
     fields["method"] = s["rounding"]
+    fields.update(budget_fields(s))
     from ..converter.plan import PlanOptions
 
     return PlanOptions(**fields)

@@ -34,6 +34,7 @@ from . import capabilities as caps
 from . import dispatch
 from . import linear_paths
 from . import quant_data as qd
+from . import transforms as hq_tf
 
 log = logging.getLogger("hybridquant.ops")
 
@@ -88,12 +89,14 @@ def make_linear(base):
             self.hq_source_format = fmt
             self.hq_fp_mm = bool(info.meta.get("full_precision_matrix_mult", False)) if info.source != "bnb" else False
             self.hq_bnb = qd.bnb_state(info) if info.source == "bnb" else None
+            self.hq_transforms, self.hq_core_only = dict(info.transforms), False  # rotation / low-rank branch
+            extra = {s: tensors[s] for s in qd.TRANSFORM_TENSORS if s in tensors}
             # Ada/Hopper: no MX matmul; re-express MX weights as true tensorwise FP8 once, here.
             if not self.hq_fp_mm:
                 load_dev = comfy.model_management.get_torch_device()
                 if dispatch.kernel_for(fmt, load_dev) == dispatch.KERNEL_FP8_AT_LOAD:
                     w, s, fmt = qd.to_tensorwise(fmt, tensors, shape, name)
-                    tensors = {"weight": w, "weight_scale": s}
+                    tensors = {"weight": w, "weight_scale": s, **extra}
                     meta = {**{k: v for k, v in (meta or {}).items() if k not in ("format", "group_size")},
                             "format": fmt}
                     opts = {}
@@ -170,7 +173,10 @@ def make_linear(base):
                 tensors = {"weight": weight}
                 for s in self.hq_suffixes:
                     tensors[s] = getattr(self, qd.buffer_name(s)).to(input.device, non_blocking=True)
-                out = linear_paths.run(self, input, tensors, bias, self._hq_functions())
+                if self.hq_transforms:
+                    out = hq_tf.run(self, input, tensors, bias, self._hq_functions(), linear_paths.run)
+                else:
+                    out = linear_paths.run(self, input, tensors, bias, self._hq_functions())
             finally:
                 comfy.ops.uncast_bias_weight(carrier, weight, bias, token)
             return out
@@ -183,8 +189,11 @@ def make_linear(base):
             return fns
 
         def hq_dequantize(self, tensors, dtype):
-            return get_codec(self.hq_format).dequantize(tensors, (self.out_features, self.in_features), dtype,
-                                                        layer=self.hq_name, **self.hq_opts)
+            full = self.hq_transforms and not self.hq_core_only
+            w = get_codec(self.hq_format).dequantize(tensors, (self.out_features, self.in_features),
+                                                     torch.float32 if full else dtype,
+                                                     layer=self.hq_name, **self.hq_opts)
+            return hq_tf.decode(self, w, tensors).to(dtype) if full else w
 
         def hq_requant_roundtrip(self, w):
             """What the layer computes with after a fixed-scale requantization of ``w`` (merged LoRA)."""
@@ -199,6 +208,8 @@ def make_linear(base):
             opts = dict(self.hq_opts)
             if self.hq_bnb is not None:
                 opts["dtype"] = self.hq_bnb.get("dtype")
+            if self.hq_transforms:  # store what decodes to ``w``: (w - branch) · H
+                w = qd.transforms_core(w, tensors, self.hq_transforms)
             q = codec.quantize(w.to(torch.float32), params=params, **opts)
             return q["weight"].to(self.weight.dtype)
 

@@ -18,6 +18,7 @@ import torch
 
 from ..converter import metadata as qmeta
 from ..converter.formats import FormatError, get_codec
+from ..converter import transforms as tfm
 
 log = logging.getLogger("hybridquant.ops")
 
@@ -25,6 +26,15 @@ log = logging.getLogger("hybridquant.ops")
 # ``<layer>.weight`` can show model detection the logical shape.
 STORAGE_SUFFIX = "weight_qdata"
 
+
+
+# Tensors of the low-rank branch (``converter.transforms``): registered buffers like the codec's.
+TRANSFORM_TENSORS = tfm.TENSORS
+
+
+def transforms_core(w: torch.Tensor, tensors: dict, t: dict) -> torch.Tensor:
+    """What the codec must store for a transformed layer to decode to ``w``."""
+    return tfm.to_core(w, tensors, t)
 
 
 def buffer_name(suffix: str) -> str:

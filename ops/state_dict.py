@@ -73,7 +73,7 @@ def prepare_state_dict(sd: dict, header_metadata: dict | None) -> dict:
         if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
             raise FormatError(f"{layer}: quantized weight must be a 2-D tensor, found "
                               f"{tuple(getattr(weight, 'shape', ()))}")
-        if info.source in ("header", "legacy_scaled_fp8"):
+        if info.source in ("header", "legacy_scaled_fp8") or (info.transforms and p + "comfy_quant" not in out):
             out[p + "comfy_quant"] = qmeta.encode_comfy_quant(info.comfy_quant())
         if info.source == "legacy_scaled_fp8":
             for key in info.dropped:  # a placeholder scale_input of 1.0: no data, and no reader wants it

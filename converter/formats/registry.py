@@ -28,6 +28,8 @@ _ENTRIES: list[tuple[str, str]] = [
     ("int8", "Int8Blockwise"),
     ("mxfp8", "MXFP8"),
     ("hybrid_mxfp8", "HybridMXFP8"),
+    ("int6", "Int6Groupwise"),
+    ("int5", "Int5Groupwise"),
     ("nvfp4", "NVFP4"),
     ("bnb4bit", "BnbNF4"),
     ("bnb4bit", "BnbFP4"),
