@@ -143,3 +143,15 @@ def test_cuda_matches_cpu():
     a, b = C.quantize(w), C.quantize(w.cuda())
     assert all(torch.equal(a[k].reshape(-1).view(torch.uint8), b[k].cpu().reshape(-1).view(torch.uint8)) for k in a)
     assert torch.equal(C.dequantize(b, (300, 129)).cpu(), C.dequantize(a, (300, 129)))
+
+
+def test_e2m1_value_table_is_built_once_per_device():
+    # Building the table per call copied it host->device on every dequantization (and broke CUDA
+    # graph capture); it must be one cached tensor per device with the E2M1 values, sign in bit 3.
+    from hybridquant.converter.formats import nvfp4
+
+    t = nvfp4._values("cpu")
+    assert nvfp4._values(torch.device("cpu")) is t
+    expected = torch.tensor(nvfp4.E2M1_VALUES, dtype=torch.float32)
+    assert torch.equal(t, torch.cat([expected, -expected]))
+    assert torch.signbit(t[8]) and t[8] == 0

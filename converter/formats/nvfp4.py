@@ -56,9 +56,19 @@ def e2m1_magnitude_index(a: torch.Tensor) -> torch.Tensor:
     return torch.bucketize(a, _bounds_cache[key], out_int32=True).to(torch.uint8)
 
 
+_values_cache: dict[str, torch.Tensor] = {}
+
+
 def _values(device) -> torch.Tensor:
-    v = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
-    return torch.cat([v, -v])  # code -> value (codes 8..15 negative; code 8 is -0)
+    """code -> value table (codes 8..15 negative; code 8 is -0), built once per device: building it
+    per call copied it host->device on every dequantization, which costs a sync-free but per-call
+    transfer and makes the call impossible to capture in a CUDA graph."""
+    key = str(torch.device(device))
+    table = _values_cache.get(key)
+    if table is None:
+        v = torch.tensor(E2M1_VALUES, dtype=torch.float32)
+        table = _values_cache[key] = torch.cat([v, -v]).to(device)
+    return table
 
 
 def _check_group_size(opts) -> None:
