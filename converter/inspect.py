@@ -109,7 +109,8 @@ def _inspect(path: str, size: int) -> FileInfo:
                 raise qmeta.FormatError(f"{path}: metadata tensor '{name}' is {ti.nbytes} bytes; refusing to read it")
             return reader.read(name)
 
-        found = qmeta.discover_layers(list(infos), reader.metadata, small_tensor)
+        found = qmeta.discover_layers(list(infos), reader.metadata, small_tensor,
+                                      sizes={n: ti.nbytes for n, ti in infos.items()})
         used: set[str] = set()
         layers: list[LayerSummary] = []
         for layer, li in found.items():
