@@ -49,7 +49,8 @@ def test_object_info_lists_every_node_with_inputs(comfy_server):
 
 
 def test_pack_loaded_without_errors_or_warnings(comfy_server):
-    log = comfy_server.log_text()
+    # Start-up only: the server is shared, and other tests queue broken files on purpose.
+    log = comfy_server.log_text().split("got prompt", 1)[0]
     assert re.search(r"\d+\.\d+ seconds: .*ComfyUI-HybridQuant", log), "pack not in the import-times list:\n" + log[-3000:]
     assert "(IMPORT FAILED)" not in log
     bad = [ln for ln in log.splitlines()
