@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-
 from hybridquant.converter.formats import get_codec  # noqa: E402
 from hybridquant.ops import linear_paths, matmul_fp8, quant_data  # noqa: E402
 

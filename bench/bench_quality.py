@@ -45,11 +45,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from hybridquant.converter import transforms as tfm  # noqa: E402
 from hybridquant.converter.formats import get_codec  # noqa: E402
+from hybridquant.converter.plan import layer_transforms  # noqa: E402
 from hybridquant.converter.rounding import quantize_weight  # noqa: E402
 from hybridquant.converter.rounding.calibration import CalibrationFile, Collector  # noqa: E402
-from hybridquant.converter import transforms as tfm  # noqa: E402
-from hybridquant.converter.plan import layer_transforms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "bench" / "data" / "sentences.txt"

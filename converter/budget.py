@@ -163,7 +163,7 @@ def plan_text(choice: dict[str, Candidate], other_bytes: int, budget_total: int 
 def budget_config(input_path, options, target_size: int | None = None, target_bpw: float | None = None,
                   calibration=None) -> tuple[dict, str]:
     """(``--layer-config`` dict, printed plan) for a budget on ``input_path``; see the module docstring."""
-    from .convert import OutputLayout, make_plans, _dtype_name
+    from .convert import OutputLayout, _dtype_name, make_plans
     from .safetensors_io import SafetensorsReader, read_header
     from .safetensors_writer import build_header
 

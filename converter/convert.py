@@ -24,29 +24,29 @@ before each tensor and raises ``Cancelled`` when it returns true.
 
 from __future__ import annotations
 
-import os
 import logging
+import os
 import queue
 import threading
 import time
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
+from . import transforms as tfm
 from .error_stats import relative_error, sample_fraction
 from .errors import Cancelled, InputFileError, LayerError, OptionError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec
 from .formats.grids import output_allocator
 from .metadata import build_header as build_quant_header
-from .metadata import parse_header as parse_quant_header
 from .metadata import encode_comfy_quant
+from .metadata import parse_header as parse_quant_header
 from .plan import LayerPlan, Planner, PlanOptions
 from .report import ConversionReport, LayerRecord
 from .rounding import quantize_weight
 from .safetensors_io import SafetensorsReader, read_header, same_file
 from .safetensors_writer import AtomicSafetensorsWriter
-from . import transforms as tfm
 
 log = logging.getLogger("hybridquant")
 # .comfy_quant keys the converter adds itself (and the transforms, applied around the codec)

@@ -9,7 +9,7 @@ branch) applied. Layers are decoded one at a time, reading only their own tensor
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 

@@ -36,17 +36,25 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from .edit_keys import compile_filter, parse_add_keys, parse_remove_keys
 from .errors import InputFileError, NoMatchingLayersError, OptionError
 from .metadata import QUANT_METADATA_KEY, dumps_compact
-from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, drop_ghost_layers,
-                      encode_comfy_quant, parse_quant_header, read_layer_configs, rewrite_file)
+from .rewrite import (
+    COMFY_QUANT_SUFFIX,
+    CancelFn,
+    ProgressFn,
+    check_output_path,
+    drop_ghost_layers,
+    encode_comfy_quant,
+    parse_quant_header,
+    read_layer_configs,
+    rewrite_file,
+)
 from .safetensors_io import SafetensorsReader
-
 
 # ---------------------------------------------------------------------------------------------------
 # --edit-quant

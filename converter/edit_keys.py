@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from .errors import OptionError
 

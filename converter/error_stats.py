@@ -9,7 +9,7 @@ fraction it was measured on, and the summary says so.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

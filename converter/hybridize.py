@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -49,8 +49,17 @@ from .formats.base import TensorSpec, round_up
 from .formats.fp8 import FP8Tensorwise
 from .formats.hybrid_mxfp8 import MXFP8, HybridMXFP8
 from .metadata import QUANT_METADATA_KEY, dumps_compact
-from .rewrite import (COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, check_output_path, drop_ghost_layers,
-                      encode_comfy_quant, parse_quant_header, read_layer_configs, rewrite_file)
+from .rewrite import (
+    COMFY_QUANT_SUFFIX,
+    CancelFn,
+    ProgressFn,
+    check_output_path,
+    drop_ghost_layers,
+    encode_comfy_quant,
+    parse_quant_header,
+    read_layer_configs,
+    rewrite_file,
+)
 from .safetensors_io import SafetensorsReader, same_file
 
 log = logging.getLogger("hybridquant.converter.hybridize")

@@ -77,17 +77,17 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
 
 import torch
 
 from . import schema
+from . import transforms as tfm
 from .formats import find_spec, format_names, get_codec
 from .formats.base import FormatError
 from .formats.bnb4bit import BNB_FORMATS
 from .formats.fp8 import legacy_scaled_fp8_format
-from . import transforms as tfm
 
 QUANT_METADATA_KEY = "_quantization_metadata"
 FORMAT_VERSION = "1.0"

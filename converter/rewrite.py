@@ -16,15 +16,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping
 
 import torch
 
 from . import metadata, schema
 from .errors import Cancelled, InputFileError, OutputFileError
-from .metadata import QUANT_METADATA_KEY
 from .formats.base import FormatError, TensorSpec
+from .metadata import QUANT_METADATA_KEY
 from .safetensors_io import SafetensorsReader, same_file
 from .safetensors_writer import AtomicSafetensorsWriter
 
@@ -169,7 +169,7 @@ class _BufferedReads:
 
 
 def rewrite_file(reader: SafetensorsReader, output: str, *, replace: Mapping[str, torch.Tensor] | None = None,
-                 insert_after: Mapping[str, Mapping[str, "torch.Tensor | TensorSpec"]] | None = None,
+                 insert_after: Mapping[str, Mapping[str, torch.Tensor | TensorSpec]] | None = None,
                  on_read: OnRead | None = None, metadata: Mapping[str, str] | None = None, overwrite: bool = False,
                  progress: ProgressFn | None = None, cancel: CancelFn | None = None) -> int:
     """Write ``output``: the input's tensors in file order, byte for byte, except ``replace[name]``.

@@ -56,8 +56,8 @@ import ctypes
 import os
 import re
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable
 
 import torch
 

@@ -51,7 +51,7 @@ import json
 import os
 import struct
 import threading
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -181,7 +181,7 @@ class AtomicSafetensorsWriter:
         self.total_bytes = len(self._header) + sum(n for _, n in self._layout.values())
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def open(self) -> "AtomicSafetensorsWriter":
+    def open(self) -> AtomicSafetensorsWriter:
         if os.path.isdir(self.path):
             raise OutputFileError(f"{self.path}: output path is a directory")
         if os.path.exists(self.path) and not self.overwrite:

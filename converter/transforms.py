@@ -22,7 +22,7 @@ there is one, else the identity: data-free weight error):
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -32,7 +32,7 @@ def schema_supports(field: str) -> bool:
     return field in {f.name for f in dataclasses.fields(io.Schema)}
 
 
-def schema(*, search_aliases=(), **kw) -> "io.Schema":
+def schema(*, search_aliases=(), **kw) -> io.Schema:
     """``io.Schema`` with the fields this core knows: search words go to ``search_aliases`` where the
     core has it; the web extension adds them to the search of frontends that lack it."""
     if search_aliases and schema_supports("search_aliases"):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
-from ._api import SUFFIX, Combo, format_aliases, io, schema
 from . import quantize_options as qo
+from ._api import SUFFIX, Combo, format_aliases, io, schema
 
 CATEGORY = "HybridQuant"
 

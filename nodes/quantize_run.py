@@ -30,7 +30,7 @@ from . import quantize_summary as qs
 log = logging.getLogger("HybridQuant")
 
 _lock = threading.Lock()
-_RESULTS: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()  # key -> output MODEL
+_RESULTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # key -> output MODEL
 _SUMMARIES: dict[str, str] = {}  # key -> summary text (strings only)
 _SAVED: dict[str, str] = {}  # key -> absolute path of the file saved for it
 _RUNS = {"count": 0}  # real quantizations in this process (tests read it; never shown to users)

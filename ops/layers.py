@@ -24,15 +24,13 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 import comfy.model_management
 import comfy.ops
+import torch
 
 from ..converter.formats import FormatError, get_codec
 from . import capabilities as caps
-from . import dispatch
-from . import linear_paths
+from . import dispatch, linear_paths
 from . import quant_data as qd
 from . import transforms as hq_tf
 

@@ -31,10 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import capabilities as caps
-from . import dispatch
-from . import matmul_fp8
-from . import matmul_mx
-from . import matmul_small
+from . import dispatch, matmul_fp8, matmul_mx, matmul_small
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
 

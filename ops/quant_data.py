@@ -17,8 +17,8 @@ import logging
 import torch
 
 from ..converter import metadata as qmeta
-from ..converter.formats import FormatError, get_codec
 from ..converter import transforms as tfm
+from ..converter.formats import FormatError, get_codec
 
 log = logging.getLogger("hybridquant.ops")
 

@@ -46,8 +46,8 @@ def comfy(comfyui_path):
 
         comfy.options.enable_args_parsing()
         import comfy.model_management  # noqa: F401  (parses args, picks the CPU device)
-        import comfy.ops  # noqa: F401
         import comfy.model_patcher  # noqa: F401
+        import comfy.ops  # noqa: F401
     finally:
         sys.argv = saved
     import comfy as comfy_pkg

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybridquant.converter.rounding.calibration import (CalibrationError, CalibrationFile, Collector, collect,
-                                                         load_stats)
+from hybridquant.converter.rounding.calibration import CalibrationError, CalibrationFile, Collector, collect, load_stats
 from hybridquant.converter.safetensors_writer import write_safetensors
 
 

@@ -14,7 +14,6 @@ pytestmark = pytest.mark.comfyui
 @pytest.fixture
 def env(comfy, tmp_path, monkeypatch):
     import folder_paths
-
     from e2e.synthetic import sd3_mmdit_state_dict
 
     monkeypatch.setattr(folder_paths, "models_dir", str(tmp_path / "models"))

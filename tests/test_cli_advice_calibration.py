@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
+from convert_helpers import decode, run_cli, write_checkpoint
 from safetensors.torch import save_file
 
-from convert_helpers import decode, run_cli, write_checkpoint
 from hybridquant.converter.rounding.calibration import collect
 
 

@@ -9,9 +9,8 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from convert_helpers import run_cli, write_checkpoint
+from safetensors.torch import save_file
 
 
 @pytest.fixture()

@@ -7,7 +7,6 @@ import json
 
 import pytest
 import torch
-
 from convert_helpers import decode, header_layers, load_all, rel_err, run_cli, write_checkpoint
 
 

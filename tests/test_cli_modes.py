@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-
 from convert_helpers import decode, header_layers, rel_err, run_cli, write_checkpoint
 
 # (flags, expected format name, codec options for the direct oracle call, max relative error)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from convert_helpers import load_all, make_weights, write_checkpoint
+
 from hybridquant.converter.convert import convert_file, quantize_state_dict
 from hybridquant.converter.errors import Cancelled, OptionError
 from hybridquant.converter.plan import Planner, PlanOptions

@@ -2,9 +2,9 @@
 
 import json
 
+import bitsandbytes.functional as F
 import pytest
 import torch
-import bitsandbytes.functional as F
 
 from hybridquant.converter.formats import get_codec
 from hybridquant.converter.formats.base import FormatError, NonFiniteError

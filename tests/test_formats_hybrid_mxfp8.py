@@ -1,8 +1,8 @@
 """Hybrid MXFP8: MXFP8 bytes + tensorwise scalar, and the exact tensorwise re-expression."""
 
+import comfy_kitchen as ck
 import pytest
 import torch
-import comfy_kitchen as ck
 
 from hybridquant.converter.formats import get_codec
 from hybridquant.converter.formats.base import FormatError

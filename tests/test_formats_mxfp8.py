@@ -1,8 +1,8 @@
 """MXFP8 codec: bit-exact against comfy-kitchen (CPU), edge cases, rounding contract, validation."""
 
+import comfy_kitchen as ck
 import pytest
 import torch
-import comfy_kitchen as ck
 
 from hybridquant.converter.formats import get_codec
 from hybridquant.converter.formats.base import FormatError, NonFiniteError

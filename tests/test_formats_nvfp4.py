@@ -1,8 +1,8 @@
 """NVFP4 codec: bit-exact against comfy-kitchen (CPU), E2M1 ties, edge cases, rounding contract."""
 
+import comfy_kitchen as ck
 import pytest
 import torch
-import comfy_kitchen as ck
 from comfy_kitchen.float_utils import _f32_to_floatx_unpacked
 
 from hybridquant.converter.formats import get_codec

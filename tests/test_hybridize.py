@@ -11,10 +11,9 @@ import hashlib
 import json
 import logging
 
+import convert_helpers
 import pytest
 import torch
-
-import convert_helpers
 from safetensors import safe_open
 from safetensors.torch import save_file
 

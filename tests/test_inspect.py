@@ -5,9 +5,9 @@ from __future__ import annotations
 import os
 
 import torch
+from convert_helpers import run_cli, write_checkpoint
 from safetensors.torch import save_file
 
-from convert_helpers import run_cli, write_checkpoint
 from hybridquant.converter import inspect_file
 from hybridquant.converter.formats import get_codec
 

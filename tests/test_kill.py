@@ -20,7 +20,6 @@ import time
 
 import pytest
 import torch
-
 from convert_helpers import REPO
 
 pytestmark = pytest.mark.slow

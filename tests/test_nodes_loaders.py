@@ -83,7 +83,6 @@ def test_load_checkpoint_matches_stock_loader_on_decoded_weights(folders, comfy)
     import comfy.sd
 
     from hybridquant.nodes.loaders import LoadCheckpointHQ
-
     from hybridquant.ops import HybridBNB4bitOps
 
     model, clip, vae = _result(LoadCheckpointHQ.execute("mixed.safetensors"))

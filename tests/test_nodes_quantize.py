@@ -21,7 +21,6 @@ INPUTS = dict(format="bnb_nf4", preset="none", custom_layers=r"attn\.qkv", custo
 @pytest.fixture
 def env(comfy, tmp_path, monkeypatch):
     import folder_paths
-
     from e2e.synthetic import sd3_mmdit_state_dict
 
     dm = tmp_path / "diffusion_models"

@@ -11,10 +11,9 @@ Tolerances (relative Frobenius error of the layer output vs ``x @ dequant(W).T``
 
 from __future__ import annotations
 
+import ops_helpers as H
 import pytest
 import torch
-
-import ops_helpers as H
 
 pytestmark = [pytest.mark.comfyui,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -57,6 +56,7 @@ def _sd(case):
 @pytest.mark.parametrize("case", list(EXPECTED))
 def test_gpu_path_matches_reference(comfy, case, monkeypatch):
     import comfy.model_management
+
     import hybridquant.ops as ops
 
     # The in-process ComfyUI was started with --cpu; a real GPU session loads with the GPU as its

@@ -9,10 +9,9 @@ bitsandbytes wrote (an independent oracle), same bound.
 
 from __future__ import annotations
 
+import ops_helpers as H
 import pytest
 import torch
-
-import ops_helpers as H
 
 pytestmark = pytest.mark.comfyui
 
@@ -164,8 +163,8 @@ def test_lowvram_cast_path_identical(ops, comfy):
 
 @pytest.mark.parametrize("problem", ["missing_scale", "scale_shape", "unknown_format", "packed_size", "orig_shape"])
 def test_inconsistent_files_name_the_layer(ops, problem):
-    from hybridquant.converter.formats import FormatError
     from hybridquant.converter import metadata as qmeta
+    from hybridquant.converter.formats import FormatError
 
     case = "bnb_nf4" if problem == "packed_size" else "float8_e4m3fn_rowwise"
     sd, _ = H.build({"b": case})

@@ -9,10 +9,9 @@ relative: float32 GEMM/addition order differences only.
 
 from __future__ import annotations
 
+import ops_helpers as H
 import pytest
 import torch
-
-import ops_helpers as H
 
 pytestmark = pytest.mark.comfyui
 

@@ -8,11 +8,10 @@ quantized to MXFP8 (e4m3, 3 mantissa bits: <= 2^-4 relative per element), bound 
 
 from __future__ import annotations
 
+import ops_helpers as H
 import pytest
 import torch
 import torch.nn.functional as F
-
-import ops_helpers as H
 
 pytestmark = pytest.mark.comfyui
 
@@ -30,7 +29,8 @@ def test_path_decision_by_capability(comfy):
 
 def test_mx_path_arguments_and_numerics_mocked(comfy, monkeypatch):
     from hybridquant.converter.formats import get_codec
-    from hybridquant.ops import capabilities as caps, matmul_mx
+    from hybridquant.ops import capabilities as caps
+    from hybridquant.ops import matmul_mx
 
     calls = []
 
@@ -68,7 +68,8 @@ def test_mx_path_arguments_and_numerics_mocked(comfy, monkeypatch):
 def test_hopper_reexpression_and_fp8_path_on_cpu(comfy, monkeypatch):
     """Capability mocked as SM 9.0: MX weights become tensorwise FP8 at load and run torch._scaled_mm
     (which has a CPU implementation); outputs vs the dequantized reference (bound 0.05, as above)."""
-    from hybridquant.ops import capabilities as caps, matmul_fp8
+    from hybridquant.ops import capabilities as caps
+    from hybridquant.ops import matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
     monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
@@ -93,7 +94,8 @@ def test_full_precision_matrix_mult_and_runtime_demotion(comfy, monkeypatch, cap
     import logging
 
     from hybridquant.converter import metadata as qmeta
-    from hybridquant.ops import capabilities as caps, matmul_fp8
+    from hybridquant.ops import capabilities as caps
+    from hybridquant.ops import matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
     monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from convert_helpers import decode, run_cli, write_checkpoint
+
 from hybridquant.converter import inspect_file
 from hybridquant.converter import metadata as qmeta
 from hybridquant.converter.formats import registry

@@ -15,7 +15,12 @@ from safetensors.torch import load_file, save_file
 from hybridquant.converter.errors import InputFileError, OutputFileError
 from hybridquant.converter.formats.base import TensorSpec
 from hybridquant.converter.safetensors_io import SafetensorsReader, read_header
-from hybridquant.converter.safetensors_writer import AtomicSafetensorsWriter, clean_stale_partials, partial_path, write_safetensors
+from hybridquant.converter.safetensors_writer import (
+    AtomicSafetensorsWriter,
+    clean_stale_partials,
+    partial_path,
+    write_safetensors,
+)
 
 
 def sample() -> dict[str, torch.Tensor]:

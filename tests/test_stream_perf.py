@@ -12,8 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hybridquant.converter.convert import convert_file
-from hybridquant.converter.formats import get_codec
-from hybridquant.converter.formats import grids
+from hybridquant.converter.formats import get_codec, grids
 from hybridquant.converter.formats.base import TensorSpec
 from hybridquant.converter.plan import PlanOptions
 from hybridquant.converter.safetensors_io import SafetensorsReader

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import math
 
+import ops_helpers as H
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import ops_helpers as H
 from hybridquant.converter import rotation
 from hybridquant.converter.convert import convert_file
 from hybridquant.converter.decode import decode_file

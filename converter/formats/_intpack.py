@@ -26,7 +26,7 @@ implements the rounding decomposition (``base.py``), so the data-free clipping s
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -53,8 +53,9 @@ I/O contract
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -124,7 +125,7 @@ def require(layer: str, tensors: Mapping[str, torch.Tensor], suffix: str, dtype=
 class Codec:
     """Base class; see the module docstring for the contract. Subclasses set ``spec`` (``spec.py``)."""
 
-    spec: "FormatSpec"
+    spec: FormatSpec
 
     @property
     def name(self) -> str:

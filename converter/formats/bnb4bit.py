@@ -58,7 +58,7 @@ are computed on the CPU).
 from __future__ import annotations
 
 import json
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -28,7 +28,7 @@ format name                   ``.weight``        ``.weight_scale`` (float32)
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -174,7 +174,7 @@ def grid_rows(kind: str, scale: torch.Tensor, i: int, j: int, bs: int) -> torch.
     raise ValueError(kind)
 
 
-def encode_rows(codec: "GridCodec", w: torch.Tensor, q: torch.Tensor, kind: str, scale: torch.Tensor, bs: int) -> None:
+def encode_rows(codec: GridCodec, w: torch.Tensor, q: torch.Tensor, kind: str, scale: torch.Tensor, bs: int) -> None:
     """``q = encode(w / S)`` band by band of rows (see ``BAND_ELEMS``). Per element it is exactly the
     whole-tensor computation (float32 copy, IEEE division by the float32 scale tensor, the codec's
     rounding and saturation, cast): only the order in which rows are visited differs."""

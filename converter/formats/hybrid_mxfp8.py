@@ -32,15 +32,15 @@ tensorwise weight re-expresses each block relative to ``s``:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Mapping
 
 import torch
 
-from .base import FormatError, TensorSpec, require
 from ._blocks import check_shape, e4m3_saturate
-from .mxfp8 import E8M0_BIAS, MXFP8, as_e8m0_codes
+from .base import FormatError, TensorSpec, require
 from .fp8 import FP8Tensorwise
+from .mxfp8 import E8M0_BIAS, MXFP8, as_e8m0_codes
 from .spec import Variant
 
 REEXPRESSED_FORMAT = FP8Tensorwise.spec.name  # what to_tensorwise_fp8's output is, as a layer format

@@ -26,14 +26,26 @@ Encoding (all float32):
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
+from ._blocks import (
+    E4M3_MAX,
+    amax_of_blocks,
+    block_amax_or_given,
+    blockwise_amax,
+    check_fixed_group_size,
+    check_shape,
+    check_weight,
+    div_const,
+    expand_blocks,
+    padded_blocks,
+    require_finite,
+    row_chunks,
+)
 from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
 from .blocked_layout import blocked_shape, from_blocked, to_blocked
-from ._blocks import (E4M3_MAX, amax_of_blocks, block_amax_or_given, blockwise_amax, check_fixed_group_size, check_shape, check_weight,
-                      div_const, expand_blocks, padded_blocks, require_finite, row_chunks)
 from .spec import FormatSpec, Variant
 
 BLOCK = 16

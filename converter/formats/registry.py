@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from .base import Codec, FormatError
 from .spec import FormatSpec, Variant

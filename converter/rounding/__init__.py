@@ -21,7 +21,7 @@ layer. Methods (``METHODS``; ``METHOD_HELP`` has one line each for ``--help``):
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

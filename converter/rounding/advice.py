@@ -18,12 +18,13 @@ lines for the dry-run report.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import torch
 
 from ..formats import get_codec, get_spec
+
 
 def candidates(fmt: str) -> tuple[tuple[str, dict], ...]:
     """Alternatives worth comparing for a planned format (name, options), as its spec declares them

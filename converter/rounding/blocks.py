@@ -43,7 +43,7 @@ class BlockMap:
         return n
 
     @staticmethod
-    def probe(codec: Codec, shape: tuple[int, int], device=None, **opts) -> "BlockMap":
+    def probe(codec: Codec, shape: tuple[int, int], device=None, **opts) -> BlockMap:
         m, n = int(shape[0]), int(shape[1])
         rows = torch.arange(1, m + 1, dtype=torch.float32, device=device).unsqueeze(1).expand(m, n)
         cols = torch.arange(1, n + 1, dtype=torch.float32, device=device).unsqueeze(0).expand(m, n)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 
@@ -111,7 +111,7 @@ class Collector:
             out[mapped] = mod
         return out
 
-    def attach(self) -> "Collector":
+    def attach(self) -> Collector:
         if self._handles:
             return self
         for name, mod in self.layers().items():
@@ -123,7 +123,7 @@ class Collector:
             h.remove()
         self._handles.clear()
 
-    def __enter__(self) -> "Collector":
+    def __enter__(self) -> Collector:
         return self.attach()
 
     def __exit__(self, *exc) -> None:
@@ -301,7 +301,7 @@ class CalibrationFile:
 
 
 def prepare_calibration(plans, calibration, prefix_map: Mapping[str, str] | None = None,
-                        method: str = "gptq") -> "CalibrationFile | None":
+                        method: str = "gptq") -> CalibrationFile | None:
     """Converter hook, called once after planning and before the output header is built.
 
     ``plans``: the converter's ``LayerPlan`` list (``layer``, ``shape``, ``format``, ``opts``,

@@ -31,7 +31,7 @@ Practicalities:
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 

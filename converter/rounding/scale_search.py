@@ -21,7 +21,7 @@ expected output error of a layer whose inputs are uncorrelated.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 

@@ -31,7 +31,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .harness import status_messages
-from .oracle import decode_with_oracles as _decode_with_oracles, rel as _rel
+from .oracle import decode_with_oracles as _decode_with_oracles
+from .oracle import rel as _rel
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 
