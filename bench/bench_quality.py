@@ -249,7 +249,7 @@ def run_budget(layers, orig, model, tok, held_s, ref, calib):
     deqs, cands = {}, {"data-free": {}, "calibrated": {}}
     for n, w in orig.items():
         stats = calib.stats_for(n, w.shape[1])
-        for label, entry, name, opts in budget.MENU:
+        for label, entry, name, opts, _ in budget.menu():  # the converter's own menu (format registry)
             if name is None:
                 deqs[(n, label)] = w.float()
                 nb, errs = w.numel() * w.element_size(), (0.0, 0.0)
@@ -259,7 +259,9 @@ def run_budget(layers, orig, model, tok, held_s, ref, calib):
                 d = codec.dequantize(codec.quantize(w, **opts), tuple(w.shape), torch.float32, **dopts)
                 deqs[(n, label)] = d
                 nb = sum(x.nbytes for x in codec.output_specs(tuple(w.shape), **opts).values())
-                errs = (budget._sensitivity(w.float(), d, None), budget._sensitivity(w.float(), d, stats))
+                # the converter's sensitivity (relative: noise-to-signal per layer)
+                errs = (budget._sensitivity(w.float(), d, None, relative=True),
+                        budget._sensitivity(w.float(), d, stats, relative=True))
             for kind, e in zip(cands, errs):
                 cands[kind].setdefault(n, []).append(budget.Candidate(label, entry, nb, e))
     nf4 = sum(sum(x.nbytes for x in get_codec("bnb_nf4").output_specs(tuple(w.shape), blocksize=64).values())

@@ -228,3 +228,45 @@ def test_ops_patch_on_transformed_layer(ops, tmp_path, mode, kw):
     else:  # requantized with the stored scales: within the format's rounding of the patched weight
         assert float((got - want).norm() / want.norm()) < 0.05
         assert float((got - want).norm()) < float((x @ delta.T).norm())  # the patch is really applied
+
+
+def test_budget_menu_from_registry_with_transforms():
+    from hybridquant.converter import budget
+    from hybridquant.converter.formats import registry
+
+    steps = {(s.name, tuple(sorted(o.items()))) for s in registry.specs() for o in s.budget_steps}
+    plain = budget.menu()
+    assert {(n, tuple(sorted(o.items()))) for _, _, n, o, _ in plain if n} == steps
+    assert {n for _, _, n, _, _ in plain} >= {None, "int8_tensorwise", "int6_groupwise", "int5_groupwise",
+                                               "bnb_nf4", "nvfp4"}
+    rot = {"kind": "hadamard", "block": None}
+    both = budget.menu({"svd_rank": 8, "rotation": rot})
+    four = [x for x in both if x[2] and registry.get_spec(x[2]).four_bit]
+    # every 4-bit step: plain, + svd, + rotation, + both; every entry says its transforms explicitly
+    assert len(four) == 4 * sum(len(s.budget_steps) for s in registry.specs() if s.four_bit)
+    assert all("svd_rank" in e and "rotate" in e for _, e, n, _, _ in both if n)
+    assert any(e["svd_rank"] == 8 and e["rotate"] == "hadamard" for _, e, _, _, _ in four)
+
+
+def test_budget_chooses_transform_candidates_per_layer(tmp_path):
+    from hybridquant.converter import budget
+
+    g = torch.Generator().manual_seed(0)
+    # a low-rank-dominated layer (the branch pays) and a plain Gaussian one
+    lr = (torch.randn(256, 4, generator=g) @ torch.randn(4, 256, generator=g)) * 3 + torch.randn(256, 256, generator=g) * 0.05
+    src = tmp_path / "m.safetensors"
+    save_file({"a.weight": lr.to(torch.bfloat16), "b.weight": torch.randn(256, 256, generator=g).to(torch.bfloat16)},
+              str(src))
+    opts = PlanOptions(mode="bnb4bit", method="rtn", svd_rank=4)
+    choice, _, _, _ = budget.budget_choice(src, opts, target_bpw=5.0)
+    assert "svd4" in choice["a"].label, {k: c.label for k, c in choice.items()}
+    cfg, _ = budget.budget_config(src, opts, target_bpw=5.0)
+    out = tmp_path / "o.safetensors"
+    convert_file(src, out, PlanOptions(mode="bnb4bit", method="rtn", svd_rank=4, layer_config=cfg))
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        keys = set(f.keys())
+    # the budget's choice is what the file holds: a branch on "a" only where it chose one
+    assert "a.svd_up" in keys
+    assert ("b.svd_up" in keys) == ("svd4" in choice["b"].label)

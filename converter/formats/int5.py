@@ -20,4 +20,5 @@ class Int5Groupwise(GroupIntCodec):
                 "than 4-bit; dequantized per call on every device",
         variants=(Variant("", "INT5 (5-bit, scale per 32 weights)", {"group_size": 32}),),
         storage="padded", clipping=True, custom=True, aliases=("int5", "5-bit", "5bit", "q5"),
-        advice=(("int6_groupwise", {"group_size": 32}),))
+        advice=(("int6_groupwise", {"group_size": 32}),),
+        budget_steps=({"group_size": 32}, {"group_size": 64}, {"group_size": 128}))

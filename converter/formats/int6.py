@@ -19,4 +19,5 @@ class Int6Groupwise(GroupIntCodec):
                 "quality; dequantized per call on every device",
         variants=(Variant("", "INT6 (6-bit, scale per 32 weights)", {"group_size": 32}),),
         storage="padded", clipping=True, custom=True, aliases=("int6", "6-bit", "6bit", "q6"),
-        advice=(("int8_tensorwise", {"per_row": True}),))
+        advice=(("int8_tensorwise", {"per_row": True}),),
+        budget_steps=({"group_size": 32}, {"group_size": 64}, {"group_size": 128}))

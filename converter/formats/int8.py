@@ -53,7 +53,8 @@ class Int8Tensorwise(_Int8):
         scale_out=True, clipping=True, kernels={"int8_tensorcore": "int8"},
         aliases=("int8", "8-bit", "8bit", "w8a8"),
         advice=(("int8_tensorwise", {"per_row": True}), ("int8_blockwise", {"group_size": 128}),
-                ("float8_e4m3fn_rowwise", {})))
+                ("float8_e4m3fn_rowwise", {})),
+        budget_steps=({"per_row": True},))
 
     def layout(self, opts, tensors=None):
         per_row = opts.get("per_row")

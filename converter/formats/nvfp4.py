@@ -94,7 +94,7 @@ class NVFP4(Codec):
                 "matmul only on Blackwell, dequantized elsewhere",
         variants=(Variant("", "NVFP4 (4-bit, scale per 16 weights)"),), storage="padded", four_bit=True,
         clipping=True, aliases=("nvfp4", "fp4", "4-bit", "4bit", "blackwell"),
-        advice=(("bnb_nf4", {"blocksize": 64}),))
+        advice=(("bnb_nf4", {"blocksize": 64}),), budget_steps=({},))
 
     def logical_shape(self, stored, meta=None):
         # Two codes per byte; without orig_shape the padded [rows, 2*cols] is the best guess.

@@ -63,6 +63,9 @@ class FormatSpec:
     aliases: tuple[str, ...] = ()  # words users search for
     advice: tuple[tuple[str, Mapping], ...] = ()  # (format, opts) worth trying when this one's error is high
     bits_shape: tuple[int, int] = (3072, 3072)  # the shape its bits-per-weight figure is quoted for
+    # codec option sets a size budget (converter.budget, --target-size) may pick for a layer; empty: the
+    # format is not a budget step (e.g. FP8 tensorwise: INT8 per-row has ~4x less error at the same size)
+    budget_steps: tuple[Mapping, ...] = ()
 
     def variant(self, key: str) -> Variant | None:
         for v in self.variants:
