@@ -61,6 +61,11 @@ class QuantizeModel(io.ComfyNode):
                 Combo("calibration", options=_calibration_choices(), default="none", optional=True,
                                tooltip="Calibration statistics from models/calibration (recorded by 'Collect "
                                        "Calibration (HybridQuant)'); needed by rounding 'gptq'."),
+                # issue 14 (optional: workflows saved before them keep working with the defaults)
+                io.String.Input("target_size", default="", optional=True, tooltip=qo.TARGET_SIZE_HELP),
+                io.Int.Input("svd_rank", default=0, min=0, max=qo.MAX_SVD_RANK, optional=True,
+                             tooltip=qo.SVD_RANK_HELP),
+                Combo("rotate", options=qo.rotate_choices(), default="none", optional=True, tooltip=qo.ROTATE_HELP),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The quantized model, run by the HybridQuant ops."),
@@ -106,12 +111,13 @@ class QuantizeModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, format, preset, custom_layers, custom_format, rounding, save,
-                filename_prefix, calibration="none") -> io.NodeOutput:
+                filename_prefix, calibration="none", target_size="", svd_rank=0, rotate="none") -> io.NodeOutput:
         from .quantize_run import quantize_model
 
         settings = qo.settings_from_inputs(dict(format=format, preset=preset, custom_layers=custom_layers,
                                                 custom_format=custom_format, rounding=rounding, save=save,
-                                                filename_prefix=filename_prefix, calibration=calibration))
+                                                filename_prefix=filename_prefix, calibration=calibration,
+                                                target_size=target_size, svd_rank=svd_rank, rotate=rotate))
         hidden = getattr(cls, "hidden", None)
         node_id = getattr(hidden, "unique_id", None) if hidden is not None else None
         prompt = getattr(hidden, "prompt", None) if hidden is not None else None

@@ -5,9 +5,13 @@ GET /hybridquant/file_info?folder=<model folder>&name=<relative file name>
     plus ``fast_path``: per quantized format, the matmul path this machine takes. Only files inside
     ComfyUI's registered model folders are served (``paths``): 400 for a refused name/folder, 404 for
     a missing file, 422 for a file that is not a readable safetensors model.
-POST /hybridquant/plan  {"folder", "name", "settings": {format, preset, custom_layers, custom_format}}
+POST /hybridquant/plan  {"folder", "name", "settings": {format, preset, custom_layers, custom_format,
+                                                       target_size, svd_rank, rotate}}
     Quantize Model's preview: which layer of that file becomes which format and why the rest is kept
-    (``converter.plan_file``: header only). A bad setting is a 400 naming its input (``"input"``).
+    (``converter.plan_file``: header only). A bad setting is a 400 naming its input (``"input"``). With a
+    ``target_size`` the answer has ``budget`` (``converter.budget.summary``: per chosen format the
+    layers, bytes and expected error; file bytes against the budget) and each row the budget's choice;
+    that reads the weights (cached per file version and settings).
 GET /hybridquant/formats
     The registry as the page needs it: per format label, colour, summary, search words; the node's
     option texts and the old option values they replace; the nodes' search words.
@@ -121,7 +125,11 @@ def plan_preview(folder_paths, body: dict) -> tuple[int, dict]:
     if err:
         return err
     raw = body.get("settings") if isinstance(body.get("settings"), dict) else {}
-    s = qo.settings_from_inputs({k: raw.get(k) for k in ("format", "preset", "custom_layers", "custom_format")})
+    try:
+        s = qo.settings_from_inputs({k: raw.get(k) for k in ("format", "preset", "custom_layers", "custom_format",
+                                                              "target_size", "svd_rank", "rotate")})
+    except (TypeError, ValueError):
+        return 400, {"error": f"svd_rank: not an integer: {raw.get('svd_rank')!r}", "input": "svd_rank"}
     for field, check in (("format", lambda: qo.resolve_choice(s["format"])),
                          ("custom_format", lambda: qo.resolve_choice(s["custom_format"], custom=True)),
                          ("custom_layers", lambda: qo.check_regex(s["custom_layers"]))):
@@ -131,21 +139,68 @@ def plan_preview(folder_paths, body: dict) -> tuple[int, dict]:
             return 400, {"error": str(e), "input": field}
     if s["preset"] not in qo.preset_choices():
         return 400, {"error": f"preset: unknown {s['preset']!r}", "input": "preset"}
+    if s["rotate"] not in qo.rotate_choices():
+        return 400, {"error": f"rotate: unknown {s['rotate']!r}", "input": "rotate"}
+    if not 0 <= s["svd_rank"] <= qo.MAX_SVD_RANK:
+        return 400, {"error": f"svd_rank: must be between 0 and {qo.MAX_SVD_RANK}, got {s['svd_rank']}",
+                     "input": "svd_rank"}
     try:
-        plans = plan_file(path, qo.build_options(s))
+        qo.budget_fields(s)
+    except ValueError as e:
+        field = str(e).split(":", 1)[0]
+        return 400, {"error": str(e), "input": field if field in ("target_size", "svd_rank", "rotate") else None}
+    try:
+        options = qo.build_options(s)
+        plans = plan_file(path, options)
+        budget = _budget(path, options) if s["target_size"] else None
     except (ConverterError, FormatError, ValueError) as e:
-        return 422, {"error": _short(e, path, body.get("name", ""))}
+        msg = _short(e, path, body.get("name", ""))
+        if s["target_size"] and ("budget" in msg or "target-size" in msg):
+            return 422, {"error": f"target_size: {msg}", "input": "target_size"}
+        return 422, {"error": msg}
+    chosen = budget["choice"] if budget else {}
     rows = []
     counts: dict[str, int] = {}
     for p in plans:
         if not (p.name.endswith(".weight") and len(p.shape) == 2):
             continue
         label = qo.label_of(p.format) if p.quantized else "kept"
+        if p.layer in chosen:
+            label = chosen[p.layer]
         counts[label] = counts.get(label, 0) + 1
         rows.append({"name": p.name[: -len(".weight")], "shape": list(p.shape), "dtype": p.dtype,
                      "format": p.format, "label": label, "reason": plain_reason(p.reason)})
-    return 200, {"name": body.get("name"), "layers": rows, "counts": counts, "warnings": warnings(plans, s),
-                 "quantized": sum(1 for r in rows if r["format"])}
+    out = {"name": body.get("name"), "layers": rows, "counts": counts, "warnings": warnings(plans, s),
+           "quantized": sum(1 for r in rows if r["format"])}
+    if budget:
+        out["budget"] = {k: v for k, v in budget.items() if k != "choice"}
+    return 200, out
+
+
+_budget_cache: collections.OrderedDict = collections.OrderedDict()
+
+
+def _budget(path: str, options) -> dict:
+    """What a size budget chooses for this file (``converter.budget.summary``). Reads and quantizes every
+    layer with every candidate (seconds for small models, minutes for 12B ones): cached by file version
+    and options, so redrawing the panel costs nothing."""
+    import dataclasses
+
+    from ..converter import budget
+
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, repr(dataclasses.astuple(options)))
+    with _cache_lock:
+        if key in _budget_cache:
+            return _budget_cache[key]
+    plain = dataclasses.replace(options, layer_config=None)
+    choice, other, total, weights = budget.budget_choice(path, plain, options.target_size, options.target_bpw)
+    out = budget.summary(choice, other, total, weights)
+    with _cache_lock:
+        _budget_cache[key] = out
+        while len(_budget_cache) > 16:
+            _budget_cache.popitem(last=False)
+    return out
 
 
 def formats_payload() -> dict:
@@ -200,7 +255,10 @@ def register_routes() -> bool:
             body = await request.json()
         except Exception:  # noqa: BLE001 - not JSON
             return _json(web, {"error": "expected a JSON body"}, 400)
-        status, out = plan_preview(folder_paths, body)
+        import asyncio
+
+        # a budget preview reads and quantizes the weights: off the event loop
+        status, out = await asyncio.get_running_loop().run_in_executor(None, plan_preview, folder_paths, body)
         return _json(web, out, status)
 
     @routes.get("/hybridquant/formats")

@@ -162,6 +162,34 @@ def test_formats_and_plan_preview(folders):
     assert status == 200 and out["warnings"] and "matched no layer" in out["warnings"][0]
 
 
+def test_plan_preview_budget(folders):
+    """A target_size in the settings: the preview says what the budget chooses (layers per format, bytes,
+    expected error) and bad values of the issue-14 inputs are 400s naming their input."""
+    from hybridquant.nodes import quantize_options as qo
+    from hybridquant.nodes.routes import plan_preview
+
+    fp, dm, _, _ = folders
+    g = torch.Generator().manual_seed(0)
+    save_file({f"l{i}.weight": (torch.randn(64, 128, generator=g) * (1 + i)).to(torch.bfloat16) for i in range(4)},
+              str(dm / "budget.safetensors"))
+    nf4 = qo.legacy_map()["bnb_nf4"]
+    req = {"folder": "diffusion_models", "name": "budget.safetensors"}
+    status, out = plan_preview(fp, {**req, "settings": {"format": nf4, "target_size": "6bpw"}})
+    assert status == 200, out
+    b = out["budget"]
+    assert sum(f["layers"] for f in b["formats"]) == 4 and b["bits_per_weight"] <= 6.0
+    assert sum(f["bytes"] for f in b["formats"]) == b["layer_bytes"] and b["expected_error"] >= 0
+    labels = {f["label"] for f in b["formats"]}
+    assert {r["label"] for r in out["layers"]} <= labels and sum(out["counts"].values()) == 4
+    status, out = plan_preview(fp, {**req, "settings": {"format": nf4, "target_size": "30kB"}})
+    assert status == 200 and out["budget"]["file_bytes"] <= 30_000, out
+    for settings, field in (({"target_size": "lots"}, "target_size"), ({"svd_rank": -1}, "svd_rank"),
+                            ({"svd_rank": "x"}, "svd_rank"), ({"rotate": "fourier"}, "rotate"),
+                            ({"target_size": "10"}, "target_size")):
+        status, out = plan_preview(fp, {**req, "settings": {"format": nf4, **settings}})
+        assert status in (400, 422) and out["input"] == field, (settings, status, out)
+
+
 def test_symlink_inside_the_folder_is_fine(folders):
     from hybridquant.nodes.routes import file_info
 
