@@ -31,7 +31,7 @@ const MODEL_SOURCES = {
   CheckpointLoaderSimple: { widget: "ckpt_name", folder: "checkpoints" },
   HybridQuantLoadCheckpoint: { widget: "ckpt_name", folder: "checkpoints" },
 };
-const PLAN_WIDGETS = ["format", "preset", "custom_layers", "custom_format"];
+const PLAN_WIDGETS = ["format", "preset", "custom_layers", "custom_format", "target_size", "svd_rank", "rotate"];
 const OURS = new Set([...Object.keys(FILE_NODES), QUANTIZE, "HybridQuantCollectCalibration"]);
 
 let FORMATS = { byName: {}, legacy: {}, aliases: {} };
@@ -235,6 +235,9 @@ async function preview(node) {
   }
   const seq = (node.__hqSeq = (node.__hqSeq || 0) + 1);
   const settings = Object.fromEntries(PLAN_WIDGETS.map((n) => [n, widgetValue(node, n)]));
+  if (settings.target_size) {
+    render(node, { state: "planning", parts: [line(`computing the budget plan for ${src.name} (reads the weights) …`, "hq-muted")] });
+  }
   let p;
   try {
     const r = await api.fetchApi("/hybridquant/plan", {
@@ -254,11 +257,23 @@ async function preview(node) {
   const counts = Object.entries(p.counts).map(([k, n]) => `${n} → ${k}`).join(", ");
   render(node, { state: "preview", plan: p, parts: [
     line(`Preview for ${src.name}: ${counts}`),
+    p.budget ? budgetParts(p.budget) : null,
     ...p.warnings.map((w) => line(`⚠ ${w}`, "hq-warn")),
     layerTable(p.layers.map((d) => [d.name, d.shape.join(" × "), d.format ? d.label : "kept", d.reason]),
       ["layer", "shape", "becomes", "why"], false),
     line("queue the workflow to quantize", "hq-muted"),
   ] });
+}
+
+// What a size budget (target_size) chooses: per format layers, bytes and expected error (relative).
+function budgetParts(b) {
+  const d = el("div", { class: "hq-line", "data-hq-budget": "1" });
+  const of = b.budget_bytes ? ` of ${human(b.budget_bytes)} (${(100 * b.file_bytes / b.budget_bytes).toFixed(1)}%)` : "";
+  d.append(line(`Budget plan: file ${human(b.file_bytes)}${of}, ${b.bits_per_weight.toFixed(2)} bits/weight, `
+    + `expected error ${b.expected_error.toExponential(2)}`));
+  d.append(layerTable(b.formats.map((f) => [f.label, String(f.layers), human(f.bytes), f.error.toExponential(2)]),
+    ["format", "layers", "bytes", "expected error"], true));
+  return d;
 }
 
 function setupQuantize(node) {

@@ -239,6 +239,23 @@ def test_panel(ui, comfy_server):
     ui.shot("7-panel-summary")
 
 
+def test_budget_preview(ui):
+    """Issue 14: a size budget on Quantize Model previews what it chooses (layers per format, bytes,
+    expected error) in the panel, before running; a bad budget is an error naming target_size."""
+    ui.clear()
+    _, q = _quantize(ui, target_size="5.5bpw")
+    ui.wait(f"window.app.graph.getNodeById({q}).__hqPanel.dataset.state === 'preview'", 120)
+    text = ui.panel_text(q)
+    assert "Budget plan: file" in text and "bits/weight" in text and "expected error" in text, text
+    assert ui.js(f"!!window.app.graph.getNodeById({q}).__hqPanel.querySelector('[data-hq-budget]')")
+    assert ui.panel_visible(q)
+    ui.shot("budget-preview")
+    ui.js("""(() => { const w = window.app.graph.getNodeById(%d).widgets.find(w => w.name === 'target_size');
+        w.value = 'lots'; w.callback && w.callback(w.value); return true; })()""" % q)
+    ui.wait(f"window.app.graph.getNodeById({q}).__hqPanel.dataset.state === 'invalid'")
+    assert "target_size:" in ui.panel_text(q), ui.panel_text(q)
+
+
 def test_search(ui):
     """8: searching a format name finds the pack's nodes; every display name ends in (HybridQuant)."""
     ui.clear()
