@@ -46,6 +46,23 @@ def quantize_and_save(ui):
     return ui.js("JSON.stringify(window.app.graph.serialize())")
 
 
+BUDGET_PREFIX = "hybridquant/example_budget"
+
+
+def quantize_to_budget(ui):
+    ui.clear()
+    src = ui.add("UNETLoader", (40, 60), {"unet_name": EXAMPLE})
+    q = ui.add("HybridQuantQuantizeModel", (420, 60), {"target_size": "5.5bpw", "save": True,
+                                                      "filename_prefix": BUDGET_PREFIX})
+    ui.connect(src, 0, q, "model")
+    note(ui, "Quantize a model to a size budget.\n\ntarget_size picks each layer's format (bf16, INT8, INT6, "
+             "INT5, NF4, NVFP4 ...) so the model's error is lowest within the budget: here 5.5 bits per weight "
+             "(or a file size such as '6.5GB' / '900MB'). The panel shows the plan (layers per format, bytes, "
+             f"expected error) before you run; the result is saved as models/diffusion_models/{BUDGET_PREFIX}"
+             "_00001.safetensors.", (40, 420))
+    return ui.js("JSON.stringify(window.app.graph.serialize())")
+
+
 def load_mixed_and_sample(ui):
     ui.clear()
     m = ui.add("HybridQuantLoadDiffusionModel", (40, 60), {"unet_name": MIXED})
@@ -88,7 +105,7 @@ def main() -> int:
     try:
         ui = UI(server, "classic")
         OUT.mkdir(exist_ok=True)
-        for fn in (quantize_and_save, load_mixed_and_sample):
+        for fn in (quantize_and_save, load_mixed_and_sample, quantize_to_budget):
             data = json.loads(fn(ui))
             (OUT / f"{fn.__name__}.json").write_text(json.dumps(data, indent=2) + "\n")
             print("wrote", OUT / f"{fn.__name__}.json")

@@ -299,3 +299,7 @@ def test_example_workflows(ui, comfy_server, synthetic_models):
     info = next(o for o in entry["outputs"].values() if "hybridquant_info" in o)["hybridquant_info"][0]
     assert info["formats"]["bnb_nf4"] and info["formats"]["float8_e4m3fn"]
     ui.shot("11-load-mixed-and-sample")
+    entry = _run_workflow(ui, comfy_server, "quantize_to_budget.json")
+    assert (comfy_server.models("diffusion_models") / "hybridquant" / "example_budget_00001.safetensors").is_file()
+    text = next(o["text"][0] for o in entry["outputs"].values() if "text" in o)
+    assert "Quantized" in text, text
