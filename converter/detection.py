@@ -77,7 +77,8 @@ DETECTION_READS: dict[str, tuple[DetectionRead, ...]] = {
     ),
     "t5": (  # text encoders: sd.detect_te_model
         DetectionRead("encoder.block.23.layer.1.DenseReluDense.wi_1",
-                      "sd.detect_te_model: T5-XXL vs Pile-T5 by shape[0] (10240 / 5120)"),
+                      "sd.detect_te_model: T5-XXL vs T5-XL by shape[-1] (4096 / 2048, 0.3.75), "
+                      "vs Pile-T5 by shape[0] (10240 / 5120, 0.33)"),
         DetectionRead("encoder.block.0.layer.0.SelfAttention.k", "sd.detect_te_model: ByT5-small-glyph by shape[0] == 384"),
     ),
     "qwen3vl": (
