@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from . import transforms as tfm
+from .detection import DETECTION_SAFE
 from .error_stats import relative_error, sample_fraction
 from .errors import Cancelled, InputFileError, LayerError, OptionError, OutputFileError
 from .formats import FormatError, get_codec
@@ -139,7 +140,12 @@ class OutputLayout:
 
 def make_plans(infos_in_order, options: PlanOptions) -> list[LayerPlan]:
     planner = Planner(options)
-    return [planner.plan(name, shape, dtype) for name, shape, dtype in infos_in_order]
+    plans = [planner.plan(name, shape, dtype) for name, shape, dtype in infos_in_order]
+    kept = [p.name for p in plans if p.reason.startswith(DETECTION_SAFE)]
+    if kept:  # say it once per run, naming the layers (each plan's reason says why)
+        log.warning("%d layer(s) kept in high precision because ComfyUI's model detection reads their shape "
+                    "and the chosen format packs it: %s", len(kept), ", ".join(kept))
+    return plans
 
 
 def plan_file(input_path, options: PlanOptions | None = None) -> list[LayerPlan]:

@@ -13,6 +13,10 @@ candidate the first rule that applies decides (the reason is recorded for ``--dr
 4. ``--heur`` -> kept when the shape suits the format badly (``presets.heuristic_reason``).
 5. Otherwise the layer-config ``_default`` entry if given, else the primary mode.
 
+Whatever rule chose a format, a layer whose shape ComfyUI's model detection reads
+(``converter.detection``) is kept in high precision when that format stores a different shape
+(packed/padded 4-bit, 5/6-bit): stock loaders would infer the wrong model config from it.
+
 All regexes use ``re.search`` on the layer name (the tensor name without ``.weight``).
 """
 
@@ -24,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .detection import detection_reason
 from .errors import OptionError
 from .formats import FormatError, registry
 from .presets import EMBEDDING_TABLES, PRESETS, heuristic_reason
@@ -315,6 +320,10 @@ class Planner:
 
     def _finish(self, p: LayerPlan, fmt: str, opts: dict, method: str, reason: str, fpmm: bool | None = None,
                 transforms: dict | None = None) -> LayerPlan:
+        why = detection_reason(p.layer, fmt, p.shape, opts)
+        if why:
+            p.layer, p.reason = None, why
+            return p
         p.format, p.opts, p.method, p.reason = fmt, dict(opts), method, reason
         p.opts.update(layer_transforms(self.transforms if transforms is None else transforms, p.shape))
         spec = registry.get_spec(fmt)

@@ -23,7 +23,9 @@ def test_mixed_file_layers_formats_shapes_and_bytes(tmp_path):
     assert qkv.format == "float8_e4m3fn" and qkv.quantized and qkv.shape == (192, 128)
     ragged = by_name["double_blocks.0.txt_mod.lin"]  # bitsandbytes: logical shape from the quant state
     assert ragged.format == "bnb_nf4" and ragged.shape == (96, 72) and ragged.options["blocksize"] == 64
-    assert fi.formats() == {"bnb_nf4": len(fi.layers) - 1, "float8_e4m3fn": 1}
+    # img_in / final_layer.linear: ComfyUI's model detection reads their shapes, so 4-bit leaves them in bf16
+    assert by_name["img_in"].format == "bf16" and by_name["final_layer.linear"].format == "bf16"
+    assert fi.formats() == {"bnb_nf4": len(fi.layers) - 3, "float8_e4m3fn": 1, "bf16": 2}
     # every tensor of the file is counted once: in a layer or among the others
     total = sum(d.nbytes for d in fi.layers) + fi.other_bytes
     from hybridquant.converter.safetensors_io import read_header
