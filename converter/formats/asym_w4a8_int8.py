@@ -50,9 +50,7 @@ CODEBOOK_SAMPLE = 1 << 22
 
 
 def _opts(opts) -> tuple[int, int, bool]:
-    bad = set(opts) - {"group_size", "convrot_groupsize", "codebook", "name"}
-    if bad:
-        raise FormatError(f"asym_w4a8_int8: unknown option(s) {sorted(bad)}")
+    # other keys (orig_shape, name ...) belong to the file / the caller, as for every codec
     gs = opts.get("group_size", 16)
     if isinstance(gs, bool) or not isinstance(gs, int) or gs < 4 or (16 % gs and gs % 16):
         raise FormatError(f"asym_w4a8_int8: group_size must be >= 4 and divide 16 or be a multiple of 16, got {gs!r}")

@@ -35,9 +35,7 @@ KERNEL_K = 64  # ComfyUI's quant_group_size: N must be a multiple of it for the 
 
 
 def _opts(opts) -> int:
-    bad = set(opts) - {"convrot_groupsize", "name", "quant_group_size", "linear_dtype", "layer"}
-    if bad:
-        raise FormatError(f"convrot_w4a4: unknown option(s) {sorted(bad)}")
+    # other keys (orig_shape, name ...) belong to the file / the caller, as for every codec
     if opts.get("quant_group_size", KERNEL_K) != KERNEL_K:
         raise FormatError(f"convrot_w4a4: quant_group_size must be {KERNEL_K}, got {opts['quant_group_size']!r}")
     return cr.check_groupsize(opts.get("convrot_groupsize", 256))
