@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
         members = registry.family_specs(family)
         m.add_argument(*_flag(*_FAMILY_FLAGS.get(family, (f"--{family}",))), dest="mode", action="store_const",
                        const=family, help=" / ".join(f"{s.label}: {s.summary}" for s in members if s.variants))
+    g.add_argument("--format", dest="format_name", metavar="NAME", default=None,
+                   help="the format by its .comfy_quant name (" + ", ".join(registry.format_names())
+                        + "); same as the format's mode flag + variant options")
     m.add_argument(*_flag("--make-hybrid-mxfp8"), dest="make_hybrid", action="store_true",
                    help="turn an MXFP8 file into Hybrid MXFP8 (adds a tensorwise fallback scale per layer)")
     m.add_argument(*_flag("--edit-quant"), dest="edit_quant", action="store_true",
@@ -161,8 +164,16 @@ def options_from_args(a) -> PlanOptions:
     methods, default_method = _rounding()
     if a.simple and a.method not in (None, "rtn"):
         raise OptionError(f"--simple (RTN) conflicts with --method {a.method}")
+    mode = a.mode or "fp8"
+    if a.format_name is not None:
+        names = registry.format_names()
+        if a.format_name not in names:
+            raise OptionError(f"--format: unknown format {a.format_name!r}; valid names: {', '.join(names)}")
+        if a.mode is not None and a.mode != registry.get_spec(a.format_name).family:
+            raise OptionError(f"--format {a.format_name} conflicts with the --{a.mode} mode flag")
+        mode = a.format_name
     return PlanOptions(
-        mode=a.mode or "fp8", scaling_mode=a.scaling_mode, block_size=a.block_size,
+        mode=mode, scaling_mode=a.scaling_mode, block_size=a.block_size,
         bnb_quant_type=a.bnb_quant_type, bnb_blocksize=a.bnb_blocksize, bnb_double_quant=a.bnb_double_quant,
         custom_layers=a.custom_layers, custom_type=a.custom_type, custom_block_size=a.custom_block_size,
         custom_scaling_mode=a.custom_scaling_mode, custom_simple=a.custom_simple, custom_heur=a.custom_heur,

@@ -287,8 +287,9 @@ class Planner:
         self.o = options
         from .rounding import METHODS
 
-        if options.mode not in primary_modes():
-            raise OptionError(f"unknown primary mode {options.mode!r}; choose from {', '.join(primary_modes())}")
+        if options.mode not in primary_modes() and registry.find_spec(options.mode) is None:  # family or format name
+            raise OptionError(f"unknown primary mode {options.mode!r}; choose from {', '.join(primary_modes())} "
+                              f"or a format name ({', '.join(registry.format_names())})")
         if options.method not in METHODS:
             raise OptionError(f"unknown rounding method {options.method!r}; known: {', '.join(METHODS)}")
         self.primary = resolve_format(options.mode, options.scaling_mode, options.block_size,

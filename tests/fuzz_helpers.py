@@ -113,12 +113,17 @@ def seed_files(out_dir: Path) -> list[Path]:
         opts_list = [dict(v.opts) for v in spec.variants] or [{}]
         if spec.family == "bnb4bit":
             opts_list.append({"blocksize": 64, "double_quant": True})
+        if "convrot" in spec.aliases:  # ConvRot groups must divide in_features: small groups for small layers
+            opts_list = [{**o, "convrot_groupsize": 16} for o in opts_list]
         variants += [(fmt, o) for o in opts_list]
     for i, (fmt, opts) in enumerate(variants):
         codec = get_codec(fmt)
         entries, header_layers = {}, {}
         for layer, shape in LAYERS.items():
             w = torch.randn(*shape, generator=g).to(torch.bfloat16)
+            if "convrot" in codec.spec.aliases and codec.heuristic_reason(shape, opts):
+                entries[f"{layer}.weight"] = _entry(w)  # shape the ConvRot kernels refuse: kept plain
+                continue
             q = codec.quantize(w, name=layer, **opts)
             for suffix, t in q.items():
                 entries[f"{layer}.{suffix}"] = _entry(t)

@@ -31,6 +31,8 @@ _ENTRIES: list[tuple[str, str]] = [
     ("int6", "Int6Groupwise"),
     ("int5", "Int5Groupwise"),
     ("nvfp4", "NVFP4"),
+    ("convrot_w4a4", "ConvRotW4A4"),
+    ("asym_w4a8_int8", "AsymW4A8Int8"),
     ("bnb4bit", "BnbNF4"),
     ("bnb4bit", "BnbFP4"),
 ]

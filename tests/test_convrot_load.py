@@ -1,0 +1,135 @@
+"""convrot_w4a4 / asym_w4a8_int8 files from the CLI (``--format NAME``): bit-exact with the codec, loaded and
+run by the pack's ops on any ComfyUI (0.3.75 in CI: dequantize path), and by STOCK current ComfyUI's own
+``mixed_precision_ops`` when ``HYBRIDQUANT_COMFYUI`` points at a tree whose ``QUANT_ALGOS`` has them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from convert_helpers import decode, rel_err, run_cli
+from safetensors.torch import save_file
+
+LAYERS = {"blocks.0.attn.qkv": (48, 256), "blocks.0.mlp.fc": (32, 512)}
+FORMATS = [("convrot_w4a4", {}), ("asym_w4a8_int8", {}), ("int8_tensorwise", {})]
+
+
+def _weights():
+    g = torch.Generator().manual_seed(3)
+    sd = {}
+    for name, (o, i) in LAYERS.items():
+        sd[f"{name}.weight"] = (torch.randn(o, i, generator=g) * 0.05).to(torch.bfloat16)
+        sd[f"{name}.bias"] = (torch.randn(o, generator=g) * 0.01).to(torch.bfloat16)
+    return sd
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    p = tmp_path_factory.mktemp("convrot") / "tiny.safetensors"
+    w = _weights()
+    save_file(w, str(p))
+    return p, w
+
+
+def _convert(src, tmp_path, fmt):
+    path, w = src
+    out = tmp_path / f"{fmt}.safetensors"
+    run_cli("-i", path, "-o", out, "-q", "--simple", "--format", fmt)  # RTN: the oracle is the codec
+    return out, w
+
+
+@pytest.mark.parametrize("fmt,opts", FORMATS)
+def test_cli_format_writes_the_codec_layout(src, tmp_path, fmt, opts):
+    from hybridquant.converter.formats import get_codec
+
+    out, w = _convert(src, tmp_path, fmt)
+    infos, deq, _, tensors = decode(out)
+    assert set(infos) == set(LAYERS)
+    for layer in LAYERS:
+        ref = get_codec(fmt).quantize(w[f"{layer}.weight"], **opts)
+        for suffix, t in ref.items():
+            got = tensors[f"{layer}.{suffix}"]
+            same = torch.equal(got.view(torch.uint8), t.view(torch.uint8)) if t.element_size() == 1 else torch.equal(got, t)
+            assert got.dtype == t.dtype and same, (layer, suffix)
+        cq = json.loads(bytes(tensors[f"{layer}.comfy_quant"].tolist()))
+        assert cq["format"] == fmt
+        assert rel_err(deq[layer], w[f"{layer}.weight"]) < (0.02 if fmt.startswith("int8") else 0.2)
+
+
+def test_cli_format_errors(src, tmp_path):
+    path, _ = src
+    p = run_cli("-i", path, "-o", tmp_path / "x.safetensors", "-q", "--format", "int3", check=False)
+    assert p.returncode == 2 and "valid names:" in p.stderr and "convrot_w4a4" in p.stderr
+    p = run_cli("-i", path, "-o", tmp_path / "y.safetensors", "-q", "--nvfp4", "--format", "convrot_w4a4", check=False)
+    assert p.returncode == 2 and "conflicts" in p.stderr
+
+
+class _Tiny(torch.nn.Module):
+    def __init__(self, ops, **kw):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.Module()])
+        b = self.blocks[0]
+        b.attn, b.mlp = torch.nn.Module(), torch.nn.Module()
+        b.attn.qkv = ops.Linear(256, 48, **kw)
+        b.mlp.fc = ops.Linear(512, 32, **kw)
+
+    def forward(self, x256, x512):
+        return self.blocks[0].attn.qkv(x256), self.blocks[0].mlp.fc(x512)
+
+
+def _inputs():
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(3, 256, generator=g).to(torch.bfloat16), torch.randn(3, 512, generator=g).to(torch.bfloat16)
+
+
+def _reference(deq, w, x):
+    return [torch.nn.functional.linear(xi.float(), deq[n].float(), w[f"{n}.bias"].float()) for n, xi in zip(LAYERS, x)]
+
+
+@pytest.mark.parametrize("fmt", ["convrot_w4a4", "asym_w4a8_int8"])
+def test_pack_ops_load_and_run(comfy, src, tmp_path, fmt):
+    """The pack's ops on whatever ComfyUI the suite runs (0.3.75 in CI): weight-only dequantize path."""
+    from safetensors.torch import load_file
+
+    from hybridquant import ops
+
+    out, w = _convert(src, tmp_path, fmt)
+    sd = load_file(str(out))
+    cls = ops.choose_ops(sd.keys(), None)
+    m = _Tiny(cls, dtype=torch.bfloat16)
+    m.load_state_dict(ops.prepare_state_dict(sd, None), strict=True)
+    infos, deq, _, _ = decode(out)
+    x = _inputs()
+    with torch.no_grad():
+        got = m(*x)
+    for g, r in zip(got, _reference(deq, w, x)):
+        assert rel_err(g.float(), r) < 0.02  # bf16 activations/output over the exact dequantized weight
+
+
+@pytest.mark.parametrize("fmt", ["convrot_w4a4", "asym_w4a8_int8", "int8_tensorwise"])
+def test_stock_current_comfyui_loads_and_runs(comfy, src, tmp_path, fmt):
+    """Stock ComfyUI's own ops (no pack code) load our file natively and run it (its W4A4/W4A8 activation
+    quantization included, hence the looser bound for the 4-bit formats)."""
+    quant_ops = pytest.importorskip("comfy.quant_ops")
+    if fmt not in getattr(quant_ops, "QUANT_ALGOS", {}):
+        pytest.skip(f"this ComfyUI core has no native {fmt}")
+    import comfy.ops
+    from safetensors.torch import load_file
+
+    out, w = _convert(src, tmp_path, fmt)
+    sd = load_file(str(out))
+    ops_cls = comfy.ops.mixed_precision_ops({}, compute_dtype=torch.bfloat16)
+    m = _Tiny(ops_cls, dtype=torch.bfloat16, device="cpu")
+    missing, unexpected = m.load_state_dict(sd, strict=False)
+    assert not unexpected and not missing, (missing, unexpected)
+    for layer in LAYERS:
+        mod = m.get_submodule(layer)
+        assert isinstance(mod.weight.data if hasattr(mod.weight, "data") else mod.weight, quant_ops.QuantizedTensor)
+    infos, deq, _, _ = decode(out)
+    x = _inputs()
+    with torch.no_grad():
+        got = m(*x)
+    bound = 0.05 if fmt == "int8_tensorwise" else 0.35
+    for g, r in zip(got, _reference(deq, w, x)):
+        assert rel_err(g.float(), r) < bound
