@@ -13,6 +13,9 @@ logged once. Paths:
 - ``"dequant"``: everything else (CPU, MPS, older GPUs): weights stay stored quantized and are
   dequantized per layer per call, then ``F.linear``.
 
+Features on top of the path (``features``): ``fp8_rowwise`` (SM 8.9+, row-wise ``_scaled_mm``) and
+``int8_tensorcore`` (SM 8.0+ with ``torch._int_mm``) run the W8A8 kernels of FP8 per-row / INT8 layers.
+
 bitsandbytes 4-bit layers use the bitsandbytes CUDA kernels when ``bnb_cuda_available()``; otherwise
 they are dequantized per call by our codec.
 

@@ -10,12 +10,16 @@ device path              fast for                               everything else
                          float8_e4m3fn (tensorwise)
 ``fp8_tensorwise``       float8_e4m3fn incl. MX re-expressed    dequantize + ``F.linear``
                          at load (``quant_data.to_tensorwise``)
+``fp8_rowwise`` feature  float8_e4m3fn_rowwise (W8A8, SM 8.9+)  dequantize + ``F.linear``
+``int8_tensorcore``      int8_tensorwise +- per_row (W8A8,      dequantize + ``F.linear``
+                         SM 8.0+)
 any CUDA + bitsandbytes  bnb_nf4 / bnb_fp4 (bitsandbytes        --
                          ``matmul_4bit``)
 ``dequant`` (CPU ...)    --                                     dequantize + ``F.linear``
 =======================  =====================================  ==================================
 
-On top of the device path, ``per_call`` picks per call by the number of rows (measured rule):
+On top of the device path, ``per_call`` picks per call by the number of rows (measured rule; the W8A8
+paths from ``INT8_MIN_ROWS`` / ``FP8_ROWWISE_MIN_ROWS`` rows, not yet measured):
 the FP8 GEMM only for large GEMMs; tensorwise / per-row-scaled 8-bit weights (FP8 tensorwise/rowwise,
 INT8 tensorwise/per-row) otherwise run the Triton 8-bit GEMV (<= 16 rows) or cast + GEMM + output
 scale on CUDA (``matmul_small``). Blockwise FP8/INT8 and NVFP4 dequantize per call (stored quantized,
