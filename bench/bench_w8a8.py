@@ -8,7 +8,8 @@ Needs a CUDA GPU (SM 8.0+ for INT8, 8.9+ for FP8). Flux.1 shapes (K, N). Median 
 - ``bf16``: ``F.linear(x, w_bf16)``, the baseline; every ratio is t_bf16 / t_path (> 1: faster).
 - ``int8 tensor`` / ``int8 row``: ``matmul_int8.int8_linear`` (one-launch int8 row quantizer,
   ``torch._int_mm``, Triton epilogue) on ``int8_tensorwise`` without / with ``per_row``; M <= 16 is
-  skipped (``_int_mm`` refuses it).
+  skipped (``_int_mm`` refuses it). ``int8 fused``: ``matmul_int8.int8_linear_fused`` (one Triton INT8
+  GEMM with the epilogue fused, per-row weight; every M), not used by the layers until measured.
 - ``fp8 rowwise``: ``matmul_fp8.fp8_rowwise_linear`` on ``float8_e4m3fn_rowwise``;
   ``fp8 tw-as-row``: the same GEMM on a tensorwise FP8 weight (scale expanded once);
   ``fp8 tensorwise``: today's tensorwise path (two-launch quantizer, ``matmul_fp8.fp8_linear``) --
@@ -86,6 +87,7 @@ def main():
                 fns["int8 tensor"] = lambda: matmul_int8.int8_linear(x, *t("int8 tensor"))
                 fns["int8 row"] = lambda: matmul_int8.int8_linear(x, *t("int8 row"))
                 fns["quant int8"] = lambda: act_quant.quantize_rows(x, torch.int8)
+            fns["int8 fused"] = lambda: matmul_int8.int8_linear_fused(x, *t("int8 row"))
             for key in ("int8 row", "fp8 rowwise", "fp8 tensorwise"):
                 shim = Shim(fmts[key][0], N, K, fmts[key][1])
                 fns[f"layer {key}"] = lambda shim=shim, key=key: linear_paths.run(shim, x, q[key], None, [])
@@ -99,7 +101,7 @@ def main():
                 r["speed_vs_bf16"][key] = bf16 / r["ms"][key]
                 if hasattr(fn, "shim"):
                     r["paths"][key] = fn.shim.hq_last_path
-                ref_key = key.removeprefix("layer ").replace("fp8 tw-as-row", "fp8 tensorwise")
+                ref_key = {"fp8 tw-as-row": "fp8 tensorwise", "int8 fused": "int8 row"}.get(key, key.removeprefix("layer "))
                 if not key.startswith("quant"):
                     ref = x.float() @ deq[ref_key].t()
                     r["rel_err"][key] = float((y.float() - ref).norm() / ref.norm())

@@ -139,6 +139,8 @@ def test_w8a8_kernels_vs_dequant_reference(per_row):
     y = matmul_int8.int8_linear(x, q8, s8, b)
     assert y.dtype == torch.bfloat16
     assert float((y.float() - ref).norm() / ref.norm()) < 0.01
+    yf = matmul_int8.int8_linear_fused(x, q8, s8, b)  # same int32 sums, same fp32 epilogue math
+    torch.testing.assert_close(yf.float(), y.float(), rtol=2**-7, atol=1e-3)
     sf = (amax / 448).float()
     qf = (w / sf).clamp(-448, 448).to(torch.float8_e4m3fn)
     ref = x.float() @ (qf.float() * sf).t() + b.float()

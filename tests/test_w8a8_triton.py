@@ -43,6 +43,14 @@ SCRIPT = textwrap.dedent("""
             assert torch.equal(y, I.epilogue_ref(acc, sx, sw, bias, torch.float32))  # same fp32 math
             yb = I.epilogue(acc, sx, sw, bias, torch.bfloat16).float()
             torch.testing.assert_close(yb, y, rtol=2**-7, atol=0)  # interpreter: bf16 cast truncates
+    for m, n, k, sw in ((3, 24, 40, torch.tensor(0.01)), (40, 72, 100, torch.rand(72, 1, generator=g))):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)  # fused INT8 GEMM: M < 17, K/N tails
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        b = torch.randn(n, generator=g)
+        y = I.int8_linear_fused(x, w, sw, b, out_dtype=torch.float32, blocks=(16, 16, 32))
+        xq, sx = A.quantize_rows_ref(x, torch.int8)
+        acc = (xq.to(torch.int64) @ w.to(torch.int64).t()).to(torch.int32)
+        assert torch.equal(y, I.epilogue_ref(acc, sx, sw, b, torch.float32))
     print("OK")
 """)
 
