@@ -13,6 +13,9 @@ logged once. Paths:
 - ``"dequant"``: everything else (CPU, MPS, older GPUs): weights stay stored quantized and are
   dequantized per layer per call, then ``F.linear``.
 
+Features on top of the path (``features``): ``fp8_rowwise`` (SM 8.9+, row-wise ``_scaled_mm``) and
+``int8_tensorcore`` (SM 8.0+ with ``torch._int_mm``) run the W8A8 kernels of FP8 per-row / INT8 layers.
+
 bitsandbytes 4-bit layers use the bitsandbytes CUDA kernels when ``bnb_cuda_available()``; otherwise
 they are dequantized per call by our codec.
 
@@ -87,6 +90,11 @@ def fp8_matmul_supported() -> bool:
     return hasattr(torch, "_scaled_mm") and hasattr(torch, "float8_e4m3fn")
 
 
+def int8_matmul_supported(capability: tuple[int, int] | None) -> bool:
+    """INT8 tensor cores through ``torch._int_mm``: NVIDIA SM 8.0+ (RTX 30xx, A100, Ada, Hopper)."""
+    return capability is not None and capability >= (8, 0) and hasattr(torch, "_int_mm")
+
+
 def decide_path(capability: tuple[int, int] | None) -> str:
     """Pure decision from an NVIDIA capability (None = not an NVIDIA GPU)."""
     if capability is None:
@@ -121,6 +129,7 @@ def path_for(device) -> str:
 # the device that the format lists decides its kernel).
 FEATURE_MX = PATH_MX
 FEATURE_FP8 = PATH_FP8
+FEATURE_FP8_ROWWISE = "fp8_rowwise"  # row-wise scaled FP8 _scaled_mm: SM 8.9+ (Ada, Hopper, Blackwell)
 FEATURE_INT8 = "int8_tensorcore"  # INT8 tensor cores (torch._int_mm): SM 8.0+ (RTX 30xx, A100, Ada, Hopper)
 FEATURE_CUDA = "cuda"  # any CUDA GPU (bitsandbytes kernels)
 
@@ -134,7 +143,8 @@ def features(device) -> tuple[str, ...]:
         out.append(FEATURE_MX)
     if path in (PATH_MX, PATH_FP8):
         out.append(FEATURE_FP8)
-    if cap is not None and cap >= (8, 0) and hasattr(torch, "_int_mm"):
+        out.append(FEATURE_FP8_ROWWISE)  # same gate: SM 8.9+ with torch._scaled_mm
+    if int8_matmul_supported(cap):
         out.append(FEATURE_INT8)
     if cap is not None or (torch.device(device).type == "cuda" and device_key(device) not in _override):
         out.append(FEATURE_CUDA)

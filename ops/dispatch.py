@@ -15,6 +15,8 @@ KERNEL_FP8 = "fp8"  # tensorwise FP8 torch._scaled_mm with a fused activation sc
 KERNEL_FP8_AT_LOAD = "fp8@load"  # MX weights re-expressed once as tensorwise FP8, then KERNEL_FP8
 KERNEL_MX = "mx"  # block-scaled MXFP8 scaled_mm (matmul_mx)
 KERNEL_BNB = "bnb"  # bitsandbytes matmul_4bit
+KERNEL_INT8 = "int8"  # W8A8 per-token int8 x int8 torch._int_mm + fused dequant epilogue (matmul_int8)
+KERNEL_FP8_ROWWISE = "fp8_rowwise"  # row-wise FP8 _scaled_mm, per-token activations (matmul_fp8)
 DEQUANT = "dequant"
 
 LABELS = {
@@ -22,6 +24,8 @@ LABELS = {
     KERNEL_FP8_AT_LOAD: "FP8 tensor-core matmul (re-expressed at load)",
     KERNEL_MX: "MXFP8 block-scaled matmul",
     KERNEL_BNB: "bitsandbytes CUDA kernels",
+    KERNEL_INT8: "INT8 tensor-core matmul (per-token activations)",
+    KERNEL_FP8_ROWWISE: "FP8 row-wise tensor-core matmul (per-token activations)",
     DEQUANT: "dequantize per layer, then bf16 matmul",
 }
 IMPLEMENTED = frozenset(LABELS) - {DEQUANT}

@@ -10,12 +10,16 @@ device path              fast for                               everything else
                          float8_e4m3fn (tensorwise)
 ``fp8_tensorwise``       float8_e4m3fn incl. MX re-expressed    dequantize + ``F.linear``
                          at load (``quant_data.to_tensorwise``)
+``fp8_rowwise`` feature  float8_e4m3fn_rowwise (W8A8, SM 8.9+)  dequantize + ``F.linear``
+``int8_tensorcore``      int8_tensorwise +- per_row (W8A8,      dequantize + ``F.linear``
+                         SM 8.0+)
 any CUDA + bitsandbytes  bnb_nf4 / bnb_fp4 (bitsandbytes        --
                          ``matmul_4bit``)
 ``dequant`` (CPU ...)    --                                     dequantize + ``F.linear``
 =======================  =====================================  ==================================
 
-On top of the device path, ``per_call`` picks per call by the number of rows (measured rule):
+On top of the device path, ``per_call`` picks per call by the number of rows (measured rule; the W8A8
+paths from ``INT8_MIN_ROWS`` / ``FP8_ROWWISE_MIN_ROWS`` rows, not yet measured):
 the FP8 GEMM only for large GEMMs; tensorwise / per-row-scaled 8-bit weights (FP8 tensorwise/rowwise,
 INT8 tensorwise/per-row) otherwise run the Triton 8-bit GEMV (<= 16 rows) or cast + GEMM + output
 scale on CUDA (``matmul_small``). Blockwise FP8/INT8 and NVFP4 dequantize per call (stored quantized,
@@ -31,7 +35,15 @@ import torch
 import torch.nn.functional as F
 
 from . import capabilities as caps
-from . import dispatch, matmul_fp8, matmul_mx, matmul_small
+from . import dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_small
+
+# W8A8 paths (per-token activations): the fewest rows that use them; fewer rows run the 8-bit GEMV /
+# cast+GEMM. To be measured on H200 (bench/bench_w8a8.py); 17 is torch._int_mm's own minimum.
+INT8_MIN_ROWS = matmul_int8.MIN_ROWS
+FP8_ROWWISE_MIN_ROWS = matmul_small.GEMV_MAX_ROWS + 1
+# Run tensorwise FP8 weights through the row-wise GEMM too (one-launch quantizer, scalar weight scale
+# expanded to [1, N] once). Off until measured on H200 to be at least as fast as the tensorwise path.
+TENSORWISE_AS_ROWWISE = False
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
 
@@ -43,6 +55,11 @@ def _pick(layer, x) -> str:
         return path
     path = dispatch.DEQUANT if layer.hq_fp_mm else dispatch.kernel_for(layer.hq_format, x.device)
     if path == dispatch.KERNEL_FP8 and not matmul_fp8.shapes_supported(layer.out_features, layer.in_features):
+        path = dispatch.DEQUANT
+    elif path == dispatch.KERNEL_INT8 and not matmul_int8.shapes_supported(layer.out_features, layer.in_features):
+        path = dispatch.DEQUANT
+    elif path == dispatch.KERNEL_FP8_ROWWISE and not matmul_fp8.shapes_supported(layer.out_features,
+                                                                                 layer.in_features):
         path = dispatch.DEQUANT
     elif path == dispatch.KERNEL_FP8_AT_LOAD:
         path = dispatch.DEQUANT  # not re-expressed at load (loaded elsewhere): stays stored as MX
@@ -58,6 +75,11 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
     8-bit GEMV (<= 16 rows) or cast + bf16 GEMM + output scale (``matmul_small``).
     """
     rows = x.numel() // x.shape[-1]
+    if path == "fp8" and TENSORWISE_AS_ROWWISE and caps.FEATURE_FP8_ROWWISE in caps.features(x.device):
+        path = "fp8_rowwise"
+    w8a8 = {"int8": INT8_MIN_ROWS, "fp8_rowwise": FP8_ROWWISE_MIN_ROWS}.get(path)
+    if w8a8 is not None and rows >= w8a8 and x.dtype in (torch.bfloat16, torch.float16):
+        return [path] + per_call("small", layer, x)
     if path == "fp8" and matmul_fp8.worth_it(rows, layer.out_features, layer.in_features):
         return ["fp8", "dequant"]
     if path in ("mx", "bnb"):
@@ -95,6 +117,10 @@ def _fast(path, layer, x, tensors, bias):
     if path == "fp8":
         return matmul_fp8.fp8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
                                      input_scale=layer.hq_static_input_scale, out_dtype=x.dtype)
+    if path == "int8":
+        return matmul_int8.int8_linear(x, tensors["weight"], tensors["weight_scale"], bias)
+    if path == "fp8_rowwise":
+        return matmul_fp8.fp8_rowwise_linear(x, tensors["weight"], _scale_b(layer, x, tensors), bias)
     if path == "gemv":
         return matmul_small.gemv(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "scaled_dequant":
@@ -105,6 +131,18 @@ def _fast(path, layer, x, tensors, bias):
     if path == "bnb":
         return _bnb_linear(layer, x, tensors, bias)
     raise ValueError(path)
+
+
+def _scale_b(layer, x, tensors):
+    """The [1, N] float32 weight scale of the row-wise FP8 GEMM, built once per layer and device (a
+    tensorwise scalar is expanded; cached until the layer's paths reset on load/move)."""
+    key = ("scale_b", caps.device_key(x.device))
+    s = tensors["weight_scale"]
+    hit = layer.hq_paths.get(key)
+    if hit is None or hit[0] is not s:
+        hit = (s, matmul_fp8.row_scale_b(s, layer.out_features))
+        layer.hq_paths[key] = hit
+    return hit[1]
 
 
 def dequant_linear(layer, x, tensors, bias, fns):

@@ -158,3 +158,32 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
     if bias is not None and not use_bias:
         out = out + bias.to(out_dtype)
     return out.reshape(*lead, w.shape[0])
+
+
+def row_scale_b(w_scale: torch.Tensor, n_out: int) -> torch.Tensor:
+    """The weight scale as the contiguous float32 [1, N] ``scale_b`` of a row-wise ``_scaled_mm``.
+
+    A per-row scale ([N] or [N, 1], float32) is a free view; a tensorwise scalar is expanded once --
+    callers cache the result per layer and device (``linear_paths``), so there is no per-call copy."""
+    s = w_scale.to(torch.float32)
+    if s.numel() == 1:
+        return s.reshape(1, 1).expand(1, n_out).contiguous()
+    if s.numel() != n_out:
+        raise ValueError(f"fp8 row-wise: weight scale must be a scalar or one per output row ({n_out}), "
+                         f"got {s.numel()}")
+    return s.reshape(1, n_out).contiguous()
+
+
+def fp8_rowwise_linear(x: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(w).T + bias`` via row-wise ``torch._scaled_mm`` (SM 8.9+): per-token e4m3
+    activations (``act_quant``, one launch) with ``scale_a`` [M, 1] and ``scale_b`` [1, N] float32
+    (``row_scale_b``). Row-wise scaling has a bf16 output only: fp16 inputs get a cast at the end."""
+    from . import act_quant
+
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    xq, sx = act_quant.quantize_rows(x2, torch.float8_e4m3fn)
+    b = bias.to(torch.bfloat16) if bias is not None else None
+    out = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=scale_b, bias=b, out_dtype=torch.bfloat16)
+    return out.to(x.dtype).reshape(*lead, w.shape[0])

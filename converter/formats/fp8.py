@@ -160,6 +160,7 @@ class FP8Rowwise(_FP8):
         name="float8_e4m3fn_rowwise", input_scale=True, label="FP8 per-row", family="fp8", color="#f0b25a",
         summary="8-bit float, one scale per output row: less error than one scale per tensor, same size",
         variants=(Variant("row", "FP8 (one scale per row)"),), scale_out=True,
+        kernels={"fp8_rowwise": "fp8_rowwise"},
         aliases=("fp8", "float8", "rowwise", "per-row"),
         advice=(("mxfp8", {}), ("float8_e4m3fn_blockwise", {"group_size": 128})))
     kind = "row"

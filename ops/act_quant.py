@@ -1,0 +1,115 @@
+"""Per-token (per-row) activation quantizer for the W8A8 paths: ONE Triton launch, no host sync.
+
+Spec (``x`` [M, K] bf16/fp16/fp32, any K; the reference ``quantize_rows_ref`` and the Triton kernel
+compute exactly the same codes and scales):
+
+- ``amax[m] = max_k |x[m, k]|`` in float32.
+- int8: ``scale[m] = amax[m] / 127``; ``q = clamp(rint(x / scale), -127, 127)`` as int8 -- round to
+  nearest, ties to even (``torch.round``; the kernel's 1.5 * 2^23 add/subtract), symmetric grid (-128 never written).
+- float8_e4m3fn: ``scale[m] = amax[m] / 448``; ``q = clamp(x / scale, -448, 448)`` cast to e4m3fn
+  (round to nearest even, as ``Tensor.to`` and the GPU's ``cvt.rn.satfinite``).
+- An all-zero row (amax == 0) gets ``scale = 1`` (the codes are 0 either way; never a 0 scale that
+  would turn the dequantized GEMM output into NaN). Same rule as the weight grids (``grids.py``).
+- The division is IEEE round-to-nearest (``div_rn``), not Triton's default approximate division, so
+  the codes match the reference bit for bit.
+- Output: codes [M, K] (int8 or float8_e4m3fn) and ``scale`` float32 [M, 1] -- the shape
+  ``torch._scaled_mm`` wants for row-wise ``scale_a`` and the epilogue of ``matmul_int8`` reads.
+
+One program per row: the row's amax over K (in ``CHUNKS`` unrolled chunks of ``BLOCK`` columns; the
+chunk count is a compile-time constant, so there is one compiled variant per distinct K bucket, a
+handful per model), then a second sweep that quantizes (re-reading the row, which is still in L2). No atomics, no host-side tensor other than
+the two outputs, so it is CUDA-graph capturable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .matmul_fp8 import _HAVE_TRITON
+
+INT8_MAX = 127.0
+E4M3_MAX = 448.0
+QMAX = {torch.int8: INT8_MAX, torch.float8_e4m3fn: E4M3_MAX}
+MAX_BLOCK = 4096  # columns per chunk of one program (K up to this is read in one chunk)
+
+if _HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rowquant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
+                         IS_INT8: tl.constexpr, QMAX_C: tl.constexpr, BLOCK: tl.constexpr,
+                         CHUNKS: tl.constexpr):
+        row = tl.program_id(0)
+        x_row = x_ptr + row.to(tl.int64) * stride_x
+        q_row = q_ptr + row.to(tl.int64) * stride_q
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c in tl.static_range(CHUNKS):
+            offs = c * BLOCK + tl.arange(0, BLOCK)
+            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        a = tl.max(amax, axis=0)
+        scale = tl.where(a > 0.0, tl.math.div_rn(a, QMAX_C), 1.0)
+        tl.store(s_ptr + row, scale)
+        for c in tl.static_range(CHUNKS):
+            offs = c * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < K
+            x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+            y = tl.math.div_rn(x, scale)
+            if IS_INT8:
+                # Clamp, then round half to even by adding and subtracting 1.5 * 2^23 (exact for
+                # |y| < 2^22; no fast-math in Triton, so the pair is not folded away). Same result
+                # as rint, and it also runs under the Triton interpreter (which lacks libdevice).
+                y = tl.minimum(tl.maximum(y, -QMAX_C), QMAX_C)
+                y = (y + 12582912.0) - 12582912.0
+                tl.store(q_row + offs, y.to(tl.int8), mask=mask)
+            else:
+                y = tl.minimum(tl.maximum(y, -QMAX_C), QMAX_C)
+                tl.store(q_row + offs, y.to(tl.float8e4nv), mask=mask)
+
+
+def _check(x: torch.Tensor, dtype: torch.dtype) -> None:
+    if x.ndim != 2:
+        raise ValueError(f"quantize_rows: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if dtype not in QMAX:
+        raise ValueError(f"quantize_rows: dtype must be torch.int8 or torch.float8_e4m3fn, got {dtype}")
+    if not x.is_floating_point():
+        raise ValueError(f"quantize_rows: x must be a float tensor, got {x.dtype}")
+
+
+def quantize_rows_ref(x: torch.Tensor, dtype: torch.dtype = torch.int8):
+    """Pure-torch reference of the spec above: ``(codes [M, K], scale float32 [M, 1])``."""
+    _check(x, dtype)
+    qmax = QMAX[dtype]
+    xf = x.to(torch.float32)
+    amax = xf.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    y = xf / scale
+    if dtype == torch.int8:
+        return y.round().clamp(-qmax, qmax).to(torch.int8), scale
+    return y.clamp(-qmax, qmax).to(torch.float8_e4m3fn), scale
+
+
+def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype = torch.int8):
+    """The one-launch Triton kernel (CUDA, or the Triton interpreter in tests)."""
+    _check(x, dtype)
+    if not _HAVE_TRITON:
+        raise NotImplementedError("quantize_rows_triton needs Triton")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=dtype, device=x.device)
+    s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    if m == 0:
+        return q, s
+    block = min(MAX_BLOCK, triton.next_power_of_2(max(k, 16)))
+    _rowquant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), IS_INT8=dtype == torch.int8,
+                           QMAX_C=QMAX[dtype], BLOCK=block, CHUNKS=triton.cdiv(k, block), num_warps=8 if block >= 2048 else 4)
+    return q, s
+
+
+def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.int8):
+    """Per-row codes and float32 [M, 1] scales: Triton on CUDA, the reference elsewhere."""
+    if _HAVE_TRITON and x.device.type == "cuda":
+        return quantize_rows_triton(x, dtype)
+    return quantize_rows_ref(x, dtype)

@@ -1,0 +1,61 @@
+"""The W8A8 Triton kernels (act_quant row quantizer, matmul_int8 epilogue) under the Triton
+interpreter on the CPU, against their pure-torch references. ``TRITON_INTERPRET=1`` must be set
+before triton is imported, so the checks run in a subprocess. The interpreter's e4m3 cast is wrong
+(it maps e.g. 124.3 to 64), so FP8 codes are checked bit-exact only on the GPU
+(tests/test_ops_gpu.py); here the FP8 scales are. Its bf16 cast truncates instead of rounding, so the
+epilogue is checked bit-exact with a float32 output and to one bf16 ulp with a bf16 output."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = textwrap.dedent("""
+    import torch
+    from hybridquant.ops import act_quant as A, matmul_int8 as I
+    g = torch.Generator().manual_seed(0)
+    for k in (7, 64, 300, 5000):  # tails, one chunk, several chunks (MAX_BLOCK = 4096)
+        for dt in (torch.int8, torch.float8_e4m3fn):
+            x = (torch.randn(4, k, generator=g) * 3).to(torch.bfloat16)
+            x[1] = 0
+            a = x[2].float().abs().max()
+            x[2, :3] = (torch.tensor([0.5, 1.5, -2.5]) * (a / 127)).to(torch.bfloat16)  # near ties
+            q, s = A.quantize_rows_triton(x, dt)
+            qr, sr = A.quantize_rows_ref(x, dt)
+            assert q.dtype == dt and s.shape == (4, 1) and s.dtype == torch.float32
+            assert torch.equal(s, sr), (k, dt)
+            if dt == torch.int8:
+                assert torch.equal(q, qr), (k, (q != qr).sum())
+    exact = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, 127.0, 3.5, 4.5]])
+    q, s = A.quantize_rows_triton(exact, torch.int8)
+    assert q.tolist() == [[0, 2, 2, 0, -2, 127, 4, 4]], q.tolist()  # ties to even
+    for sw in (torch.tensor(0.01), torch.rand(40, 1, generator=g)):
+        for bias in (None, torch.randn(40, generator=g).to(torch.bfloat16)):
+            acc = torch.randint(-2**20, 2**20, (70, 40), generator=g, dtype=torch.int32)
+            sx = torch.rand(70, 1, generator=g)
+            y = I.epilogue(acc, sx, sw, bias, torch.float32)
+            assert torch.equal(y, I.epilogue_ref(acc, sx, sw, bias, torch.float32))  # same fp32 math
+            yb = I.epilogue(acc, sx, sw, bias, torch.bfloat16).float()
+            torch.testing.assert_close(yb, y, rtol=2**-7, atol=0)  # interpreter: bf16 cast truncates
+    for m, n, k, sw in ((3, 24, 40, torch.tensor(0.01)), (40, 72, 100, torch.rand(72, 1, generator=g))):
+        x = torch.randn(m, k, generator=g).to(torch.bfloat16)  # fused INT8 GEMM: M < 17, K/N tails
+        w = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+        b = torch.randn(n, generator=g)
+        y = I.int8_linear_fused(x, w, sw, b, out_dtype=torch.float32, blocks=(16, 16, 32))
+        xq, sx = A.quantize_rows_ref(x, torch.int8)
+        acc = (xq.to(torch.int64) @ w.to(torch.int64).t()).to(torch.int32)
+        assert torch.equal(y, I.epilogue_ref(acc, sx, sw, b, torch.float32))
+    print("OK")
+""")
+
+
+def test_kernels_under_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
