@@ -1,0 +1,38 @@
+"""The 4-bit Triton kernels (ops/dequant4.py) on CPU under the Triton interpreter, and their dispatch.
+
+The kernels run in a subprocess (``dequant4_interpret_check.py``): TRITON_INTERPRET must be set before
+Triton is imported, and other modules of this process import it first. There: dequantize is bit-exact
+against the codecs' dequantize cast to bf16/fp16 (NVFP4 incl. padded shapes and two scale tiles,
+bitsandbytes NF4/FP4 nested or not, block sizes 32/64); the GEMV is within a derived bound of
+``x @ dequant(W).T`` (see the check script)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_kernels_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    script = Path(__file__).with_name("dequant4_interpret_check.py")
+    r = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert "FAILURES 0" in r.stdout
+    assert r.stdout.count("dequant ") >= 20 and r.stdout.count("gemv ") >= 10
+
+
+def test_bad_layout_is_a_clear_error():
+    import torch
+
+    from hybridquant.ops import dequant4
+
+    t = {"weight": torch.zeros(16, 4, dtype=torch.uint8), "weight_scale": torch.zeros(512, dtype=torch.float8_e4m3fn),
+         "weight_scale_2": torch.ones(())}
+    with pytest.raises(ValueError, match="nvfp4 weight must be contiguous uint8 \\[16, 8\\]"):
+        dequant4.dequantize_nvfp4(t, (16, 16))
