@@ -15,6 +15,7 @@ KERNEL_FP8 = "fp8"  # tensorwise FP8 torch._scaled_mm with a fused activation sc
 KERNEL_FP8_AT_LOAD = "fp8@load"  # MX weights re-expressed once as tensorwise FP8, then KERNEL_FP8
 KERNEL_MX = "mx"  # block-scaled MXFP8 scaled_mm (matmul_mx)
 KERNEL_BNB = "bnb"  # bitsandbytes matmul_4bit
+KERNEL_DQ4 = "dq4"  # our Triton 4-bit kernels: fused GEMV (few rows) / one-launch dequantize + GEMM (dequant4)
 DEQUANT = "dequant"
 
 LABELS = {
@@ -22,6 +23,7 @@ LABELS = {
     KERNEL_FP8_AT_LOAD: "FP8 tensor-core matmul (re-expressed at load)",
     KERNEL_MX: "MXFP8 block-scaled matmul",
     KERNEL_BNB: "bitsandbytes CUDA kernels",
+    KERNEL_DQ4: "4-bit Triton GEMV / one-pass dequantize + bf16 matmul",
     DEQUANT: "dequantize per layer, then bf16 matmul",
 }
 IMPLEMENTED = frozenset(LABELS) - {DEQUANT}

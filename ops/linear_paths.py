@@ -10,6 +10,9 @@ device path              fast for                               everything else
                          float8_e4m3fn (tensorwise)
 ``fp8_tensorwise``       float8_e4m3fn incl. MX re-expressed    dequantize + ``F.linear``
                          at load (``quant_data.to_tensorwise``)
+``triton_cuda`` (SM8.9+)  nvfp4 / bnb_nf4 / bnb_fp4: ``dq4``      bitsandbytes ``matmul_4bit``
+                         (``dequant4``: GEMV <= 16 rows, one-     (bnb layers), then dequantize
+                         launch dequantize to bf16 + F.linear)
 any CUDA + bitsandbytes  bnb_nf4 / bnb_fp4 (bitsandbytes        --
                          ``matmul_4bit``)
 ``dequant`` (CPU ...)    --                                     dequantize + ``F.linear``
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from . import capabilities as caps
-from . import dispatch, matmul_fp8, matmul_mx, matmul_small
+from . import dequant4, dispatch, matmul_fp8, matmul_mx, matmul_small
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
 
@@ -62,6 +65,8 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
         return ["fp8", "dequant"]
     if path in ("mx", "bnb"):
         return [path, "dequant"]
+    if path == "dq4":
+        return _dq4_per_call(rows, layer, x)
     out = []
     if (not layer.hq_fp_mm and x.device.type == "cuda" and dispatch.scale_factors_out(layer.hq_format)
             and x.dtype in (torch.bfloat16, torch.float16)):
@@ -104,7 +109,22 @@ def _fast(path, layer, x, tensors, bias):
                                    (layer.out_features, layer.in_features), bias)
     if path == "bnb":
         return _bnb_linear(layer, x, tensors, bias)
+    if path == "dq4_gemv":
+        return dequant4.gemv(layer, x, tensors, bias)
+    if path == "dq4":
+        return dequant4.dequant_linear(layer, x, tensors, bias)
     raise ValueError(path)
+
+
+def _dq4_per_call(rows, layer, x) -> list[str]:
+    """4-bit layers with the Triton kernels: the fused GEMV for few rows, else one-launch dequantize to
+    ``x.dtype`` + ``F.linear``; bitsandbytes layers keep ``matmul_4bit`` as the next fallback (first
+    when ``dequant4.BNB_FIRST``). An fp32 activation skips the kernels (they write bf16/fp16)."""
+    ours = []
+    if x.dtype in (torch.bfloat16, torch.float16):
+        ours = (["dq4_gemv"] if rows <= dequant4.GEMV_MAX_ROWS else []) + ["dq4"]
+    bnb = ["bnb"] if layer.hq_bnb is not None and caps.bnb_cuda_available(x.device) else []
+    return (bnb + ours if dequant4.BNB_FIRST else ours + bnb) + ["dequant"]
 
 
 def dequant_linear(layer, x, tensors, bias, fns):

@@ -36,3 +36,30 @@ def test_bad_layout_is_a_clear_error():
          "weight_scale_2": torch.ones(())}
     with pytest.raises(ValueError, match="nvfp4 weight must be contiguous uint8 \\[16, 8\\]"):
         dequant4.dequantize_nvfp4(t, (16, 16))
+
+
+class _Layer:
+    def __init__(self, fmt, bnb):
+        self.hq_format, self.hq_bnb, self.out_features, self.in_features = fmt, bnb, 64, 32
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "bnb_nf4", "bnb_fp4"])
+def test_dispatch_picks_dq4_and_per_call_thresholds(fmt, monkeypatch):
+    import torch
+
+    from hybridquant.ops import capabilities as caps
+    from hybridquant.ops import dequant4, dispatch, linear_paths
+
+    monkeypatch.setattr(caps, "features", lambda device: (caps.FEATURE_FP8, caps.FEATURE_TRITON, caps.FEATURE_CUDA))
+    monkeypatch.setattr(caps, "bnb_cuda_available", lambda device: True)
+    assert dispatch.kernel_for(fmt, "cpu") == dispatch.KERNEL_DQ4
+    monkeypatch.setattr(caps, "features", lambda device: (caps.FEATURE_CUDA,))  # no Triton / SM < 8.9
+    assert dispatch.kernel_for(fmt, "cpu") == ("bnb" if fmt.startswith("bnb") else dispatch.DEQUANT)
+    layer = _Layer(fmt, {"blocksize": 64} if fmt.startswith("bnb") else None)
+    bnb = ["bnb"] if fmt.startswith("bnb") else []
+    for rows, want in ((1, ["dq4_gemv", "dq4"]), (16, ["dq4_gemv", "dq4"]), (17, ["dq4"]), (4096, ["dq4"])):
+        x = torch.zeros(rows, 32, dtype=torch.bfloat16)
+        assert linear_paths.per_call("dq4", layer, x) == want + bnb + ["dequant"]
+    monkeypatch.setattr(dequant4, "BNB_FIRST", True)
+    assert linear_paths.per_call("dq4", layer, torch.zeros(2, 32, dtype=torch.bfloat16)) == bnb + ["dq4_gemv", "dq4", "dequant"]
+    assert linear_paths.per_call("dq4", layer, torch.zeros(2, 32)) == bnb + ["dequant"]  # fp32: no kernels

@@ -6,7 +6,8 @@ Tolerances (relative Frobenius error of the layer output vs ``x @ dequant(W).T``
   <= 2^-4 per element, ~2^-4/sqrt(3) RMS); bf16 output adds 2^-8. Bound 0.05.
 - MXFP8 / Hybrid re-expressed to tensorwise: same, plus the re-expression (exact for blocks within
   range of the scalar). Bound 0.05.
-- bitsandbytes and dequantize paths: weight exact, bf16 activations/output: bound 0.01.
+- bitsandbytes, 4-bit Triton (dq4: weight bit-exact in bf16) and dequantize paths: weight exact, bf16
+  activations/output: bound 0.01.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ class Wide(torch.nn.Module):
 
 
 EXPECTED = {"float8_e4m3fn": "fp8", "float8_e4m3fn+input_scale": "fp8", "mxfp8": "fp8", "hybrid_mxfp8": "fp8",
-            "bnb_nf4": "bnb", "bnb_nf4+nested": "bnb", "bnb_fp4": "bnb", "int8_tensorwise": "dequant",
-            "float8_e4m3fn_rowwise": "dequant", "int8_blockwise": "dequant", "nvfp4": "dequant"}
+            "bnb_nf4": "dq4", "bnb_nf4+nested": "dq4", "bnb_fp4": "dq4", "int8_tensorwise": "dequant",
+            "float8_e4m3fn_rowwise": "dequant", "int8_blockwise": "dequant", "nvfp4": "dq4"}
 
 
 SCALE_OUT = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fn_rowwise", "int8_tensorwise", "mxfp8", "hybrid_mxfp8"}
@@ -90,6 +91,8 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
         ys = m.b(torch.nn.functional.gelu(m.a(xs)))
         if case.split("+")[0] in SCALE_OUT:
             assert m.a.hq_last_path == expect, (rows, m.a.hq_last_path)
+        if EXPECTED[case] == "dq4":  # 4-bit Triton kernels (SM 8.9+): GEMV for few rows, dequantize + GEMM above
+            assert m.a.hq_last_path == ("dq4_gemv" if rows <= 16 else "dq4"), (rows, m.a.hq_last_path)
         hs = torch.nn.functional.gelu(xs.float() @ ref["a"].cuda().t() + ref["a.bias"].cuda())
         ys_ref = hs @ ref["b"].cuda().t()
         err_s = float((ys.float() - ys_ref).norm() / ys_ref.norm())
