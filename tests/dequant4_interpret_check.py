@@ -1,13 +1,11 @@
 """Run by tests/test_dequant4.py in a subprocess with TRITON_INTERPRET=1 (must be set before Triton is
 imported): the 4-bit Triton kernels on CPU against the codecs. Prints one line per check, exits 1 on
-any failure."""
+any failure. The GPU test in test_dequant4.py reuses its cases."""
 
 from __future__ import annotations
 
 import os
 import sys
-
-assert os.environ.get("TRITON_INTERPRET") == "1"
 
 import torch  # noqa: E402
 
@@ -44,6 +42,7 @@ def cases():
 
 
 def main() -> int:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1 (CPU) or via the GPU test"
     bad = 0
     for name, layer, q, fmt in cases():
         shape = (layer.out_features, layer.in_features)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+sys.path.insert(0, str(Path(__file__).parent))  # the check script, imported by the GPU test
+
 pytest.importorskip("triton")
 
 
@@ -63,3 +65,30 @@ def test_dispatch_picks_dq4_and_per_call_thresholds(fmt, monkeypatch):
     monkeypatch.setattr(dequant4, "BNB_FIRST", True)
     assert linear_paths.per_call("dq4", layer, torch.zeros(2, 32, dtype=torch.bfloat16)) == bnb + ["dq4_gemv", "dq4", "dequant"]
     assert linear_paths.per_call("dq4", layer, torch.zeros(2, 32)) == bnb + ["dequant"]  # fp32: no kernels
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+def test_kernels_on_gpu_bit_exact_and_gemv_bound():
+    """Same checks as the interpreter run, compiled for the GPU (native e4m3 loads, no FMA in the nested
+    absmax, bf16 dot): dequantize bit-exact vs the codec on the same device; GEMV within the bound."""
+    import dequant4_interpret_check as chk
+    import torch
+
+    from hybridquant.converter.formats import get_codec
+    from hybridquant.ops import dequant4 as dq
+
+    for name, layer, q, fmt in chk.cases():
+        q = {k: v.cuda() for k, v in q.items()}
+        shape = (layer.out_features, layer.in_features)
+        ref32 = get_codec(fmt).dequantize(q, shape, torch.float32)
+        for dtype in (torch.bfloat16, torch.float16):
+            y = dq.dequantize(layer, q, dtype)
+            assert torch.equal(y.view(torch.int16), ref32.to(dtype).view(torch.int16)), (name, dtype)
+        if layer.in_features % 2:
+            continue
+        for m in (1, 16):
+            x = torch.randn(m, layer.in_features, device="cuda").to(torch.bfloat16)
+            y = dq.gemv(layer, x, q, None).double()
+            ref = x.double() @ ref32.double().t()
+            tol = (2**-8 + layer.in_features * 2**-24) * (x.double().abs() @ ref32.double().abs().t()) + 2**-8 * ref.abs() + 1e-30
+            assert bool(((y - ref).abs() <= tol).all()), (name, m)
