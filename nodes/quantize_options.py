@@ -102,7 +102,7 @@ def default_choice(features: tuple[str, ...]) -> Choice:
     CPU) gets the smallest format with a kernel on any CUDA GPU, bitsandbytes NF4."""
     choices = primary_choices()
     for feature in features:
-        if feature == "cuda":
+        if feature in ("triton_cuda", "cuda"):  # kernels for any (recent) GPU: not a reason to pick a format
             break
         for c in choices:
             if feature in registry.get_spec(c.format).kernels:

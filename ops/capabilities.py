@@ -131,6 +131,7 @@ FEATURE_MX = PATH_MX
 FEATURE_FP8 = PATH_FP8
 FEATURE_FP8_ROWWISE = "fp8_rowwise"  # row-wise scaled FP8 _scaled_mm: SM 8.9+ (Ada, Hopper, Blackwell)
 FEATURE_INT8 = "int8_tensorcore"  # INT8 tensor cores (torch._int_mm): SM 8.0+ (RTX 30xx, A100, Ada, Hopper)
+FEATURE_TRITON = "triton_cuda"  # our Triton 4-bit kernels (ops/dequant4.py): SM 8.9+ (native e4m3 loads)
 FEATURE_CUDA = "cuda"  # any CUDA GPU (bitsandbytes kernels)
 
 
@@ -146,6 +147,8 @@ def features(device) -> tuple[str, ...]:
         out.append(FEATURE_FP8_ROWWISE)  # same gate: SM 8.9+ with torch._scaled_mm
     if int8_matmul_supported(cap):
         out.append(FEATURE_INT8)
+    if dq4_cuda(device):
+        out.append(FEATURE_TRITON)
     if cap is not None or (torch.device(device).type == "cuda" and device_key(device) not in _override):
         out.append(FEATURE_CUDA)
     return tuple(out)
@@ -187,6 +190,13 @@ def triton_cuda(device) -> bool:
     from .matmul_fp8 import _HAVE_TRITON
 
     return _HAVE_TRITON
+
+
+def dq4_cuda(device) -> bool:
+    """The 4-bit Triton kernels can run: Triton on CUDA and SM >= 8.9, where Triton converts the
+    e4m3 block scales natively (below it does not compile them)."""
+    cap = device_capability(device)
+    return cap is not None and cap >= (8, 9) and triton_cuda(device)
 
 
 def log_demotion(layer: str, path: str, err: BaseException) -> None:

@@ -17,6 +17,7 @@ KERNEL_MX = "mx"  # block-scaled MXFP8 scaled_mm (matmul_mx)
 KERNEL_BNB = "bnb"  # bitsandbytes matmul_4bit
 KERNEL_INT8 = "int8"  # W8A8 per-token int8 x int8 torch._int_mm + fused dequant epilogue (matmul_int8)
 KERNEL_FP8_ROWWISE = "fp8_rowwise"  # row-wise FP8 _scaled_mm, per-token activations (matmul_fp8)
+KERNEL_DQ4 = "dq4"  # our Triton 4-bit kernels: fused GEMV (few rows) / one-launch dequantize + GEMM (dequant4)
 DEQUANT = "dequant"
 
 LABELS = {
@@ -26,6 +27,7 @@ LABELS = {
     KERNEL_BNB: "bitsandbytes CUDA kernels",
     KERNEL_INT8: "INT8 tensor-core matmul (per-token activations)",
     KERNEL_FP8_ROWWISE: "FP8 row-wise tensor-core matmul (per-token activations)",
+    KERNEL_DQ4: "4-bit Triton GEMV / one-pass dequantize + bf16 matmul",
     DEQUANT: "dequantize per layer, then bf16 matmul",
 }
 IMPLEMENTED = frozenset(LABELS) - {DEQUANT}

@@ -13,6 +13,9 @@ device path              fast for                               everything else
 ``fp8_rowwise`` feature  float8_e4m3fn_rowwise (W8A8, SM 8.9+)  dequantize + ``F.linear``
 ``int8_tensorcore``      int8_tensorwise +- per_row (W8A8,      dequantize + ``F.linear``
                          SM 8.0+)
+``triton_cuda`` (SM8.9+)  nvfp4 / bnb_nf4 / bnb_fp4: ``dq4``      bitsandbytes ``matmul_4bit``
+                         (``dequant4``: GEMV <= 16 rows, one-     (bnb layers), then dequantize
+                         launch dequantize to bf16 + F.linear)
 any CUDA + bitsandbytes  bnb_nf4 / bnb_fp4 (bitsandbytes        --
                          ``matmul_4bit``)
 ``dequant`` (CPU ...)    --                                     dequantize + ``F.linear``
@@ -35,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from . import capabilities as caps
-from . import dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_small
+from . import dequant4, dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_small
 
 # W8A8 paths (per-token activations): the fewest rows that use them; fewer rows run the 8-bit GEMV /
 # cast+GEMM. To be measured on H200 (bench/bench_w8a8.py); 17 is torch._int_mm's own minimum.
@@ -46,6 +49,11 @@ FP8_ROWWISE_MIN_ROWS = matmul_small.GEMV_MAX_ROWS + 1
 TENSORWISE_AS_ROWWISE = False
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
+try:  # a Triton kernel that fails to compile on this GPU demotes the layer like any fast-path error
+    from triton.compiler.errors import CompilationError as _TritonCompileError
+    FAST_ERRORS += (_TritonCompileError,)
+except ImportError:  # no Triton (CPU-only installs)
+    pass
 
 
 def _pick(layer, x) -> str:
@@ -84,6 +92,8 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
         return ["fp8", "dequant"]
     if path in ("mx", "bnb"):
         return [path, "dequant"]
+    if path == "dq4":
+        return _dq4_per_call(rows, layer, x)
     out = []
     if (not layer.hq_fp_mm and x.device.type == "cuda" and dispatch.scale_factors_out(layer.hq_format)
             and x.dtype in (torch.bfloat16, torch.float16)):
@@ -130,6 +140,10 @@ def _fast(path, layer, x, tensors, bias):
                                    (layer.out_features, layer.in_features), bias)
     if path == "bnb":
         return _bnb_linear(layer, x, tensors, bias)
+    if path == "dq4_gemv":
+        return dequant4.gemv(layer, x, tensors, bias)
+    if path == "dq4":
+        return dequant4.dequant_linear(layer, x, tensors, bias)
     raise ValueError(path)
 
 
@@ -143,6 +157,17 @@ def _scale_b(layer, x, tensors):
         hit = (s, matmul_fp8.row_scale_b(s, layer.out_features))
         layer.hq_paths[key] = hit
     return hit[1]
+
+
+def _dq4_per_call(rows, layer, x) -> list[str]:
+    """4-bit layers with the Triton kernels: the fused GEMV for few rows, else one-launch dequantize to
+    ``x.dtype`` + ``F.linear``; bitsandbytes layers keep ``matmul_4bit`` as the next fallback (first
+    when ``dequant4.BNB_FIRST``). An fp32 activation skips the kernels (they write bf16/fp16)."""
+    ours = []
+    if x.dtype in (torch.bfloat16, torch.float16):
+        ours = (["dq4_gemv"] if rows <= dequant4.GEMV_MAX_ROWS else []) + ["dq4"]
+    bnb = ["bnb"] if layer.hq_bnb is not None and caps.bnb_cuda_available(x.device) else []
+    return (bnb + ours if dequant4.BNB_FIRST else ours + bnb) + ["dequant"]
 
 
 def dequant_linear(layer, x, tensors, bias, fns):

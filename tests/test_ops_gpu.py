@@ -9,7 +9,7 @@ Tolerances (relative Frobenius error of the layer output vs ``x @ dequant(W).T``
 - W8A8 paths (per-token activations, matmul_int8 / row-wise FP8): INT8 rounds each activation to
   <= 0.5/127 of its row's amax (~3 sigma for these Gaussian rows: ~0.007 RMS relative per layer, two
   layers): bound 0.03; row-wise e4m3 as FP8 above: bound 0.05.
-- bitsandbytes and dequantize paths: weight exact, bf16 activations/output: bound 0.01.
+- bitsandbytes, 4-bit Triton (dq4: weight bit-exact in bf16) and dequantize paths: weight exact, bf16 activations/output: bound 0.01.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ class Wide(torch.nn.Module):
 
 
 EXPECTED = {"float8_e4m3fn": "fp8", "float8_e4m3fn+input_scale": "fp8", "mxfp8": "fp8", "hybrid_mxfp8": "fp8",
-            "bnb_nf4": "bnb", "bnb_nf4+nested": "bnb", "bnb_fp4": "bnb", "int8_tensorwise": "int8",
-            "float8_e4m3fn_rowwise": "fp8_rowwise", "int8_blockwise": "dequant", "nvfp4": "dequant"}
+            "bnb_nf4": "dq4", "bnb_nf4+nested": "dq4", "bnb_fp4": "dq4", "int8_tensorwise": "int8",
+            "float8_e4m3fn_rowwise": "fp8_rowwise", "int8_blockwise": "dequant", "nvfp4": "dq4"}
 
 
 SCALE_OUT = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fn_rowwise", "int8_tensorwise", "mxfp8", "hybrid_mxfp8"}
@@ -94,6 +94,8 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
         ys = m.b(torch.nn.functional.gelu(m.a(xs)))
         if case.split("+")[0] in SCALE_OUT:
             assert m.a.hq_last_path == expect, (rows, m.a.hq_last_path)
+        if EXPECTED[case] == "dq4":  # 4-bit Triton kernels (SM 8.9+): GEMV for few rows, dequantize + GEMM above
+            assert m.a.hq_last_path == ("dq4_gemv" if rows <= 16 else "dq4"), (rows, m.a.hq_last_path)
         hs = torch.nn.functional.gelu(xs.float() @ ref["a"].cuda().t() + ref["a.bias"].cuda())
         ys_ref = hs @ ref["b"].cuda().t()
         err_s = float((ys.float() - ys_ref).norm() / ys_ref.norm())

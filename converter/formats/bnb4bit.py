@@ -445,7 +445,7 @@ class _BnbCodec(Codec):
 
 
 _BNB_COMMON = dict(family="bnb4bit", storage="flat", four_bit=True, writes_comfy_quant=False, custom=False,
-                   clipping=True, kernels={"cuda": "bnb"})
+                   clipping=True, kernels={"triton_cuda": "dq4", "cuda": "bnb"})
 
 
 class BnbNF4(_BnbCodec):

@@ -90,10 +90,10 @@ def _check_group_size(opts) -> None:
 class NVFP4(Codec):
     spec = FormatSpec(
         name="nvfp4", label="NVFP4", family="nvfp4", color="#d8505a",
-        summary="4-bit float with an FP8 scale per 16 weights: about a quarter of bf16's size; native FP4 "
-                "matmul only on Blackwell, dequantized elsewhere",
+        summary="4-bit float with an FP8 scale per 16 weights: about a quarter of bf16's size; our Triton "
+                "4-bit kernels on NVIDIA SM 8.9+ (Ada, Hopper, Blackwell), dequantized elsewhere",
         variants=(Variant("", "NVFP4 (4-bit, scale per 16 weights)"),), storage="padded", four_bit=True,
-        clipping=True, aliases=("nvfp4", "fp4", "4-bit", "4bit", "blackwell"),
+        clipping=True, kernels={"triton_cuda": "dq4"}, aliases=("nvfp4", "fp4", "4-bit", "4bit", "blackwell"),
         advice=(("bnb_nf4", {"blocksize": 64}),), budget_steps=({},))
 
     def logical_shape(self, stored, meta=None):

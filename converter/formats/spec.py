@@ -17,7 +17,7 @@ Vocabulary
   ``orig_shape``, readers never guess it), ``"flat"`` (packed over the flattened tensor; the logical
   shape lives in the format's own serialization, e.g. the bitsandbytes quant state).
 - ``kernels``: device path (``ops.capabilities``: ``"mx_blockscaled"``, ``"fp8_tensorwise"``,
-  ``"int8_tensorcore"``, ``"fp8_rowwise"``, ``"cuda"`` for any CUDA GPU) -> the id of the fast kernel the ops run for
+  ``"int8_tensorcore"``, ``"fp8_rowwise"``, ``"triton_cuda"`` for the 4-bit Triton kernels, ``"cuda"`` for any CUDA GPU) -> the id of the fast kernel the ops run for
   this format there. A device path not listed means "dequantize per call". Ids are the ops' business
   (``ops/linear_paths.py``); a format only names them.
 """
