@@ -434,7 +434,6 @@ class Runner:
             print(f"[bench_model] {case.kind} {fmt} {row['size']} compile={compile_} lora={lora}: "
                   f"ms={row.get('ms')} graph={row.get('gpu_only_ms')} host={row.get('host_ms')} "
                   f"err={row.get('rel_err')}", flush=True)
-            del x, kw
 
     def format_rows(self, case, fmt, path, sizes, stock, lora_sd):
         t = time.monotonic()
@@ -453,8 +452,8 @@ class Runner:
             unload()
             patcher = load(path, stock)
         if self.a.compile and fmt in self.a.compile_formats:
-            from comfy_api.torch_helpers import set_torch_compile_wrapper
             import comfy.model_management as mm
+            from comfy_api.torch_helpers import set_torch_compile_wrapper
 
             cp = patcher.clone()
             set_torch_compile_wrapper(model=cp, backend="inductor")
