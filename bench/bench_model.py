@@ -5,6 +5,7 @@ CUDA graph and torch.compile, LoRA, against bf16 and stock ComfyUI FP8 measured 
         [--models flux,wan] [--formats float8_e4m3fn,bnb_nf4,...] [--sizes 512,1024,1536] \
         [--depth 5 10 | --full] [--compile] [--lora] [--json F] [--md F] [--budget-s S]
     python bench/bench_model.py --device cpu --tiny --json out.json     # end-to-end smoke run (CPU)
+    python bench/bench_model.py --merge a.json b.json --json all.json --md all.md   # join split runs
 
 Flow per model: seeded bf16 weights (std 0.5/sqrt(fan_in), norms 1, biases ~0) saved under real key names
 (``model.diffusion_model.*``) -> ``converter.convert_file`` with the model's preset per format -> loaded by
@@ -456,7 +457,7 @@ class Runner:
             from comfy_api.torch_helpers import set_torch_compile_wrapper
 
             cp = patcher.clone()
-            set_torch_compile_wrapper(model=cp, backend="inductor")
+            set_torch_compile_wrapper(model=cp, backend=self.a.compile_backend)
             mm.load_models_gpu([cp], force_full_load=True)
             self.measure(case, fmt, cp, [s for s in sizes if s in self.a.compile_sizes] or sizes[:1],
                          stock=stock, compile_=True, weights_gb=wgb, extra=dict(extra))
@@ -601,6 +602,8 @@ def parse_args(argv=None):
     ap.add_argument("--compile", action="store_true", help="add torch.compile rows (TorchCompileModel's wrapper)")
     ap.add_argument("--compile-formats", default=",".join(COMPILE_DEFAULT))
     ap.add_argument("--compile-sizes", default="1024")
+    ap.add_argument("--compile-backend", default="inductor", help="TorchCompileModel's backend (inductor, cudagraphs; "
+                    "eager/aot_eager to check the mechanism)")
     ap.add_argument("--lora", action="store_true", help="add rank --lora-rank LoRA rows")
     ap.add_argument("--lora-rank", type=int, default=64)
     ap.add_argument("--lora-formats", default="all")
@@ -617,7 +620,33 @@ def parse_args(argv=None):
     return a
 
 
+def merge(paths, json_out, md_out):
+    """One JSON/MD from several runs (e.g. a split across GPU calls): rows concatenated with ``run`` = the
+    index of their file; each run's ratios stay against the baselines of its own process."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    rows = [dict(r, run=i) for i, res in enumerate(runs) for r in res["rows"]]
+    head = runs[0]
+    result = {"device": head["device"], "torch": head["torch"], "commit": head["commit"],
+              "comfyui": head.get("comfyui"), "rows": rows,
+              "notes": [n for res in runs for n in res.get("notes", [])],
+              "runs": [{"file": os.fspath(p), "commit": res["commit"], "command": res.get("command")} for p, res in zip(paths, runs)]}
+    command = "; ".join(res.get("command") or "?" for res in runs)
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    md = markdown(result, command)
+    if md_out:
+        Path(md_out).write_text(md)
+    print(md)
+
+
 def main(argv=None):
+    if (argv if argv is not None else sys.argv[1:])[:1] == ["--merge"]:
+        ap = argparse.ArgumentParser(prog="bench_model.py --merge")
+        ap.add_argument("--merge", nargs="+", required=True)
+        ap.add_argument("--json")
+        ap.add_argument("--md")
+        m = ap.parse_args(argv)
+        return merge(m.merge, m.json, m.md)
     a = parse_args(argv)
     dev = torch.device(a.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -652,6 +681,7 @@ def main(argv=None):
               "commit": commit(), "comfyui": version, "rows": r.rows, "notes": r.notes,
               "elapsed_s": round(time.monotonic() - r.t0, 1)}
     command = "python bench/bench_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    result["command"] = command
     md = markdown(result, command)
     print(md)
     if a.json:

@@ -51,3 +51,12 @@ def test_bench_model_tiny_cpu(comfyui_path, tmp_path):
         if r.get("lora"):
             assert r["lora_overhead"] is not None
     assert "| model | format |" in md.read_text()
+    # Split runs join into one file: rows concatenated and tagged with their run.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_model", REPO / "bench" / "bench_model.py")
+    bm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bm)
+    bm.merge([out, out], tmp_path / "all.json", tmp_path / "all.md")
+    merged = json.loads((tmp_path / "all.json").read_text())
+    assert len(merged["rows"]) == 2 * len(rows) and {r["run"] for r in merged["rows"]} == {0, 1}
