@@ -56,7 +56,11 @@ def test_bench_model_tiny_cpu(comfyui_path, tmp_path):
 
     spec = importlib.util.spec_from_file_location("bench_model", REPO / "bench" / "bench_model.py")
     bm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bm)
+    sys.modules["bench_model"] = bm  # its dataclass looks its module up there
+    try:
+        spec.loader.exec_module(bm)
+    finally:
+        sys.modules.pop("bench_model", None)
     bm.merge([out, out], tmp_path / "all.json", tmp_path / "all.md")
     merged = json.loads((tmp_path / "all.json").read_text())
     assert len(merged["rows"]) == 2 * len(rows) and {r["run"] for r in merged["rows"]} == {0, 1}
