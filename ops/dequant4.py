@@ -44,11 +44,16 @@ from ..converter.formats.bnb4bit import TABLES
 from .matmul_fp8 import _HAVE_TRITON
 
 FORMATS = frozenset({"nvfp4", "bnb_nf4", "bnb_fp4"})
-GEMV_MAX_ROWS = 16  # the fused kernel runs up to this many rows; above, dequantize + F.linear
-# bnb layers: try bitsandbytes' matmul_4bit before our kernels. False until bench/bench_dequant4.py
-# says bitsandbytes is faster on the target GPU (its M > 1 path is also dequantize + GEMM, in 2-3
-# launches with the nested absmax, against one launch here).
-BNB_FIRST = False
+# The fused GEMV runs up to this many rows; above, dequantize + F.linear. OFF (0): measured on the H200
+# (bench/bench_dequant4.py, bench/RESULTS_dequant4_H200.md) the GEMV is slower than bf16 at every M
+# (NF4 0.05-0.07x, NVFP4 0.1-0.3x: per-element code decode and scale gather) and slower than one-launch
+# dequantize + F.linear; enable again once it beats both.
+GEMV_MAX_ROWS = 0
+# bnb layers: try bitsandbytes' matmul_4bit before our kernels. Measured on the H200: its 4-bit GEMV
+# at M=1 is 1.25x bf16 (ours 0.07x) and at M=4096 it ties our dequantize + GEMM (0.94x vs 0.93x), so
+# bitsandbytes goes first; NVFP4 (no bitsandbytes path) uses our one-launch dequantize (0.92x at
+# M=4096 vs 0.44x for the old float32 codec path).
+BNB_FIRST = True
 # Under the Triton interpreter (CPU tests) there is no GPU to autotune on: the first config is used.
 _AUTOTUNE = os.environ.get("TRITON_INTERPRET", "0") != "1"
 _MAX_ELEMS = 2**31 - 1  # int32 index arithmetic in the kernels

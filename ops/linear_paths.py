@@ -41,9 +41,12 @@ from . import capabilities as caps
 from . import dequant4, dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_small
 
 # W8A8 paths (per-token activations): the fewest rows that use them; fewer rows run the 8-bit GEMV /
-# cast+GEMM. To be measured on H200 (bench/bench_w8a8.py); 17 is torch._int_mm's own minimum.
-INT8_MIN_ROWS = matmul_int8.MIN_ROWS
-FP8_ROWWISE_MIN_ROWS = matmul_small.GEMV_MAX_ROWS + 1
+# cast+GEMM. Measured on the H200 (bench/bench_w8a8.py, bench/RESULTS_W8A8_H200.json): at M=256 both
+# W8A8 layers are far slower than bf16 (0.07-0.40x, launch-bound), at M >= 1024 row-wise FP8 reaches
+# 1.37-1.45x on the 3072x12288 shape; INT8 (_int_mm + epilogue) stays at 0.65-0.77x, no better than
+# the cast + GEMM it replaces. 1024 keeps both off where they lose. (torch._int_mm's own minimum is 17.)
+INT8_MIN_ROWS = max(matmul_int8.MIN_ROWS, 1024)
+FP8_ROWWISE_MIN_ROWS = 1024
 # Run tensorwise FP8 weights through the row-wise GEMM too (one-launch quantizer, scalar weight scale
 # expanded to [1, N] once). Off until measured on H200 to be at least as fast as the tensorwise path.
 TENSORWISE_AS_ROWWISE = False

@@ -59,6 +59,8 @@ def test_dispatch_picks_dq4_and_per_call_thresholds(fmt, monkeypatch):
     assert dispatch.kernel_for(fmt, "cpu") == ("bnb" if fmt.startswith("bnb") else dispatch.DEQUANT)
     layer = _Layer(fmt, {"blocksize": 64} if fmt.startswith("bnb") else None)
     bnb = ["bnb"] if fmt.startswith("bnb") else []
+    monkeypatch.setattr(dequant4, "GEMV_MAX_ROWS", 16)  # the rule, independent of the measured default
+    monkeypatch.setattr(dequant4, "BNB_FIRST", False)
     for rows, want in ((1, ["dq4_gemv", "dq4"]), (16, ["dq4_gemv", "dq4"]), (17, ["dq4"]), (4096, ["dq4"])):
         x = torch.zeros(rows, 32, dtype=torch.bfloat16)
         assert linear_paths.per_call("dq4", layer, x) == want + bnb + ["dequant"]

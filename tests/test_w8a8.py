@@ -96,7 +96,8 @@ def _layer(fmt, n=32, k=64):
 def test_per_call_thresholds(cap):
     cap((9, 0))
     lay = _layer("int8_tensorwise")
-    big, small = torch.zeros(17, 64, dtype=torch.bfloat16), torch.zeros(16, 64, dtype=torch.bfloat16)
+    big = torch.zeros(linear_paths.INT8_MIN_ROWS, 64, dtype=torch.bfloat16)
+    small = torch.zeros(linear_paths.INT8_MIN_ROWS - 1, 64, dtype=torch.bfloat16)
     assert linear_paths._pick(lay, big) == "int8"
     assert linear_paths.per_call("int8", lay, big) == ["int8", "dequant"]  # CPU: no GEMV / cast paths
     assert linear_paths.per_call("int8", lay, small) == ["dequant"]
@@ -109,15 +110,16 @@ def test_per_call_thresholds(cap):
 def test_tensorwise_as_rowwise_switch(cap, monkeypatch):
     cap((9, 0))
     lay = _layer("float8_e4m3fn")
-    x = torch.zeros(64, 64, dtype=torch.bfloat16)
+    x = torch.zeros(linear_paths.FP8_ROWWISE_MIN_ROWS, 64, dtype=torch.bfloat16)
     assert linear_paths.per_call("fp8", lay, x)[0] != "fp8_rowwise"
     monkeypatch.setattr(linear_paths, "TENSORWISE_AS_ROWWISE", True)
     assert linear_paths.per_call("fp8", lay, x)[0] == "fp8_rowwise"
 
 
-def test_run_int8_on_cpu_with_mocked_capability(cap):
+def test_run_int8_on_cpu_with_mocked_capability(cap, monkeypatch):
     """The dispatch runs the real int8 path (CPU _int_mm) and caches nothing per call."""
     cap((9, 0))
+    monkeypatch.setattr(linear_paths, "INT8_MIN_ROWS", 17)  # the rule at _int_mm's minimum, small test
     lay = _layer("int8_tensorwise", n=16, k=32)
     lay.hq_dequantize = lambda t, dt: t["weight"].float() * t["weight_scale"]
     g = torch.Generator().manual_seed(4)
