@@ -69,6 +69,10 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 65)  # the FP8 GEMM at 128 rows on these small layers
     monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
+    from hybridquant.ops import linear_paths as lp
+
+    monkeypatch.setattr(lp, "INT8_MIN_ROWS", 65)  # likewise the W8A8 kernels (measured default: 1024 rows)
+    monkeypatch.setattr(lp, "FP8_ROWWISE_MIN_ROWS", 65)
 
     if case in H.CODEC_CASES and not H.codec_available(case.split("+")[0]):
         pytest.skip("codec missing")
