@@ -18,7 +18,7 @@ import torch
 
 from hybridquant.converter import detection
 from hybridquant.converter.convert import quantize_state_dict
-from hybridquant.converter.formats import registry
+from hybridquant.converter.formats import FormatError, registry
 from hybridquant.converter.plan import Planner, PlanOptions
 
 
@@ -118,7 +118,13 @@ def test_stock_detection_same_config_for_every_format(comfy, arch):
     prefixes = ("", "model.diffusion_model.") if kind == "unet" else ("",)
     for fam in _families():
         for prefix in prefixes:  # bare diffusion-model files and full checkpoints' prefix
-            out, _, _ = quantize_state_dict({prefix + k: v for k, v in sd.items()}, PlanOptions(mode=fam),
-                                            error_stats=False)
+            try:
+                out, _, _ = quantize_state_dict({prefix + k: v for k, v in sd.items()}, PlanOptions(mode=fam),
+                                                error_stats=False)
+            except FormatError as e:
+                # ConvRot formats need in_features a multiple of their group (256): these synthetic
+                # widths (64/128) are below it, so the family cannot write this dict at all.
+                assert "convrot_groupsize" in str(e), e
+                continue
             got = _detect(comfy, kind, out, prefix)
             assert got == want, f"{arch} as {fam} (prefix {prefix!r}): ComfyUI detects {got} instead of {want}"

@@ -351,6 +351,8 @@ app.registerExtension({
       def.__hqTitle = def.display_name;
       const short = [...new Set(Object.values(FORMATS.byName).filter((f) => f.summary !== "not quantized")
         .map((f) => f.label.split(" ")[0].toLowerCase()))].filter((w) => /\d/.test(w))
+        // bit notation ("w4a8") is no search word for 1.32's name search and pushes the others back
+        .filter((w) => !/^w\d/.test(w))
         // a word inside another one ("fp8" in "mxfp8") is found through it: keep the name short
         .filter((w, _, all) => !all.some((o) => o !== w && o.includes(w)));
       def.display_name = `${short.join(" ")} · ${def.display_name}`;
