@@ -18,6 +18,8 @@ import json
 
 import torch
 import torch.nn.functional as F
+from layer_shim import LayerShim as Shim
+from layer_shim import bench
 
 from hybridquant.converter.formats import get_codec
 from hybridquant.converter.formats.bnb4bit import read_quant_state
@@ -25,26 +27,6 @@ from hybridquant.ops import dequant4, linear_paths
 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072)]  # (K, N)
 MS = [1, 4, 16, 256, 1024, 4096]
-
-
-def bench(fn):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
-
-
-class Shim:
-    """The attributes ``linear_paths.run`` reads from a HybridQuant Linear."""
-
-    def __init__(self, fmt, n, k, bnb=None, opts=None):
-        self.hq_format, self.out_features, self.in_features, self.hq_bnb = fmt, n, k, bnb
-        self.hq_paths, self.hq_fp_mm, self.hq_name, self.hq_static_input_scale = {}, False, f"bench {fmt}", None
-        self.hq_opts = opts or {}
-        if bnb is not None and "nested_offset" in bnb:
-            self.hq_bnb_offset = torch.tensor(float(bnb["nested_offset"]), device="cuda")
-
-    def hq_dequantize(self, tensors, dtype):
-        return get_codec(self.hq_format).dequantize(tensors, (self.out_features, self.in_features), dtype, **self.hq_opts)
 
 
 def main():

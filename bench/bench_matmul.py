@@ -23,36 +23,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from layer_shim import LayerShim as Shim
+from layer_shim import bench, rel_err
 
 from hybridquant.converter.formats import get_codec  # noqa: E402
 from hybridquant.ops import linear_paths, matmul_fp8, quant_data  # noqa: E402
 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072)]
 MS = [1, 256, 4096]
-
-
-def bench(fn):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
-
-
-def rel_err(y, ref):
-    return float((y.float() - ref).norm() / ref.norm())
-
-
-class Shim:
-    """The attributes ``linear_paths.run`` reads from a HybridQuant Linear (no ComfyUI on the bench box):
-    timing ``run`` times exactly the per-call dispatch the layer uses."""
-
-    def __init__(self, fmt, n, k, bnb_meta=None, opts=None):
-        self.hq_format, self.out_features, self.in_features = fmt, n, k
-        self.hq_paths, self.hq_fp_mm, self.hq_name = {}, False, f"bench {fmt}"
-        self.hq_static_input_scale, self.hq_bnb, self.hq_opts = None, bnb_meta, opts or {}
-
-    def hq_dequantize(self, tensors, dtype):
-        return get_codec(self.hq_format).dequantize(tensors, (self.out_features, self.in_features), dtype,
-                                                    **self.hq_opts)
 
 
 def main():
@@ -87,8 +65,7 @@ def main():
             sdq = qs.as_dict(packed=True)
             t4 = {"weight": packed, **{f"weight.{k}": v for k, v in sdq.items()}}
             meta = quant_data.parse_json_tensor(sdq["quant_state.bitsandbytes__nf4"])
-            layers["nf4"] = (Shim("bnb_nf4", N, K, bnb_meta=meta, opts={"blocksize": 64}), t4)
-            layers["nf4"][0].hq_bnb_offset = torch.tensor(float(meta["nested_offset"]), device=dev)
+            layers["nf4"] = (Shim("bnb_nf4", N, K, bnb=meta, opts={"blocksize": 64}), t4)
             deq["nf4"] = bf.dequantize_4bit(packed, qs).float()
         for M in MS:
             x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)

@@ -28,30 +28,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from layer_shim import LayerShim, bench, rel_err
 
 from hybridquant.converter.formats import get_codec
 from hybridquant.ops import act_quant, linear_paths, matmul_fp8, matmul_int8
 
 SHAPES = [(3072, 3072), (3072, 12288), (12288, 3072), (3072, 9216), (15360, 3072)]
 MS = [1, 16, 256, 1024, 4096, 4608]
-
-
-def bench(fn):
-    import triton.testing
-
-    return triton.testing.do_bench(fn, warmup=25, rep=150, return_mode="median")
-
-
-class Shim:
-    """The attributes ``linear_paths.run`` reads from a HybridQuant Linear."""
-
-    def __init__(self, fmt, n, k, opts):
-        self.hq_format, self.out_features, self.in_features, self.opts = fmt, n, k, opts
-        self.hq_paths, self.hq_fp_mm, self.hq_name, self.hq_static_input_scale = {}, False, f"bench {fmt}", None
-
-    def hq_dequantize(self, tensors, dtype):  # the fallback path, if the layer takes it
-        return get_codec(self.hq_format).dequantize(tensors, (self.out_features, self.in_features), dtype,
-                                                    **self.opts)
 
 
 def main():
@@ -89,7 +72,7 @@ def main():
                 fns["quant int8"] = lambda: act_quant.quantize_rows(x, torch.int8)
             fns["int8 fused"] = lambda: matmul_int8.int8_linear_fused(x, *t("int8 row"))
             for key in ("int8 row", "fp8 rowwise", "fp8 tensorwise"):
-                shim = Shim(fmts[key][0], N, K, fmts[key][1])
+                shim = LayerShim(fmts[key][0], N, K, opts=fmts[key][1])
                 fns[f"layer {key}"] = lambda shim=shim, key=key: linear_paths.run(shim, x, q[key], None, [])
                 fns[f"layer {key}"]()
                 fns[f"layer {key}"].shim = shim
@@ -104,7 +87,7 @@ def main():
                 ref_key = {"fp8 tw-as-row": "fp8 tensorwise", "int8 fused": "int8 row"}.get(key, key.removeprefix("layer "))
                 if not key.startswith("quant"):
                     ref = x.float() @ deq[ref_key].t()
-                    r["rel_err"][key] = float((y.float() - ref).norm() / ref.norm())
+                    r["rel_err"][key] = rel_err(y, ref)
             tw, rw = r["ms"]["fp8 tensorwise"], r["ms"]["fp8 rowwise"]
             r["rowwise_vs_tensorwise"] = tw / rw
             rows.append(r)
