@@ -43,7 +43,6 @@ from ..converter.formats.blocked_layout import blocked_shape
 from ..converter.formats.bnb4bit import TABLES
 from .matmul_fp8 import _HAVE_TRITON
 
-FORMATS = frozenset({"nvfp4", "bnb_nf4", "bnb_fp4"})
 # The fused GEMV runs up to this many rows; above, dequantize + F.linear. OFF (0): measured on the H200
 # (bench/bench_dequant4.py, bench/RESULTS_dequant4_H200.md) the GEMV is slower than bf16 at every M
 # (NF4 0.05-0.07x, NVFP4 0.1-0.3x: per-element code decode and scale gather) and slower than one-launch

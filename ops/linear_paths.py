@@ -65,12 +65,9 @@ def _pick(layer, x) -> str:
     if path is not None:
         return path
     path = dispatch.DEQUANT if layer.hq_fp_mm else dispatch.kernel_for(layer.hq_format, x.device)
-    if path == dispatch.KERNEL_FP8 and not matmul_fp8.shapes_supported(layer.out_features, layer.in_features):
-        path = dispatch.DEQUANT
-    elif path == dispatch.KERNEL_INT8 and not matmul_int8.shapes_supported(layer.out_features, layer.in_features):
-        path = dispatch.DEQUANT
-    elif path == dispatch.KERNEL_FP8_ROWWISE and not matmul_fp8.shapes_supported(layer.out_features,
-                                                                                 layer.in_features):
+    shape_ok = {dispatch.KERNEL_FP8: matmul_fp8.shapes_supported, dispatch.KERNEL_FP8_ROWWISE: matmul_fp8.shapes_supported,
+                dispatch.KERNEL_INT8: matmul_int8.shapes_supported}.get(path)
+    if shape_ok is not None and not shape_ok(layer.out_features, layer.in_features):
         path = dispatch.DEQUANT
     elif path == dispatch.KERNEL_FP8_AT_LOAD:
         path = dispatch.DEQUANT  # not re-expressed at load (loaded elsewhere): stays stored as MX
