@@ -9,16 +9,28 @@ from __future__ import annotations
 
 import comfy.ops
 
+from .direct import make_direct
 from .layers import make_linear
+
+# Every manual_cast layer class this core has, but Embedding (its input is indices: never direct).
+_DIRECT = [n for n in ("Conv1d", "Conv2d", "Conv3d", "BatchNorm2d", "GroupNorm", "LayerNorm", "RMSNorm",
+                       "ConvTranspose1d", "ConvTranspose2d")
+           if hasattr(comfy.ops.manual_cast, n) and hasattr(comfy.ops.disable_weight_init, n)]
 
 
 class HybridQuantOps(comfy.ops.manual_cast):
     """ComfyUI ops for every HybridQuant layout (FP8, INT8, MXFP8, Hybrid MXFP8, NVFP4, bitsandbytes 4-bit,
-    legacy scaled FP8, header-only and mixed files); plain layers behave exactly as stock ComfyUI."""
+    legacy scaled FP8, header-only and mixed files); plain layers behave exactly as stock ComfyUI
+    (``manual_cast``, with the direct call of ``ops/direct.py`` when nothing needs casting)."""
 
     hybridquant = True
 
-    Linear = make_linear(comfy.ops.manual_cast.Linear)
+    Linear = make_linear(make_direct(comfy.ops.manual_cast.Linear, comfy.ops.disable_weight_init.Linear))
+
+
+for _name in _DIRECT:
+    setattr(HybridQuantOps, _name, make_direct(getattr(comfy.ops.manual_cast, _name),
+                                               getattr(comfy.ops.disable_weight_init, _name)))
 
 
 HybridBNB4bitOps = HybridQuantOps

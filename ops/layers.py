@@ -30,7 +30,7 @@ import torch
 
 from ..converter.formats import FormatError, get_codec
 from . import capabilities as caps
-from . import dispatch, linear_paths
+from . import direct, dispatch, linear_paths
 from . import quant_data as qd
 from . import transforms as hq_tf
 
@@ -115,6 +115,7 @@ def make_linear(base):
             self.hq_comfy_quant = qd.comfy_quant_tensor(meta)
             self.hq_static_input_scale = float(tensors["input_scale"]) if "input_scale" in tensors else None
             self.hq_paths = {}
+            self.__dict__["hq_direct"] = None
             self.hq_lora = None
             self.hq_in_forward = False
 
@@ -150,16 +151,43 @@ def make_linear(base):
                 probe = fn(torch.empty(0, device=t.device))  # where/what fn sends tensors to
                 return t.to(device=probe.device)
 
+            self.__dict__["hq_direct"] = None  # tensors moved: the direct-call cache is stale
             return super()._apply(keep_dtype, recurse)
 
         # ---- forward -------------------------------------------------------------------------
         def forward(self, *args, **kwargs):
             if self.hq_format is None:
                 return super().forward(*args, **kwargs)
-            run = getattr(comfy.ops, "run_every_op", None)
-            if run is not None:
-                run()
-            return self.forward_comfy_cast_weights(*args, **kwargs)
+            direct.run_every_op()
+            x = args[0] if args else kwargs.get("input")
+            d = self._hq_direct(x) if x is not None and len(args) + len(kwargs) == 1 else None
+            if d is None:
+                return self.forward_comfy_cast_weights(*args, **kwargs)
+            bias = self.bias
+            if bias is not None and bias.dtype != x.dtype:
+                bias = bias.to(x.dtype)
+            if self.hq_transforms:
+                return hq_tf.run(self, x, d[2], bias, (), linear_paths.run)
+            return linear_paths.run(self, x, d[2], bias, ())
+
+        def _hq_direct(self, x):
+            """``(device, weight, tensors)`` when this call can skip ``cast_bias_weight`` (ops/direct.py):
+            nothing patched, every stored tensor and the bias already on ``x``'s device. Cached per
+            layer; ``_apply`` (device moves), loading and ``set_weight`` drop the cache."""
+            if self.weight_function or self.bias_function or self.hq_lora is not None:
+                return None
+            w = self.weight
+            c = self.__dict__.get("hq_direct")
+            dev = x.device
+            if c is not None and c[1] is w and c[0] == dev:
+                return c
+            tensors = self.hq_tensors()
+            b = self.bias
+            if any(t.device != dev for t in tensors.values()) or (b is not None and b.device != dev):
+                return None
+            c = (dev, w, tensors)
+            self.__dict__["hq_direct"] = c  # not Module.__setattr__: a plain cache, not state
+            return c
 
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
             if self.hq_format is None:
@@ -248,5 +276,6 @@ def make_linear(base):
             else:
                 self.weight = torch.nn.Parameter(new, requires_grad=False)
             self.hq_paths = {}
+            self.__dict__["hq_direct"] = None
 
     return Linear

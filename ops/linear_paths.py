@@ -106,21 +106,46 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
 def run(layer, x: torch.Tensor, tensors: dict, bias, fns) -> torch.Tensor:
     if fns:  # patches are defined on the float weight
         return dequant_linear(layer, x, tensors, bias, fns)
-    demoted = layer.hq_paths.setdefault("demoted", set())
-    for path in per_call(_pick(layer, x), layer, x):
-        if path == "dequant":
-            break
-        if (caps.device_key(x.device), path) in demoted:
-            continue
+    calls_key = (x.device, x.dtype, x.numel() // x.shape[-1])
+    cache = layer.hq_paths.get("calls")
+    calls = cache.get(calls_key) if cache is not None else None
+    if calls is None:
+        calls = _calls(layer, x, calls_key)
+    for path in calls:
         try:
             out = _fast(path, layer, x, tensors, bias)
-            layer.hq_last_path = path
+            layer.__dict__["hq_last_path"] = path  # plain attribute, not Module.__setattr__ (per call)
             return out
         except FAST_ERRORS as e:
             caps.log_demotion(layer.hq_name, path, e)
-            demoted.add((caps.device_key(x.device), path))
-    layer.hq_last_path = "dequant"
+            layer.hq_paths.setdefault("demoted", set()).add((caps.device_key(x.device), path))
+            layer.hq_paths.pop("calls", None)  # rebuilt without the demoted path
+    layer.__dict__["hq_last_path"] = "dequant"
     return dequant_linear(layer, x, tensors, bias, fns)
+
+
+# Distinct (device, dtype, rows) call lists cached per layer; more than this (e.g. a video model
+# swept over many lengths) starts the cache again rather than growing it without bound.
+_MAX_CALL_LISTS = 64
+
+
+def _calls(layer, x, calls_key) -> tuple:
+    """The fast paths to try, in order, for calls of this device / dtype / row count (``per_call`` up
+    to its ``dequant``, without demoted paths), cached in ``layer.hq_paths["calls"]``: the checks
+    cost more host time than a kernel launch (bench/bench_host.py)."""
+    key = caps.device_key(x.device)
+    demoted = layer.hq_paths.get("demoted", ())
+    calls = []
+    for p in per_call(_pick(layer, x), layer, x):
+        if p == "dequant":
+            break
+        if (key, p) not in demoted:
+            calls.append(p)
+    cache = layer.hq_paths.setdefault("calls", {})
+    if len(cache) >= _MAX_CALL_LISTS:
+        cache.clear()
+    cache[calls_key] = calls = tuple(calls)
+    return calls
 
 
 def _fast(path, layer, x, tensors, bias):

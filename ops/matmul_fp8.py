@@ -11,11 +11,18 @@ with ``torch._scaled_mm``:
   ``input_scale`` when the file carries one, else a dynamic ``amax(|x|) / 448``.
 
 Why fused: measured on an H100 (DESIGN.md §4), an eager ``amax`` / divide / clamp / cast costs more
-than the FP8 GEMM saves (0.93x of bf16 at M=4096, K=3072, N=12288). The quantizer here is two Triton
-kernels (a grid-wide amax with an integer atomic max -- |x| >= 0 floats order like their bit patterns
--- then one scale/clamp/cast pass that reads the amax from device memory, so there is no host sync).
-Where Triton is missing, ``torch.compile`` of the same math is used; eager only as the last resort.
-``bench/bench_matmul.py`` measures all three.
+than the FP8 GEMM saves (0.93x of bf16 at M=4096, K=3072, N=12288). The quantizer is ONE Triton
+launch (``_quant_onepass_kernel``): a persistent, cooperative grid (at most a few programs per SM,
+launched with ``launch_cooperative_grid`` so CUDA guarantees they are co-resident or refuses the
+launch -- never a hang) computes a grid-wide amax with an integer atomic max (|x| >= 0 floats order
+like their bit patterns), waits at an atomic-counter barrier, then scales/clamps/casts its share. A
+per-device, per-stream workspace holds [amax bits, arrivals, departures]; the last program to leave
+zeroes it, so there is no host work and no ``torch.zeros`` launch per call, and CUDA graphs capture it.
+Why one launch: the eager forward is host-bound and each Triton launch costs ~20 us of CPU time on
+the H200 (bench/bench_host.py). The previous two-kernel form (amax kernel, then cast kernel reading the
+amax from device memory) is kept as ``impl="triton2"`` and as the fallback when a cooperative launch
+is refused. Where Triton is missing, ``torch.compile`` of the same math is used; eager only as the
+last resort. All forms compute the same scale and codes (``bench/bench_matmul.py`` measures them).
 """
 
 from __future__ import annotations
@@ -68,7 +75,104 @@ if _HAVE_TRITON:
         tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
 
 
+    @triton.jit
+    def _absmax_block(x_ptr, n, blk, BLOCK: tl.constexpr):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        return tl.max(tl.abs(tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)), axis=0)
+
+    @triton.jit
+    def _cast_block(x_ptr, y_ptr, n, blk, scale, BLOCK: tl.constexpr):
+        offs = blk * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
+
+    @triton.jit
+    def _quant_onepass_kernel(x_ptr, y_ptr, ws_ptr, scale_ptr, n, nprog, static_scale,
+                              USE_STATIC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr = 0):
+        # nprog: the grid size; program pid handles blocks pid, pid + nprog, ... ITERS: blocks per
+        # program, 0 (compiled) = computed here; the CPU interpreter cannot loop to a runtime bound,
+        # so its tests pass ITERS (the two loops below are the same loop).
+        pid = tl.program_id(0)
+        if USE_STATIC:
+            scale = static_scale
+        else:
+            a = 0.0
+            if ITERS > 0:
+                for it in range(0, ITERS):
+                    a = tl.maximum(a, _absmax_block(x_ptr, n, it * nprog + pid, BLOCK))
+            else:
+                for it in range(0, tl.cdiv(n, nprog * BLOCK)):
+                    a = tl.maximum(a, _absmax_block(x_ptr, n, it * nprog + pid, BLOCK))
+            tl.atomic_max(ws_ptr, a.to(tl.int32, bitcast=True))
+            # Grid barrier: every program's max is in before anyone reads it (acq_rel atomics).
+            arrived = tl.atomic_add(ws_ptr + 1, 1) + 1
+            while arrived < nprog:
+                arrived = tl.atomic_add(ws_ptr + 1, 0)
+            amax = tl.atomic_max(ws_ptr, 0).to(tl.float32, bitcast=True)
+            scale = tl.maximum(amax, 1e-12) / 448.0
+            # The last program to leave has seen every other program read the amax: reset for the
+            # next call (stream-ordered after this kernel).
+            if tl.atomic_add(ws_ptr + 2, 1) == nprog - 1:
+                tl.atomic_xchg(ws_ptr, 0)
+                tl.atomic_xchg(ws_ptr + 1, 0)
+                tl.atomic_xchg(ws_ptr + 2, 0)
+        if pid == 0:
+            tl.store(scale_ptr, scale)
+        if ITERS > 0:
+            for it in range(0, ITERS):
+                _cast_block(x_ptr, y_ptr, n, it * nprog + pid, scale, BLOCK)
+        else:
+            for it in range(0, tl.cdiv(n, nprog * BLOCK)):
+                _cast_block(x_ptr, y_ptr, n, it * nprog + pid, scale, BLOCK)
+
+
 _BLOCK = 4096
+# Programs per SM of the one-pass quantizer: enough to stream x at full bandwidth, few enough to be
+# co-resident (the cooperative launch checks it; a refused launch falls back to two kernels).
+_PROGRAMS_PER_SM = 4
+_workspaces: dict = {}
+_grid_cap: dict = {}
+_onepass_refused: set = set()
+
+
+def _workspace(x: torch.Tensor) -> torch.Tensor:
+    """[amax bits, arrivals, departures] int32, zero between calls; one per device and stream (two
+    streams quantizing at once must not share a barrier)."""
+    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream)
+    ws = _workspaces.get(key)
+    if ws is None:
+        ws = _workspaces[key] = torch.zeros((3,), dtype=torch.int32, device=x.device)
+    return ws
+
+
+def _programs(x: torch.Tensor, n: int) -> int:
+    cap = _grid_cap.get(x.device)
+    if cap is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        cap = _grid_cap[x.device] = sms * _PROGRAMS_PER_SM
+    return max(1, min(triton.cdiv(n, _BLOCK), cap))
+
+
+def _quantize_onepass(x: torch.Tensor, input_scale: torch.Tensor | None):
+    if x.device in _onepass_refused:
+        return _quantize_triton(x, input_scale)
+    x = x.contiguous()
+    n = x.numel()
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    static = input_scale is not None
+    try:
+        grid = _programs(x, n)
+        _quant_onepass_kernel[(grid,)](x, y, _workspace(x), scale, n, grid, float(input_scale) if static else 1.0,
+                                       USE_STATIC=static, BLOCK=_BLOCK, launch_cooperative_grid=True)
+    except RuntimeError as e:  # e.g. CUDA refuses the cooperative launch on this GPU / MPS share
+        log.info("HybridQuant: one-pass FP8 activation quantizer unavailable on %s (%s); using two kernels",
+                 x.device, e)
+        _onepass_refused.add(x.device)
+        return _quantize_triton(x, input_scale)
+    return y, scale
 
 
 def _quantize_triton(x: torch.Tensor, input_scale: torch.Tensor | None):
@@ -108,17 +212,19 @@ def _quantize_compiled(x: torch.Tensor, input_scale: torch.Tensor | None):
     return _compiled(x)
 
 
-QUANTIZERS = {"triton": _quantize_triton, "compile": _quantize_compiled, "eager": _quantize_eager}
+QUANTIZERS = {"triton": _quantize_onepass, "triton2": _quantize_triton, "compile": _quantize_compiled,
+              "eager": _quantize_eager}
+_DEFAULT = "triton" if _HAVE_TRITON else "compile"
 
 
 def default_quantizer() -> str:
-    return "triton" if _HAVE_TRITON else "compile"
+    return _DEFAULT
 
 
 def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None = None, impl: str | None = None):
     """e4m3fn codes of ``x`` and their float32 scale (0-dim, on ``x.device``)."""
-    impl = impl or default_quantizer()
-    if impl == "triton" and (not _HAVE_TRITON or x.device.type != "cuda"):
+    impl = impl or _DEFAULT
+    if impl.startswith("triton") and (not _HAVE_TRITON or x.device.type != "cuda"):
         impl = "eager"
     return QUANTIZERS[impl](x, input_scale)
 
