@@ -47,6 +47,12 @@ def kernel_for(fmt: str, device) -> str:
     return DEQUANT
 
 
+def reexpressible(fmt: str | None) -> bool:
+    """Whether some device runs ``fmt`` re-expressed as tensorwise FP8 (MXFP8 / Hybrid MXFP8 on Ada/Hopper)."""
+    spec = find_spec(fmt)
+    return bool(spec is not None and KERNEL_FP8_AT_LOAD in spec.kernels.values())
+
+
 def is_four_bit(fmt: str | None) -> bool:
     spec = find_spec(fmt)
     return bool(spec is not None and spec.four_bit)

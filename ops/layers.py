@@ -82,30 +82,23 @@ def make_linear(base):
             # ``dtype`` (bitsandbytes' original dtype) names the dequantize argument: kept in hq_bnb instead.
             fmt, meta = info.format, info.comfy_quant()
             opts = {k: v for k, v in info.options.items() if k != "dtype"}
-            shape = (self.out_features, self.in_features)
             self.hq_name = name
             self.hq_source_format = fmt
             self.hq_fp_mm = bool(info.meta.get("full_precision_matrix_mult", False)) if info.source != "bnb" else False
             self.hq_bnb = qd.bnb_state(info) if info.source == "bnb" else None
             self.hq_transforms, self.hq_core_only = dict(info.transforms), False  # rotation / low-rank branch
-            extra = {s: tensors[s] for s in qd.TRANSFORM_TENSORS if s in tensors}
-            # Ada/Hopper: no MX matmul; re-express MX weights as true tensorwise FP8 once, here.
-            if not self.hq_fp_mm:
+            # Ada/Hopper: no MX matmul; re-express MX weights as true tensorwise FP8 once, here, for the
+            # device ComfyUI computes on. A layer first run on another such device does it then
+            # (``_hq_reexpress_lazily``): e.g. loaded under --cpu, moved to a GPU later.
+            self.hq_patched, self.hq_mx_pending = False, False
+            if not self.hq_fp_mm and dispatch.reexpressible(fmt):
                 load_dev = comfy.model_management.get_torch_device()
                 if dispatch.kernel_for(fmt, load_dev) == dispatch.KERNEL_FP8_AT_LOAD:
-                    w, s, fmt = qd.to_tensorwise(fmt, tensors, shape, name)
-                    tensors = {"weight": w, "weight_scale": s, **extra}
-                    meta = {**{k: v for k, v in (meta or {}).items() if k not in ("format", "group_size")},
-                            "format": fmt}
-                    opts = {}
-                    log.debug("HybridQuant: %s: %s re-expressed as tensorwise FP8 for %s", name, info.format, load_dev)
+                    fmt, meta, opts, tensors = self._hq_tensorwise(fmt, meta, tensors, load_dev)
+                else:
+                    self.hq_mx_pending = True
             home = self._hq_home()
-            for suffix in [s for s in getattr(self, "hq_suffixes", ())]:
-                delattr(self, qd.buffer_name(suffix))
-            self.weight = torch.nn.Parameter(tensors["weight"].to(home), requires_grad=False)
-            self.hq_suffixes = tuple(s for s in tensors if s != "weight")
-            for suffix in self.hq_suffixes:
-                self.register_buffer(qd.buffer_name(suffix), tensors[suffix].to(home))
+            self._hq_store(tensors, home)
             if self.hq_bnb is not None and "nested_offset" in self.hq_bnb:
                 # bitsandbytes adds this offset on the GPU: keep it beside the data (a CPU tensor makes
                 # its CUDA kernels fault; a new CUDA tensor per call is a host-to-device copy per call).
@@ -118,6 +111,47 @@ def make_linear(base):
             self.__dict__["hq_direct"] = None
             self.hq_lora = None
             self.hq_in_forward = False
+
+        def _hq_tensorwise(self, fmt, meta, tensors, device):
+            """MX tensors -> (format, meta, opts, tensors) of their tensorwise FP8 re-expression."""
+            shape = (self.out_features, self.in_features)
+            extra = {s: tensors[s] for s in qd.TRANSFORM_TENSORS if s in tensors}
+            w, sc, new_fmt = qd.to_tensorwise(fmt, tensors, shape, self.hq_name)
+            meta = {**{k: v for k, v in (meta or {}).items() if k not in ("format", "group_size")}, "format": new_fmt}
+            log.debug("HybridQuant: %s: %s re-expressed as tensorwise FP8 for %s", self.hq_name, fmt, device)
+            return new_fmt, meta, {}, {"weight": w, "weight_scale": sc, **extra}
+
+        def _hq_store(self, tensors, home):
+            """Install ``tensors`` as the layer's weight Parameter and codec buffers on ``home``."""
+            for suffix in [s for s in getattr(self, "hq_suffixes", ())]:
+                delattr(self, qd.buffer_name(suffix))
+            self.weight = torch.nn.Parameter(tensors["weight"].to(home), requires_grad=False)
+            self.hq_suffixes = tuple(s for s in tensors if s != "weight")
+            for suffix in self.hq_suffixes:
+                self.register_buffer(qd.buffer_name(suffix), tensors[suffix].to(home))
+
+        def _hq_reexpress_lazily(self, device):
+            """First call on a GPU of an MX layer that was not re-expressed at load: re-express now if
+            that GPU runs MX weights as tensorwise FP8. Not once ComfyUI's patcher has rewritten the
+            weight (``set_weight``): its backup holds MX codes it restores into ``weight`` on unpatch,
+            which a re-expressed layer would misread; such a layer keeps dequantizing (logged)."""
+            seen = (device, caps.path_for(device))
+            if self.__dict__.get("hq_mx_seen") == seen:
+                return  # this device was checked: it has an MX path or dequantizes (CPU, old GPUs)
+            self.__dict__["hq_mx_seen"] = seen
+            if dispatch.kernel_for(self.hq_format, device) != dispatch.KERNEL_FP8_AT_LOAD:
+                return
+            self.hq_mx_pending = False
+            if self.hq_patched:
+                caps.log_demotion(self.hq_name, "fp8 (re-expressed MX)",
+                                  RuntimeError("weight patched before its first run on this GPU: dequantizing"))
+                return
+            fmt, meta, opts, tensors = self._hq_tensorwise(self.hq_format, self.hq_meta, self.hq_tensors(), device)
+            self._hq_store(tensors, self.weight.device)
+            self.hq_format, self.hq_opts, self.hq_meta = fmt, opts, meta
+            self.hq_comfy_quant = qd.comfy_quant_tensor(meta)
+            self.hq_paths = {}
+            self.__dict__["hq_direct"] = None
 
         # ---- state dict / device moves -----------------------------------------------------
         def hq_tensors(self, device=None) -> dict:
@@ -160,6 +194,8 @@ def make_linear(base):
                 return super().forward(*args, **kwargs)
             direct.run_every_op()
             x = args[0] if args else kwargs.get("input")
+            if self.hq_mx_pending and x is not None:
+                self._hq_reexpress_lazily(x.device)
             d = self._hq_direct(x) if x is not None and len(args) + len(kwargs) == 1 else None
             if d is None:
                 return self.forward_comfy_cast_weights(*args, **kwargs)
@@ -265,6 +301,7 @@ def make_linear(base):
                 if dispatch.is_four_bit(self.hq_format):
                     return weight  # on the fly: the packed data is never rewritten
                 return self.hq_requant_roundtrip(weight)
+            self.hq_patched = True  # the patcher holds a backup of these codes (see _hq_reexpress_lazily)
             if dispatch.is_four_bit(self.hq_format):
                 # Only reached when the ModelPatcher is not ours (lora.adopt_patcher): merge with the
                 # stored block scales; the patcher's backup of ``weight`` restores the codes on unpatch.

@@ -47,6 +47,10 @@ from . import dequant4, dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_sma
 # the cast + GEMM it replaces. 1024 keeps both off where they lose. (torch._int_mm's own minimum is 17.)
 INT8_MIN_ROWS = max(matmul_int8.MIN_ROWS, 1024)
 FP8_ROWWISE_MIN_ROWS = 1024
+# The INT8 GEMM: our Triton kernel with the dequant epilogue fused (one launch after the quantizer)
+# instead of torch._int_mm + epilogue. H200 per layer (bench/RESULTS_W8A8_H200.txt, bf16 = 1.0):
+# 3072x12288 at M = 1024 / 4096 / 4608: fused 1.42x / 1.57x / 1.60x, _int_mm + epilogue 0.74x-0.83x.
+INT8_FUSED_GEMM = True
 # Run tensorwise FP8 weights through the row-wise GEMM too (one-launch quantizer, scalar weight scale
 # expanded to [1, N] once). Off until measured on H200 to be at least as fast as the tensorwise path.
 TENSORWISE_AS_ROWWISE = False
@@ -153,6 +157,8 @@ def _fast(path, layer, x, tensors, bias):
         return matmul_fp8.fp8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
                                      input_scale=layer.hq_static_input_scale, out_dtype=x.dtype)
     if path == "int8":
+        if INT8_FUSED_GEMM and x.device.type == "cuda":
+            return matmul_int8.int8_linear_fused(x, tensors["weight"], tensors["weight_scale"], bias)
         return matmul_int8.int8_linear(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "fp8_rowwise":
         return matmul_fp8.fp8_rowwise_linear(x, tensors["weight"], _scale_b(layer, x, tensors), bias)

@@ -22,7 +22,9 @@ Why one launch: the eager forward is host-bound and each Triton launch costs ~20
 the H200 (bench/bench_host.py). The previous two-kernel form (amax kernel, then cast kernel reading the
 amax from device memory) is kept as ``impl="triton2"`` and as the fallback when a cooperative launch
 is refused. Where Triton is missing, ``torch.compile`` of the same math is used; eager only as the
-last resort. All forms compute the same scale and codes (``bench/bench_matmul.py`` measures them).
+last resort. All forms compute the same scale and codes (IEEE division, ``div_rn``: Triton's default fp32 ``/`` is
+approximate and moved codes by one step against the eager reference); ``bench/bench_matmul.py``
+measures them.
 """
 
 from __future__ import annotations
@@ -65,13 +67,13 @@ if _HAVE_TRITON:
             scale = static_scale
         else:
             amax = tl.load(amax_bits_ptr).to(tl.float32, bitcast=True)
-            scale = tl.maximum(amax, 1e-12) / 448.0
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
         if pid == 0:
             tl.store(scale_ptr, scale)
         offs = pid * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
         tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
 
 
@@ -85,7 +87,7 @@ if _HAVE_TRITON:
         offs = blk * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
         tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
 
     @triton.jit
@@ -111,7 +113,7 @@ if _HAVE_TRITON:
             while arrived < nprog:
                 arrived = tl.atomic_add(ws_ptr + 1, 0)
             amax = tl.atomic_max(ws_ptr, 0).to(tl.float32, bitcast=True)
-            scale = tl.maximum(amax, 1e-12) / 448.0
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
             # The last program to leave has seen every other program read the amax: reset for the
             # next call (stream-ordered after this kernel).
             if tl.atomic_add(ws_ptr + 2, 1) == nprog - 1:
@@ -137,22 +139,27 @@ _grid_cap: dict = {}
 _onepass_refused: set = set()
 
 
-def _workspace(x: torch.Tensor) -> torch.Tensor:
-    """[amax bits, arrivals, departures] int32, zero between calls; one per device and stream (two
-    streams quantizing at once must not share a barrier)."""
-    key = (x.device, torch.cuda.current_stream(x.device).cuda_stream)
+def _workspace(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int32 [amax bits, arrivals, departures] zero between calls, float32 [1] scale slot) of this
+    device and stream: two streams quantizing at once must not share a barrier. The scale lives
+    here instead of a new tensor per call: the GEMM that reads it is enqueued on the same stream
+    before the next quantization can overwrite it. Keyed by the raw stream handle: asking torch for
+    a Stream object costs ~10 us of host time per call (bench/bench_host.py)."""
+    idx = x.device.index
+    key = (idx, torch._C._cuda_getCurrentRawStream(idx))
     ws = _workspaces.get(key)
     if ws is None:
-        ws = _workspaces[key] = torch.zeros((3,), dtype=torch.int32, device=x.device)
+        buf = torch.zeros((4,), dtype=torch.int32, device=x.device)
+        ws = _workspaces[key] = (buf[:3], buf[3:].view(torch.float32))
     return ws
 
 
 def _programs(x: torch.Tensor, n: int) -> int:
-    cap = _grid_cap.get(x.device)
+    idx = x.device.index
+    cap = _grid_cap.get(idx)
     if cap is None:
-        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-        cap = _grid_cap[x.device] = sms * _PROGRAMS_PER_SM
-    return max(1, min(triton.cdiv(n, _BLOCK), cap))
+        cap = _grid_cap[idx] = torch.cuda.get_device_properties(idx).multi_processor_count * _PROGRAMS_PER_SM
+    return max(1, min((n + _BLOCK - 1) // _BLOCK, cap))
 
 
 def _quantize_onepass(x: torch.Tensor, input_scale: torch.Tensor | None):
@@ -161,11 +168,11 @@ def _quantize_onepass(x: torch.Tensor, input_scale: torch.Tensor | None):
     x = x.contiguous()
     n = x.numel()
     y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    scale = torch.empty((), dtype=torch.float32, device=x.device)
+    ws, scale = _workspace(x)
     static = input_scale is not None
     try:
         grid = _programs(x, n)
-        _quant_onepass_kernel[(grid,)](x, y, _workspace(x), scale, n, grid, float(input_scale) if static else 1.0,
+        _quant_onepass_kernel[(grid,)](x, y, ws, scale, n, grid, float(input_scale) if static else 1.0,
                                        USE_STATIC=static, BLOCK=_BLOCK, launch_cooperative_grid=True)
     except RuntimeError as e:  # e.g. CUDA refuses the cooperative launch on this GPU / MPS share
         log.info("HybridQuant: one-pass FP8 activation quantizer unavailable on %s (%s); using two kernels",
@@ -222,10 +229,11 @@ def default_quantizer() -> str:
 
 
 def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None = None, impl: str | None = None):
-    """e4m3fn codes of ``x`` and their float32 scale (0-dim, on ``x.device``)."""
+    """e4m3fn codes of ``x`` and their float32 scale (one element, on ``x.device``; from the one-pass
+    kernel a per-stream slot, valid until the next quantization on that stream)."""
     impl = impl or _DEFAULT
-    if impl.startswith("triton") and (not _HAVE_TRITON or x.device.type != "cuda"):
-        impl = "eager"
+    if impl.startswith("triton") and (not _HAVE_TRITON or x.device.type != "cuda" or torch.compiler.is_compiling()):
+        impl = "eager"  # under torch.compile the eager math is traced and fused by Inductor
     return QUANTIZERS[impl](x, input_scale)
 
 

@@ -107,11 +107,11 @@ if _HAVE_TRITON:
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
                  for bm, bn, bk, s, w in ((128, 128, 128, 3, 8), (128, 256, 64, 3, 8), (64, 128, 128, 4, 4),
                                           (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))],
-        key=["M", "N", "K"],
+        key=["M_KEY", "N", "K"],
     )
     @triton.jit
     def _int8_gemm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr, stride_am, stride_bn,
-                          stride_ym, sw_stride, HAS_BIAS: tl.constexpr,
+                          stride_ym, sw_stride, M_KEY, HAS_BIAS: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -159,6 +159,8 @@ def int8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
     kernel, extra = _int8_gemm_kernel, {}
     if blocks is not None:
         kernel, extra = _int8_gemm_kernel.fn, dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), blocks, strict=True))
+    # M_KEY: the autotuner's key, M rounded up to a power of two, so that a new token count (another
+    # resolution or batch) reuses the tuned config instead of benchmarking all configs again.
     kernel[grid](xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0),
-                            1 if sw.numel() > 1 else 0, HAS_BIAS=bias is not None, **extra)
+                 1 if sw.numel() > 1 else 0, 1 << max(0, m - 1).bit_length(), HAS_BIAS=bias is not None, **extra)
     return y.reshape(*lead, n)

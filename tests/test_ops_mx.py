@@ -130,3 +130,35 @@ def test_full_precision_matrix_mult_and_runtime_demotion(comfy, monkeypatch, cap
         del y
     finally:
         caps.clear_overrides()
+
+
+def test_mx_layers_reexpress_on_first_run_on_a_tensorwise_gpu(comfy, monkeypatch):
+    """Loaded where MX dequantizes (plain CPU), then run on a device with the tensorwise FP8 path (SM 9.0
+    mocked on the CPU): the layer re-expresses itself on that first call and takes the FP8 GEMM; the
+    result equals a model re-expressed at load. A layer whose weight the patcher rewrote first keeps
+    its MX codes (the patcher's backup would restore MX codes into it) and dequantizes."""
+    from hybridquant.ops import capabilities as caps
+    from hybridquant.ops import matmul_fp8
+
+    monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
+    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
+    sd, _ = H.build({"a": "hybrid_mxfp8", "b": None, "c": "mxfp8"})
+    x = H.inputs()
+    lazy = H.load_ours(sd)
+    patched = H.load_ours(sd)
+    assert lazy.a.hq_format == "hybrid_mxfp8" and lazy.a.hq_mx_pending
+    lazy(x)  # plain CPU: dequantizes, stays pending (a later GPU may re-express)
+    assert lazy.a.hq_mx_pending and lazy.a.hq_last_path == "dequant"
+    patched.a.set_weight(patched.a.convert_weight(patched.a.weight.to(torch.float32)))  # e.g. a merged LoRA
+    caps.override_capability("cpu", (9, 0))
+    try:
+        at_load = H.load_ours(sd)
+        assert at_load.a.hq_format == "float8_e4m3fn"
+        y = lazy(x)
+        assert lazy.a.hq_format == "float8_e4m3fn" and not lazy.a.hq_mx_pending
+        assert lazy.a.hq_paths["cpu"] == "fp8" and lazy.a.hq_last_path == "fp8"
+        torch.testing.assert_close(y, at_load(x), rtol=0, atol=0)
+        patched(x)
+        assert patched.a.hq_format == "hybrid_mxfp8" and patched.a.hq_last_path == "dequant"
+    finally:
+        caps.clear_overrides()

@@ -1,0 +1,81 @@
+"""Where the host time of one eager whole-model forward goes: cProfile of ComfyUI's Flux forward (the
+bench_model.py setup, fewer blocks) for bf16 and for pack formats, in the same process.
+
+    PYTHONPATH=<parent of hybridquant> python bench/profile_model.py --comfy $COMFY \\
+        [--formats float8_e4m3fn,bnb_nf4] [--size 512] [--depth 2 4] [--calls 20] [--top 25]
+
+Prints per format: host ms per forward without the profiler (GPU spin first, as bench_model's
+host_ms), then cProfile's top functions by own time over ``--calls`` forwards. GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import pstats
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_model as bm  # noqa: E402
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--comfy", required=True)
+    ap.add_argument("--formats", default="float8_e4m3fn,bnb_nf4")
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--depth", type=int, nargs=2, default=(2, 4), metavar=("DOUBLE", "SINGLE"))
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args(argv)
+    bm.import_comfy(a.comfy, cpu=False)
+    from safetensors.torch import save_file
+
+    from hybridquant.converter import PlanOptions, convert_file
+
+    dev = torch.device("cuda")
+    case = bm.ModelCase("flux", dict(bm.FLUX, depth=a.depth[0], depth_single_blocks=a.depth[1]))
+    work = Path(tempfile.mkdtemp(prefix="hq_profile_"))
+    src = work / "bf16.safetensors"
+    save_file(bm.seeded_state_dict(case, dev), str(src))
+    x, sigma, kw, tokens = bm.inputs(case, a.size, dev, 512)
+    for fmt in ["bf16"] + [f for f in a.formats.split(",") if f]:
+        path = src
+        if fmt != "bf16":
+            path = work / f"{fmt}.safetensors"
+            convert_file(str(src), str(path), PlanOptions(presets=(bm.PRESET["flux"],), **bm.plan_fields(fmt, "flux")),
+                         device="cuda", overwrite=True, error_stats=False)
+        patcher = bm.load(str(path), stock=fmt == "bf16")
+        model = patcher.model
+
+        def fwd():
+            with torch.inference_mode():
+                return model.apply_model(x, sigma, **kw)
+
+        for _ in range(3):
+            fwd()
+        torch.cuda.synchronize()
+        ms = bm.time_eager(fwd, 10, 2, True)
+        host, note = bm.time_host(fwd, ms)
+        prof = cProfile.Profile()
+        torch.cuda.synchronize()
+        prof.enable()
+        for _ in range(a.calls):
+            fwd()
+        prof.disable()
+        torch.cuda.synchronize()
+        s = io.StringIO()
+        pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.top)
+        print(f"=== {fmt}: {tokens} tokens, eager {ms:.2f} ms, host {host:.2f} ms{' (' + note + ')' if note else ''}")
+        print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
+        patcher = model = None
+        bm.unload()
+
+
+if __name__ == "__main__":
+    main()
