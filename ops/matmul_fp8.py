@@ -149,8 +149,10 @@ def _workspace(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     key = (idx, torch._C._cuda_getCurrentRawStream(idx))
     ws = _workspaces.get(key)
     if ws is None:
-        buf = torch.zeros((4,), dtype=torch.int32, device=x.device)
-        ws = _workspaces[key] = (buf[:3], buf[3:].view(torch.float32))
+        # Two allocations: cuBLASLt refuses a scale pointer that is not 16-byte aligned
+        # (CUBLAS_STATUS_NOT_SUPPORTED, seen on the H200 with the scale at byte 12 of one buffer).
+        ws = _workspaces[key] = (torch.zeros((3,), dtype=torch.int32, device=x.device),
+                                 torch.zeros((1,), dtype=torch.float32, device=x.device))
     return ws
 
 
