@@ -55,6 +55,7 @@ import time
 T0 = time.monotonic()  # --budget-s counts from here (the interpreter's start is not measurable in-process)
 
 import argparse  # noqa: E402
+import importlib  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -150,10 +151,23 @@ def main(argv=None):
             plan_fields(f, m)  # unknown names fail before any work
     version = mc.import_comfy(a.comfy, cpu=dev.type == "cpu")
     if a.compile:  # every compiled variant x size is one cache entry of the same forward code
+        dynamo_config = importlib.import_module("torch._dynamo").config
         for k in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):
-            if hasattr(torch._dynamo.config, k):
-                setattr(torch._dynamo.config, k, max(getattr(torch._dynamo.config, k), 256))
+            if hasattr(dynamo_config, k):
+                setattr(dynamo_config, k, max(getattr(dynamo_config, k), 256))
     r = Runner(a, dev, version, t0=T0)
+    command = "python bench/bench_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
+
+    def result(partial: bool) -> dict:
+        rows = r.row_dicts()
+        mr.add_ratios(rows)
+        return {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+                "commit": mr.commit(), "comfyui": version, "repeats": a.repeats, "rows": rows,
+                "skipped": r.budget.skipped, "notes": r.notes, "elapsed_s": round(time.monotonic() - T0, 1),
+                "budget_s": a.budget_s, "command": command, **({"partial": True} if partial else {})}
+
+    # A run killed by its device call's time limit still leaves the rows measured so far.
+    r.on_progress = (lambda: mr.write(result(True), command, a.json, a.md)) if (a.json or a.md) else None
     for m in a.model_list:
         if m == "flux":
             case = flux_case(a.tiny, a.depth, a.full, a.key_prefix)
@@ -167,16 +181,9 @@ def main(argv=None):
             case = wan_case(a.tiny, a.wan_depth, a.full, a.key_prefix)
             sizes = [(2, 8, 8)] if a.tiny else [wan_latent(a.wan_tokens)]
         r.run_model(case, sizes, formats, eager=m in a.eager_set, compile_=a.compile and m in a.compile_set)
-    rows = r.row_dicts()
-    mr.add_ratios(rows)
-    result = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-              "commit": mr.commit(), "comfyui": version, "repeats": a.repeats, "rows": rows,
-              "skipped": r.budget.skipped, "notes": r.notes, "elapsed_s": round(time.monotonic() - T0, 1),
-              "budget_s": a.budget_s}
-    command = "python bench/bench_model.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    result["command"] = command
-    print(mr.write(result, command, a.json, a.md))
-    return result
+    final = result(False)
+    print(mr.write(final, command, a.json, a.md))
+    return final
 
 
 if __name__ == "__main__":

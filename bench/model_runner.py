@@ -61,6 +61,7 @@ class Runner:
         self.a, self.dev, self.cuda, self.version = args, device, device.type == "cuda", version
         self.budget = Budget(args.budget_s, t0, device.type)
         self.rows: list[Row] = []
+        self.on_progress = None  # called after each variant's rows: main() writes the partial JSON/MD
         self.notes: list[str] = []
         self.refs: dict = {}
 
@@ -148,22 +149,21 @@ class Runner:
             row.info["nonfinite_output"] = True
 
     def probe(self, row: Row) -> float:
-        """First forward of a row (compile rows: the compilation, timed as ``compile_s``, then one more):
-        its output is checked against bf16 and its time is what the row's cost is estimated from."""
+        """The row's first two forwards: the first (compile rows: the compilation, kept as ``compile_s``;
+        others: lazy kernel builds, autotuning) gives the output checked against bf16, the second's time is
+        what the row's cost is estimated from."""
         v = row.variant
         t = time.perf_counter()
         y = row.fwd()
         mt.sync(self.cuda)
-        first = time.perf_counter() - t
         if v.compile:
-            row.info["compile_s"] = round(first, 2)
-            self.budget.saw_compile(first)
-            t = time.perf_counter()
-            y = row.fwd()
-            mt.sync(self.cuda)
-            first = time.perf_counter() - t
+            row.info["compile_s"] = round(time.perf_counter() - t, 2)
+            self.budget.saw_compile(row.info["compile_s"])
         self.check_output(row, y)
-        return first * 1e3
+        t = time.perf_counter()
+        row.fwd()
+        mt.sync(self.cuda)
+        return (time.perf_counter() - t) * 1e3
 
     def measure_round(self, row: Row, first_round: bool) -> None:
         a, v, fwd = self.a, row.variant, row.fwd
@@ -297,7 +297,9 @@ class Runner:
                 if v.error:
                     row.info["error"] = v.error
                 rows.append(row)
+                self.rows.append(row)
                 self.log(row)
+            self.progress()
         for rnd in range(1, a.repeats):  # rounds 1.. in the same order
             for v in variants:
                 live = [r for r in rows if r.variant is v and not r.done]
@@ -307,7 +309,7 @@ class Runner:
                 for row in live:
                     self.later_round(row, rnd)
                     self.log(row)
-        self.rows += rows
+                self.progress()
         for v in variants:
             v.patcher = None
         if not a.keep_files:
@@ -316,6 +318,10 @@ class Runner:
         mc.unload()
         if compile_:
             torch._dynamo.reset()
+
+    def progress(self) -> None:
+        if self.on_progress is not None:
+            self.on_progress()
 
     def log(self, row: Row) -> None:
         v, last = row.variant, (row.rounds[-1] if row.rounds else {})
