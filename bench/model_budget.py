@@ -72,6 +72,6 @@ class Budget:
 
     def skip(self, what: str, est_s: float, **row) -> None:
         entry = {**row, "what": what, "estimate_s": round(est_s, 1), "left_s": round(self.left(), 1),
-                 "reason": f"needs ~{est_s:.0f} s, {max(0.0, self.left()):.0f} s of --budget-s left"}
+                 "reason": f"needs ~{est_s:.1f} s, {max(0.0, self.left()):.1f} s of --budget-s left"}
         self.skipped.append(entry)
         print(f"[bench_model] skipped {what} {row}: {entry['reason']}", flush=True)

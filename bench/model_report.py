@@ -82,6 +82,8 @@ def markdown(result, command) -> str:
                      f"{cell(r.get('speed_vs_bf16'), '{:.2f}×')} | {cell(r.get('speed_vs_stock_fp8'), '{:.2f}×')} | "
                      f"{cell(r.get('gpu_only_ms'))} | {cell(r.get('host_ms'))} | {cell(r.get('peak_vram_gb'))} | "
                      f"{cell(r.get('weights_gb'))} | {cell(r.get('rel_err'), '{:.2e}')} | {paths} |")
+    if result.get("partial"):
+        lines.insert(2, "**Partial**: written while the run was going; it stopped before finishing (time limit?).  ")
     skipped = result.get("skipped") or []
     if skipped:
         lines += ["", "Skipped by `--budget-s` (estimate vs seconds left):", ""]

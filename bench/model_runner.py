@@ -37,6 +37,7 @@ class Variant:
     convert_s: float | None = None
     unsupported: str | None = None
     error: str | None = None
+    budget_skipped: bool = False
 
     def ident(self) -> dict:
         return {"model": self.case.kind, "format": self.fmt, "compile": self.compile, "lora": self.lora}
@@ -265,12 +266,19 @@ class Runner:
         for i, v in enumerate(variants):  # round 0, setting up each variant just before its rows
             vsizes = compile_sizes if v.compile or not v.timed else sizes
             converts = v.base is None and v.fmt != "bf16" and not (work / self.file_name(v.fmt)).exists()
-            est = self.budget.setup_estimate(src_gb, None, converts, v.compile)
+            if v.base is None:
+                est = self.budget.setup_estimate(src_gb, None, converts, False)
+            else:  # a clone: compilation (LoRA patching is not estimated)
+                est = self.budget.setup_estimate(0.0, 0.0, False, v.compile)
             ref_only = not v.timed and v.fmt == "bf16" and not v.lora
             if v.timed or ref_only or any(w.base is v for w in variants):
-                if not self.budget.fits(est) and v.fmt != "bf16":
-                    for s in vsizes:
-                        self.budget.skip("row (setup)", est, **v.ident(), size=size_label(case.kind, s))
+                if (v.base is not None and v.base.budget_skipped) or (not self.budget.fits(est) and v.fmt != "bf16"):
+                    what = "row (its base variant was skipped)" if v.base is not None and v.base.budget_skipped \
+                        else "row (setup)"
+                    if v.timed or v.compile:
+                        for s in vsizes:
+                            self.budget.skip(what, est, **v.ident(), size=size_label(case.kind, s))
+                    v.budget_skipped = True
                     continue
                 try:
                     self.setup(v, work, src, lora_sd)

@@ -117,7 +117,7 @@ def test_budget_reserves_and_estimates():
     b.saw_load(0.5, 1.0)
     assert b.setup_estimate(2.0, 1.0, convert=True, compile_=False) == pytest.approx(4.5)
     b.skip("row", 7.0, model="flux", format="bnb_nf4", size=1024)
-    assert b.skipped[0]["format"] == "bnb_nf4" and "needs ~7 s" in b.skipped[0]["reason"]
+    assert b.skipped[0]["format"] == "bnb_nf4" and "needs ~7.0 s" in b.skipped[0]["reason"]
     assert model_budget.Budget(None).fits(1e9)
 
 
