@@ -292,14 +292,21 @@ class Runner:
             for s in vsizes:
                 if v.patcher is not None and not (v.timed or v.compile):
                     if ref_only:  # the reference output the compile rows compare with
-                        row = self.make_row(v, s)
-                        self.check_output(row, row.fwd())
+                        try:
+                            row = self.make_row(v, s)
+                            self.check_output(row, row.fwd())
+                        except Exception as e:  # noqa: BLE001
+                            self.notes.append(f"{case.kind} bf16 reference at {s} failed: {type(e).__name__}: {e}")
                     continue  # set up only for its compile clone
                 row = Row(v, s)
                 if v.patcher is not None:
-                    row = self.make_row(v, s)
-                    mc.activate(v.patcher)
-                    self.first_round(row)
+                    try:
+                        row = self.make_row(v, s)
+                        mc.activate(v.patcher)
+                    except Exception as e:  # noqa: BLE001
+                        self.fail(row, e)
+                    else:
+                        self.first_round(row)
                 else:
                     row.done = True  # unsupported or failed: nothing to time
                 if v.error:
@@ -313,7 +320,14 @@ class Runner:
                 live = [r for r in rows if r.variant is v and not r.done]
                 if not live:
                     continue
-                mc.activate(v.patcher)
+                try:
+                    mc.activate(v.patcher)
+                except Exception as e:  # noqa: BLE001
+                    for row in live:
+                        self.budget.release(row.reserved)
+                        row.reserved = 0.0
+                        self.fail(row, e)
+                    continue
                 for row in live:
                     self.later_round(row, rnd)
                     self.log(row)
