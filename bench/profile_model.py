@@ -21,7 +21,31 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_model as bm  # noqa: E402
+import model_comfy as mc  # noqa: E402
+import model_formats as mf  # noqa: E402
+import model_timing as mt  # noqa: E402
+import model_zoo as mz  # noqa: E402
+
+
+def cast_calls(fwd) -> dict:
+    """Which modules still go through ComfyUI's cast_bias_weight (not the direct call) in one forward."""
+    import collections
+
+    import comfy.ops
+
+    calls, real = collections.Counter(), comfy.ops.cast_bias_weight
+
+    def counting(s, *args, **kw):
+        w = getattr(s, "weight", None)
+        calls[(type(s).__name__, str(getattr(w, "dtype", None)), str(getattr(args[0], "dtype", None)) if args else "-")] += 1
+        return real(s, *args, **kw)
+
+    comfy.ops.cast_bias_weight = counting
+    try:
+        fwd()
+    finally:
+        comfy.ops.cast_bias_weight = real
+    return dict(calls)
 
 
 def main(argv=None):
@@ -33,24 +57,24 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
     a = ap.parse_args(argv)
-    bm.import_comfy(a.comfy, cpu=False)
+    mc.import_comfy(a.comfy, cpu=False)
     from safetensors.torch import save_file
 
     from hybridquant.converter import PlanOptions, convert_file
 
     dev = torch.device("cuda")
-    case = bm.ModelCase("flux", dict(bm.FLUX, depth=a.depth[0], depth_single_blocks=a.depth[1]))
+    case = mz.ModelCase("flux", dict(mz.FLUX, depth=a.depth[0], depth_single_blocks=a.depth[1]))
     work = Path(tempfile.mkdtemp(prefix="hq_profile_"))
     src = work / "bf16.safetensors"
-    save_file(bm.seeded_state_dict(case, dev), str(src))
-    x, sigma, kw, tokens = bm.inputs(case, a.size, dev, 512)
+    save_file(mz.seeded_state_dict(case, dev), str(src))
+    x, sigma, kw, tokens = mz.inputs(case, a.size, dev, 512)
     for fmt in ["bf16"] + [f for f in a.formats.split(",") if f]:
         path = src
         if fmt != "bf16":
             path = work / f"{fmt}.safetensors"
-            convert_file(str(src), str(path), PlanOptions(presets=(bm.PRESET["flux"],), **bm.plan_fields(fmt, "flux")),
+            convert_file(str(src), str(path), PlanOptions(presets=(mz.PRESET["flux"],), **mf.plan_fields(fmt, "flux")),
                          device="cuda", overwrite=True, error_stats=False)
-        patcher = bm.load(str(path), stock=fmt == "bf16")
+        patcher = mc.load(str(path), stock=fmt == "bf16")
         model = patcher.model
 
         def fwd():
@@ -60,8 +84,8 @@ def main(argv=None):
         for _ in range(3):
             fwd()
         torch.cuda.synchronize()
-        ms = bm.time_eager(fwd, 10, 2, True)
-        host, note = bm.time_host(fwd, ms)
+        ms = mt.time_eager(fwd, 10, 2, True)
+        host, note = mt.time_host(fwd, ms)
         prof = cProfile.Profile()
         torch.cuda.synchronize()
         prof.enable()
@@ -72,9 +96,10 @@ def main(argv=None):
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.top)
         print(f"=== {fmt}: {tokens} tokens, eager {ms:.2f} ms, host {host:.2f} ms{' (' + note + ')' if note else ''}")
+        print(f"cast_bias_weight calls in one forward (module class, weight dtype, input dtype): {cast_calls(fwd)}")
         print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
         patcher = model = None
-        bm.unload()
+        mc.unload()
 
 
 if __name__ == "__main__":
