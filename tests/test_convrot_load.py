@@ -133,3 +133,28 @@ def test_stock_current_comfyui_loads_and_runs(comfy, src, tmp_path, fmt):
     bound = 0.05 if fmt == "int8_tensorwise" else 0.35
     for g, r in zip(got, _reference(deq, w, x)):
         assert rel_err(g.float(), r) < bound
+
+
+@pytest.mark.parametrize("fmt", ["convrot_w4a4", "asym_w4a8_int8"])
+def test_layer_the_format_cannot_store_stays_plain(tmp_path, fmt):
+    """``--format convrot_w4a4`` (or W4A8) on a model with layers narrower than the rotation group: those
+    layers are copied in bf16 with the reason in the summary and the report; the others are written."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(5)
+    sd = _weights()
+    sd["blocks.0.narrow.weight"] = (torch.randn(64, 96, generator=g) * 0.05).to(torch.bfloat16)  # 96: not a multiple of 256
+    src = tmp_path / "narrow.safetensors"
+    save_file(sd, str(src))
+    out, report = tmp_path / "out.safetensors", tmp_path / "report.json"
+    p = run_cli("-i", src, "-o", out, "--simple", "--format", fmt, "--report", report)
+    assert p.returncode == 0, p.stderr
+    assert "kept in high precision, shape the format cannot store: 1 layer(s): blocks.0.narrow.weight" in p.stdout
+    assert "in_features 96 must be a multiple of" in p.stdout
+    written = load_file(str(out))
+    assert torch.equal(written["blocks.0.narrow.weight"], sd["blocks.0.narrow.weight"])  # plain, bit for bit
+    assert "blocks.0.narrow.comfy_quant" not in written
+    infos, _, _, _ = decode(out)
+    assert set(infos) == set(LAYERS)  # the layers it can store are quantized
+    rec = {r["name"]: r for r in json.loads(report.read_text())["layers"]}["blocks.0.narrow.weight"]
+    assert rec["format"] is None and rec["reason"].startswith("unstorable shape:")
