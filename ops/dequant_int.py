@@ -41,8 +41,8 @@ if _HAVE_TRITON:
     def _int_dequant_kernel(w_ptr, s_ptr, y_ptr, M, N, stride_w, stride_s, lo_bytes,
                             BITS: tl.constexpr, GROUP: tl.constexpr, OUT_BF16: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        HB: tl.constexpr = BITS - 4  # high bits per code: 1 (5-bit) or 2 (6-bit)
-        PER: tl.constexpr = 8 // HB  # codes per high-plane byte
+        HB = BITS - 4  # (constexpr) high bits per code: 1 (5-bit) or 2 (6-bit)
+        PER = 8 // HB  # (constexpr) codes per high-plane byte
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows[:, None] < M
         row_w = w_ptr + rows.to(tl.int64)[:, None] * stride_w
