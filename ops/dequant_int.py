@@ -20,12 +20,11 @@ column from the few bytes the tile covers (cached loads).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
 from ..converter.formats import get_codec
+from . import dequant4
 from .matmul_fp8 import _HAVE_TRITON
 
 FORMATS = ("int5_groupwise", "int6_groupwise")
@@ -61,15 +60,7 @@ if _HAVE_TRITON:
 
 
 def _require(cond: bool, what: str) -> None:
-    if not cond:
-        raise ValueError(f"dequant_int: {what}")
-
-
-def _check_device(t: torch.Tensor) -> None:
-    if not _HAVE_TRITON:
-        raise NotImplementedError("dequant_int needs Triton")
-    if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise NotImplementedError("dequant_int runs on CUDA (or under the Triton interpreter)")
+    dequant4._require(cond, what, "dequant_int")
 
 
 def dequantize_int(fmt: str, tensors, shape, opts, dtype=torch.bfloat16) -> torch.Tensor:
@@ -86,7 +77,7 @@ def dequantize_int(fmt: str, tensors, shape, opts, dtype=torch.bfloat16) -> torc
              f"{fmt} weight must be uint8 [{m}, {row_bytes}] with contiguous rows, got {w.dtype} {tuple(w.shape)}")
     _require(s.dtype == torch.float16 and tuple(s.shape) == (m, groups) and s.stride(1) == 1,
              f"{fmt} weight_scale must be float16 [{m}, {groups}] with contiguous rows, got {s.dtype} {tuple(s.shape)}")
-    _check_device(w)
+    dequant4._check_device(w, "dequant_int")
     y = torch.empty((m, n), dtype=dtype, device=w.device)
     bf16 = dtype == torch.bfloat16
     grid = (triton.cdiv(m, _BLOCK_R), triton.cdiv(n, _BLOCK_C))
