@@ -43,7 +43,7 @@ from .formats.grids import output_allocator
 from .metadata import build_header as build_quant_header
 from .metadata import encode_comfy_quant
 from .metadata import parse_header as parse_quant_header
-from .plan import LayerPlan, Planner, PlanOptions
+from .plan import UNSTORABLE, LayerPlan, Planner, PlanOptions
 from .report import ConversionReport, LayerRecord
 from .rounding import quantize_weight
 from .safetensors_io import SafetensorsReader, read_header, same_file
@@ -145,6 +145,10 @@ def make_plans(infos_in_order, options: PlanOptions) -> list[LayerPlan]:
     if kept:  # say it once per run, naming the layers (each plan's reason says why)
         log.warning("%d layer(s) kept in high precision because ComfyUI's model detection reads their shape "
                     "and the chosen format packs it: %s", len(kept), ", ".join(kept))
+    unstorable = [p.name for p in plans if p.reason.startswith(UNSTORABLE)]
+    if unstorable:
+        log.warning("%d layer(s) kept in high precision because the chosen format cannot store their shape: %s",
+                    len(unstorable), ", ".join(unstorable))
     return plans
 
 

@@ -15,7 +15,9 @@ candidate the first rule that applies decides (the reason is recorded for ``--dr
 
 Whatever rule chose a format, a layer whose shape ComfyUI's model detection reads
 (``converter.detection``) is kept in high precision when that format stores a different shape
-(packed/padded 4-bit, 5/6-bit): stock loaders would infer the wrong model config from it.
+(packed/padded 4-bit, 5/6-bit): stock loaders would infer the wrong model config from it. Likewise a
+layer whose shape the format cannot store at all (``Codec.shape_reason``: ConvRot formats need
+in_features a multiple of their rotation group) is kept, with the format's reason.
 
 All regexes use ``re.search`` on the layer name (the tensor name without ``.weight``).
 """
@@ -34,6 +36,7 @@ from .formats import FormatError, registry
 from .presets import EMBEDDING_TABLES, PRESETS, heuristic_reason
 
 SCALING_MODES = ("tensor", "row", "block")
+UNSTORABLE = "unstorable shape:"  # the start of a plan's reason for a layer its format cannot store
 KEEP_WORDS = ("skip", "keep", "none", "high_precision", "full")
 
 
@@ -324,6 +327,10 @@ class Planner:
         why = detection_reason(p.layer, fmt, p.shape, opts)
         if why:
             p.layer, p.reason = None, why
+            return p
+        why = registry.get_codec(fmt).shape_reason(p.shape, opts)
+        if why:
+            p.layer, p.reason = None, f"{UNSTORABLE} {why}: kept in high precision"
             return p
         p.format, p.opts, p.method, p.reason = fmt, dict(opts), method, reason
         p.opts.update(layer_transforms(self.transforms if transforms is None else transforms, p.shape))

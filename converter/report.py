@@ -14,6 +14,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+from .plan import UNSTORABLE
+
 
 @dataclass
 class LayerRecord:
@@ -98,6 +100,11 @@ class ConversionReport:
         fm = self.formats()
         lines.append("layers per format: " + (", ".join(f"{k}: {v}" for k, v in fm.items()) or "none quantized")
                      + f"; copied unchanged: {self.copied()} tensors")
+        unstorable = [r for r in self.layers if r.format is None and r.reason.startswith(UNSTORABLE)]
+        if unstorable:  # e.g. ConvRot on a layer narrower than its rotation group: the run goes on without it
+            lines.append(f"kept in high precision, shape the format cannot store: {len(unstorable)} layer(s): "
+                         + "; ".join(f"{r.name} ({_why(r.reason)})" for r in unstorable[:5])
+                         + (f"; and {len(unstorable) - 5} more" if len(unstorable) > 5 else ""))
         ratio = self.bytes_out / self.bytes_in if self.bytes_in else 0.0
         lines.append(f"size: {fmt_bytes(self.bytes_in)} -> {fmt_bytes(self.bytes_out)} ({ratio:.1%})")
         if not self.dry_run:
@@ -119,6 +126,10 @@ class ConversionReport:
         elif self.dry_run:
             lines.append("(add --advise for per-layer format advice: where another layout cuts the error most for its bytes)")
         return "\n".join(lines)
+
+
+def _why(reason: str) -> str:
+    return reason[len(UNSTORABLE):].strip().removesuffix(": kept in high precision")
 
 
 def fmt_bytes(n: int) -> str:

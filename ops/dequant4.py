@@ -188,16 +188,17 @@ def _table(quant_type: str, device) -> torch.Tensor:
     return t
 
 
-def _require(cond: bool, what: str) -> None:
+def _require(cond: bool, what: str, who: str = "dequant4") -> None:
     if not cond:
-        raise ValueError(f"dequant4: {what}")
+        raise ValueError(f"{who}: {what}")
 
 
-def _check_device(t: torch.Tensor) -> None:
+def _check_device(t: torch.Tensor, who: str = "dequant4") -> None:
+    """The kernels run on CUDA, or anywhere under the Triton interpreter (CPU tests); shared with dequant_int."""
     if not _HAVE_TRITON:
-        raise NotImplementedError("dequant4 needs Triton")
+        raise NotImplementedError(f"{who} needs Triton")
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET", "0") != "1":
-        raise NotImplementedError("dequant4 runs on CUDA (or under the Triton interpreter)")
+        raise NotImplementedError(f"{who} runs on CUDA (or under the Triton interpreter)")
 
 
 def _nvfp4_args(tensors, shape):

@@ -18,6 +18,7 @@ KERNEL_BNB = "bnb"  # bitsandbytes matmul_4bit
 KERNEL_INT8 = "int8"  # W8A8 per-token int8 x int8 torch._int_mm + fused dequant epilogue (matmul_int8)
 KERNEL_FP8_ROWWISE = "fp8_rowwise"  # row-wise FP8 _scaled_mm, per-token activations (matmul_fp8)
 KERNEL_DQ4 = "dq4"  # our Triton 4-bit kernels: fused GEMV (few rows) / one-launch dequantize + GEMM (dequant4)
+KERNEL_DQ_INT = "dq_int"  # our Triton 5/6-bit kernel: one-launch dequantize + GEMM (dequant_int)
 DEQUANT = "dequant"
 
 LABELS = {
@@ -28,6 +29,7 @@ LABELS = {
     KERNEL_INT8: "INT8 tensor-core matmul (per-token activations)",
     KERNEL_FP8_ROWWISE: "FP8 row-wise tensor-core matmul (per-token activations)",
     KERNEL_DQ4: "4-bit Triton GEMV / one-pass dequantize + bf16 matmul",
+    KERNEL_DQ_INT: "5/6-bit Triton one-pass dequantize + bf16 matmul",
     DEQUANT: "dequantize per layer, then bf16 matmul",
 }
 IMPLEMENTED = frozenset(LABELS) - {DEQUANT}

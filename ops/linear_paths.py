@@ -16,6 +16,9 @@ device path              fast for                               everything else
 ``triton_cuda`` (SM8.9+)  nvfp4 / bnb_nf4 / bnb_fp4: ``dq4``      bitsandbytes ``matmul_4bit``
                          (``dequant4``: GEMV <= 16 rows, one-     (bnb layers), then dequantize
                          launch dequantize to bf16 + F.linear)
+                         int5/int6_groupwise: ``dq_int``        dequantize + ``F.linear``
+                         (``dequant_int``: one-launch
+                         dequantize to bf16 + F.linear)
 any CUDA + bitsandbytes  bnb_nf4 / bnb_fp4 (bitsandbytes        --
                          ``matmul_4bit``)
 ``dequant`` (CPU ...)    --                                     dequantize + ``F.linear``
@@ -38,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from . import capabilities as caps
-from . import dequant4, dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_small
+from . import dequant4, dequant_int, dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_small
 
 # W8A8 paths (per-token activations): the fewest rows that use them; fewer rows run the 8-bit GEMV /
 # cast+GEMM. Measured on the H200 (bench/bench_w8a8.py, bench/RESULTS_W8A8_H200.json): at M=256 both
@@ -98,6 +101,8 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
         return [path, "dequant"]
     if path == "dq4":
         return _dq4_per_call(rows, layer, x)
+    if path == dispatch.KERNEL_DQ_INT:  # the kernel writes bf16/fp16: an fp32 activation dequantizes
+        return ([path] if x.dtype in (torch.bfloat16, torch.float16) else []) + ["dequant"]
     out = []
     if (not layer.hq_fp_mm and x.device.type == "cuda" and dispatch.scale_factors_out(layer.hq_format)
             and x.dtype in (torch.bfloat16, torch.float16)):
@@ -175,6 +180,8 @@ def _fast(path, layer, x, tensors, bias):
         return dequant4.gemv(layer, x, tensors, bias)
     if path == "dq4":
         return dequant4.dequant_linear(layer, x, tensors, bias)
+    if path == dispatch.KERNEL_DQ_INT:
+        return dequant_int.dequant_linear(layer, x, tensors, bias)
     raise ValueError(path)
 
 

@@ -31,6 +31,8 @@ CODEC_CASES = {
     "mxfp8": {},
     "hybrid_mxfp8": {},
     "nvfp4": {},
+    "int5_groupwise": {"group_size": 32},
+    "int6_groupwise": {"group_size": 32},
 }
 BNB_CASES = {"bnb_nf4": ("nf4", False), "bnb_nf4+nested": ("nf4", True), "bnb_fp4": ("fp4", False),
              "bnb_fp4+nested": ("fp4", True)}

@@ -133,3 +133,61 @@ def test_stock_current_comfyui_loads_and_runs(comfy, src, tmp_path, fmt):
     bound = 0.05 if fmt == "int8_tensorwise" else 0.35
     for g, r in zip(got, _reference(deq, w, x)):
         assert rel_err(g.float(), r) < bound
+
+
+@pytest.mark.parametrize("fmt", ["convrot_w4a4", "asym_w4a8_int8"])
+def test_layer_the_format_cannot_store_stays_plain(tmp_path, fmt):
+    """``--format convrot_w4a4`` (or W4A8) on a model with layers narrower than the rotation group: those
+    layers are copied in bf16 with the reason in the summary and the report; the others are written."""
+    from safetensors.torch import load_file
+
+    g = torch.Generator().manual_seed(5)
+    sd = _weights()
+    sd["blocks.0.narrow.weight"] = (torch.randn(64, 96, generator=g) * 0.05).to(torch.bfloat16)  # 96: not a multiple of 256
+    src = tmp_path / "narrow.safetensors"
+    save_file(sd, str(src))
+    out, report = tmp_path / "out.safetensors", tmp_path / "report.json"
+    p = run_cli("-i", src, "-o", out, "--simple", "--format", fmt, "--report", report)
+    assert p.returncode == 0, p.stderr
+    assert "kept in high precision, shape the format cannot store: 1 layer(s): blocks.0.narrow.weight" in p.stdout
+    assert "in_features 96 must be a multiple of" in p.stdout
+    written = load_file(str(out))
+    assert torch.equal(written["blocks.0.narrow.weight"], sd["blocks.0.narrow.weight"])  # plain, bit for bit
+    assert "blocks.0.narrow.comfy_quant" not in written
+    infos, _, _, _ = decode(out)
+    assert set(infos) == set(LAYERS)  # the layers it can store are quantized
+    rec = {r["name"]: r for r in json.loads(report.read_text())["layers"]}["blocks.0.narrow.weight"]
+    assert rec["format"] is None and rec["reason"].startswith("unstorable shape:")
+
+
+@pytest.mark.parametrize("fmt", ["convrot_w4a4", "asym_w4a8_int8"])
+def test_file_with_a_kept_narrow_layer_loads(comfy, tmp_path, fmt):
+    """The file with the kept bf16 layer loads in the pack's ops (and in stock ComfyUI's own ops where the
+    core has the format) and the narrow layer computes with its exact bf16 weight."""
+    from safetensors.torch import load_file
+
+    from hybridquant import ops
+
+    g = torch.Generator().manual_seed(6)
+    sd = _weights()
+    sd["blocks.0.narrow.weight"] = (torch.randn(64, 96, generator=g) * 0.05).to(torch.bfloat16)
+    src, out = tmp_path / "narrow.safetensors", tmp_path / "out.safetensors"
+    save_file(sd, str(src))
+    run_cli("-i", src, "-o", out, "-q", "--simple", "--format", fmt)
+    written = load_file(str(out))
+    x = torch.randn(3, 96, generator=g).to(torch.bfloat16)
+    want = torch.nn.functional.linear(x, sd["blocks.0.narrow.weight"])
+    variants = [("pack", ops.choose_ops(written.keys(), None), ops.prepare_state_dict(written, None))]
+    quant_ops = __import__("importlib").import_module("comfy.quant_ops")
+    if fmt in getattr(quant_ops, "QUANT_ALGOS", {}):
+        import comfy.ops
+
+        variants.append(("stock", comfy.ops.mixed_precision_ops({}, compute_dtype=torch.bfloat16), written))
+    for who, cls, state in variants:
+        m = _Tiny(cls, dtype=torch.bfloat16)
+        m.blocks[0].narrow = cls.Linear(96, 64, bias=False, dtype=torch.bfloat16)
+        missing, unexpected = m.load_state_dict(state, strict=False)
+        assert not missing and not unexpected, (who, missing, unexpected)
+        with torch.no_grad():
+            got = m.blocks[0].narrow(x)
+        assert torch.equal(got, want), who

@@ -9,7 +9,7 @@ Tolerances (relative Frobenius error of the layer output vs ``x @ dequant(W).T``
 - W8A8 paths (per-token activations, matmul_int8 / row-wise FP8): INT8 rounds each activation to
   <= 0.5/127 of its row's amax (~3 sigma for these Gaussian rows: ~0.007 RMS relative per layer, two
   layers): bound 0.03; row-wise e4m3 as FP8 above: bound 0.05.
-- bitsandbytes, 4-bit Triton (dq4: weight bit-exact in bf16) and dequantize paths: weight exact, bf16 activations/output: bound 0.01.
+- bitsandbytes, 4-bit and 5/6-bit Triton (dq4, dq_int: weight bit-exact in bf16) and dequantize paths: weight exact, bf16 activations/output: bound 0.01.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class Wide(torch.nn.Module):
 
 EXPECTED = {"float8_e4m3fn": "fp8", "float8_e4m3fn+input_scale": "fp8", "mxfp8": "fp8", "hybrid_mxfp8": "fp8",
             "bnb_nf4": "dq4", "bnb_nf4+nested": "dq4", "bnb_fp4": "dq4", "int8_tensorwise": "int8",
-            "float8_e4m3fn_rowwise": "fp8_rowwise", "int8_blockwise": "dequant", "nvfp4": "dq4"}
+            "float8_e4m3fn_rowwise": "fp8_rowwise", "int8_blockwise": "dequant", "nvfp4": "dq4",
+            "int5_groupwise": "dq_int", "int6_groupwise": "dq_int"}
 
 
 SCALE_OUT = {"float8_e4m3fn", "float8_e5m2", "float8_e4m3fn_rowwise", "int8_tensorwise", "mxfp8", "hybrid_mxfp8"}
@@ -87,7 +88,7 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
     y_ref = h @ ref["b"].cuda().t()
     err = float((y.float() - y_ref).norm() / y_ref.norm())
     bound = {"fp8": 0.05, "fp8_rowwise": 0.05, "int8": 0.03}.get(EXPECTED[case], 0.01)
-    if EXPECTED[case] in ("fp8", "fp8_rowwise", "int8"):
+    if EXPECTED[case] in ("fp8", "fp8_rowwise", "int8", "dq_int"):
         assert m.a.hq_last_path == EXPECTED[case]
     print(f"{case}: path {EXPECTED[case]}, rel err {err:.5f}")
     assert err < bound

@@ -33,6 +33,7 @@ import torch
 from ._blocks import blockwise_amax, check_weight, expand_blocks
 from .base import Codec, FormatError, TensorSpec, ceil_div, require
 from .grids import check_group_size, check_shape
+from .spec import FormatSpec, Variant
 
 _F16_MAX = 65504.0
 _F16_TINY = 2.0 ** -24  # smallest float16 subnormal
@@ -53,15 +54,39 @@ def pack_codes(u: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """The reverse of ``pack_codes``: uint8 ``[M, Np]`` codes."""
+    return signed_codes(packed, bits).view(torch.uint8).add_(1 << (bits - 1))
+
+
+def signed_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """The symmetric integers ``q = u - 2**(bits-1)`` of packed ``[M, Np*bits/8]``: int8 ``[M, Np]``.
+
+    Everything stays one byte per weight: the offset is subtracted in uint8 (``u`` is 1 .. 2**b - 1,
+    so ``u - 2**(b-1)`` wraps to exactly the int8 bit pattern of ``q``), and the high bits are shifted
+    in place, so no wider temporary and no separate float pass for the offset exists."""
     m, nb = packed.shape
     n = nb * 8 // bits
     lo = packed[:, : n // 2]
     hi = packed[:, n // 2:]
     hb = bits - 4
     shifts = torch.arange(0, 8, hb, dtype=torch.uint8, device=packed.device)
-    high = ((hi.unsqueeze(-1) >> shifts) & ((1 << hb) - 1)).reshape(m, n)
-    low = torch.stack([lo & 15, lo >> 4], dim=-1).reshape(m, n)
-    return low | high << 4
+    q = torch.stack([lo & 15, lo >> 4], dim=-1).view(m, n)
+    q |= (hi.unsqueeze(-1) >> shifts).bitwise_and_((1 << hb) - 1).bitwise_left_shift_(4).view(m, n)
+    q -= 1 << (bits - 1)
+    return q.view(torch.int8)
+
+
+def group_int_spec(bits: int, *, color: str, summary: str, advice: tuple) -> FormatSpec:
+    """The ``FormatSpec`` of the ``bits``-bit format: what int5 and int6 share (name, family, the one
+    variant, storage, budget steps, kernel); each module passes what differs (colour, summary, advice)."""
+    return FormatSpec(
+        name=f"int{bits}_groupwise", label=f"INT{bits}", family=f"int{bits}", color=color, summary=summary,
+        variants=(Variant("", f"INT{bits} ({bits}-bit, scale per 32 weights)", {"group_size": 32}),),
+        storage="padded", clipping=True, custom=True,
+        # One Triton launch decodes the packed codes straight to bf16/fp16 (ops/dequant_int.py).
+        kernels={"triton_cuda": "dq_int"},
+        aliases=(f"int{bits}", f"{bits}-bit", f"{bits}bit", f"q{bits}"),
+        budget_steps=({"group_size": 32}, {"group_size": 64}, {"group_size": 128}),
+        advice=advice)
 
 
 class GroupIntCodec(Codec):
@@ -74,7 +99,8 @@ class GroupIntCodec(Codec):
     def qmax(self) -> int:
         return (1 << (self.bits - 1)) - 1
 
-    def _gs(self, opts) -> int:
+    def group_size(self, opts: Mapping) -> int:
+        """The layer's group size from its codec options (default 32), checked."""
         g = check_group_size(opts.get("group_size", self.default_group_size))
         if g % 8:
             raise FormatError(f"{self.name}: group_size must be a multiple of 8, got {g}")
@@ -84,23 +110,23 @@ class GroupIntCodec(Codec):
         return None  # padded and packed: the file's orig_shape says
 
     def heuristic_reason(self, shape, opts):
-        g = self._gs(dict(opts))
+        g = self.group_size(dict(opts))
         return f"heur: in_features {shape[1]} not a multiple of group size {g} (pads)" if shape[1] % g else None
 
     def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
         m, n = check_shape(shape)
-        g = self._gs(opts)
+        g = self.group_size(opts)
         groups = ceil_div(n, g)
         return {"weight": TensorSpec(torch.uint8, (m, groups * g * self.bits // 8)),
                 "weight_scale": TensorSpec(torch.float16, (m, groups))}
 
     def metadata(self, **opts) -> dict:
-        return {"format": self.name, "group_size": self._gs(opts)}
+        return {"format": self.name, "group_size": self.group_size(opts)}
 
     # ---- rounding decomposition -----------------------------------------------------------------
     def block_amax(self, w: torch.Tensor, **opts) -> torch.Tensor:
         name = opts.get("name", "weight")
-        return blockwise_amax(check_weight(w, name), self._gs(opts), name)
+        return blockwise_amax(check_weight(w, name), self.group_size(opts), name)
 
     def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, **opts) -> dict[str, torch.Tensor]:
         if amax is None:
@@ -113,7 +139,7 @@ class GroupIntCodec(Codec):
 
     def element_scale(self, params: Mapping[str, torch.Tensor], shape, **opts) -> torch.Tensor:
         m, n = check_shape(shape)
-        return expand_blocks(params["weight_scale"].to(torch.float32), (m, n), self._gs(opts))
+        return expand_blocks(params["weight_scale"].to(torch.float32), (m, n), self.group_size(opts))
 
     def round_to_grid(self, x: torch.Tensor, **opts) -> torch.Tensor:
         return x.to(torch.float32).round().clamp_(-self.qmax, self.qmax)
@@ -123,7 +149,7 @@ class GroupIntCodec(Codec):
         name = opts.get("name", "weight")
         w = check_weight(w, name)
         m, n = int(w.shape[0]), int(w.shape[1])
-        g = self._gs(opts)
+        g = self.group_size(opts)
         if params is None:
             params = self.scale_params(w, **opts)  # block_amax raises on NaN/Inf
         elif not bool(torch.isfinite(w.float().sum())):
@@ -139,14 +165,17 @@ class GroupIntCodec(Codec):
 
     def dequantize(self, tensors: Mapping[str, torch.Tensor], shape, dtype: torch.dtype = torch.float32, **opts) -> torch.Tensor:
         m, n = check_shape(shape)
-        g = self._gs(opts)
-        u = unpack_codes(tensors["weight"], self.bits)
+        g = self.group_size(opts)
+        q = signed_codes(tensors["weight"], self.bits).view(m, -1, g)
         scale = tensors["weight_scale"]
-        # float16 products of a small integer and a float16 scale are exact in float32 and rounded
-        # once to float16 either way; for other dtypes compute in float32 and round once at the end.
-        cdt = torch.float16 if dtype == torch.float16 else torch.float32
-        x = u.to(cdt).sub_(self.qmax + 1).reshape(m, -1, g).mul_(scale.to(cdt).unsqueeze(-1))
-        return x.reshape(m, -1)[:, :n].to(dtype)
+        # One multiply, written in ``dtype``: the product of a 5/6-bit integer and a float16 scale is
+        # exact in float32 (16 significant bits), so computing it there and rounding once to
+        # ``dtype`` is the definition; float16 output computes in float16 (the same single rounding).
+        sdt = torch.float16 if dtype == torch.float16 else torch.float32
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        torch.mul(q, scale.to(sdt).unsqueeze(-1), out=out)
+        out = out.view(m, -1)
+        return out if out.shape[1] == n else out[:, :n]
 
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
         try:

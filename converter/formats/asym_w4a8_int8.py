@@ -154,11 +154,11 @@ class AsymW4A8Int8(Codec):
     def logical_shape(self, stored, meta=None):
         return (int(stored[0]), 2 * int(stored[1])) if len(stored) == 2 else None
 
-    def heuristic_reason(self, shape, opts):
+    def shape_reason(self, shape, opts):
         try:
             _check_n(shape, *_opts(opts)[:2])
         except FormatError as e:
-            return f"heur: {e}"
+            return str(e)
         return None
 
     def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:

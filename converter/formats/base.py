@@ -143,6 +143,13 @@ class Codec:
     def heuristic_reason(self, shape: tuple[int, int], opts: Mapping) -> str | None:
         """Why ``--heur`` keeps a layer of ``shape`` out of this format (None: fine). Generic rules
         live in ``converter.presets``; a codec adds the ones of its own layout."""
+        why = self.shape_reason(shape, opts)
+        return f"heur: {why}" if why else None
+
+    def shape_reason(self, shape: tuple[int, int], opts: Mapping) -> str | None:
+        """Why this format cannot store a layer of ``shape`` at all (None: it can). The planner keeps
+        such a layer in high precision with this reason, whatever rule chose the format
+        (``converter.plan``), so one narrow layer does not stop a whole conversion."""
         return None
 
     def output_specs(self, shape: tuple[int, int], **opts) -> dict[str, TensorSpec]:

@@ -59,10 +59,12 @@ class ConvRotW4A4(Codec):
     def logical_shape(self, stored, meta=None):
         return (int(stored[0]), 2 * int(stored[1])) if len(stored) == 2 else None
 
-    def heuristic_reason(self, shape, opts):
-        g = opts.get("convrot_groupsize", 256)
-        n = shape[1]
-        return f"heur: in_features {n} not a multiple of {g} (ConvRot groups)" if n % g or n % KERNEL_K else None
+    def shape_reason(self, shape, opts):
+        try:
+            _check_n(shape, _opts(opts))
+        except FormatError as e:
+            return str(e)
+        return None
 
     def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
         m, n = _check_n(shape, _opts(opts))

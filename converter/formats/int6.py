@@ -5,19 +5,13 @@ Exact layout, packing and encoding: ``_intpack.py`` (shared with ``int5.py``).
 
 from __future__ import annotations
 
-from ._intpack import GroupIntCodec
-from .spec import FormatSpec, Variant
+from ._intpack import GroupIntCodec, group_int_spec
 
 __all__ = ["Int6Groupwise"]
+_SUMMARY = ("6-bit integers with a scale per 32 weights: about 40% of bf16's size, close to 8-bit quality; "
+            "one-pass Triton dequantize on NVIDIA SM 8.9+, torch dequantize elsewhere")
 
 
 class Int6Groupwise(GroupIntCodec):
     bits = 6
-    spec = FormatSpec(
-        name="int6_groupwise", label="INT6", family="int6", color="#5fb3a3",
-        summary="6-bit integers with a scale per 32 weights: about 40% of bf16's size, close to 8-bit "
-                "quality; dequantized per call on every device",
-        variants=(Variant("", "INT6 (6-bit, scale per 32 weights)", {"group_size": 32}),),
-        storage="padded", clipping=True, custom=True, aliases=("int6", "6-bit", "6bit", "q6"),
-        advice=(("int8_tensorwise", {"per_row": True}),),
-        budget_steps=({"group_size": 32}, {"group_size": 64}, {"group_size": 128}))
+    spec = group_int_spec(6, color="#5fb3a3", summary=_SUMMARY, advice=(("int8_tensorwise", {"per_row": True}),))
