@@ -30,7 +30,7 @@ import torch
 
 from ..converter.formats import FormatError, get_codec
 from . import capabilities as caps
-from . import dispatch, linear_paths
+from . import dispatch, dynamic_vram, linear_paths
 from . import quant_data as qd
 from . import transforms as hq_tf
 
@@ -164,7 +164,9 @@ def make_linear(base):
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
             if self.hq_format is None:
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
-            carrier = _Carrier(self)
+            # Dynamic VRAM (ComfyUI 0.33 aimdo): a view sharing this layer's vbar state, else the carrier
+            # (ops/dynamic_vram.py). The only dynamic-VRAM change in forward.
+            carrier = dynamic_vram.cast_target(self) or _Carrier(self)
             weight, bias, token = comfy.ops.cast_bias_weight(carrier, input, dtype=self.weight.dtype,
                                                              bias_dtype=input.dtype, offloadable=True)
             try:
@@ -181,6 +183,9 @@ def make_linear(base):
 
         def _hq_functions(self):
             fns = list(self.weight_function)
+            low = dynamic_vram.lowvram_patch(self)  # dynamic VRAM's LoRA patch: ours to apply (dynamic_vram.py)
+            if low is not None:
+                fns.insert(0, low)
             lora = self.hq_lora
             if lora is not None and not any(getattr(f, "key", None) == lora.key for f in fns):
                 fns.insert(0, lora)  # ComfyUI's own low-VRAM patch for the same key wins

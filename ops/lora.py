@@ -21,7 +21,7 @@ import comfy.lora
 import comfy.model_patcher
 import comfy.utils
 
-from . import dispatch
+from . import dispatch, dynamic_vram
 
 
 class OnTheFlyPatch:
@@ -55,6 +55,13 @@ def patcher_class(base: type) -> type:
 
     class HybridModelPatcher(base):
         def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kwargs):
+            if kwargs.get("force_cast") and not kwargs.get("return_weight", False):
+                # Dynamic VRAM's force load (ops/dynamic_vram.py): stored weights move as they are.
+                q = dynamic_vram.quantized_owner(self.model, key)
+                if q is not None and (key not in self.patches or dispatch.is_four_bit(q.hq_format)):
+                    dynamic_vram.force_load(self, key, device_to)
+                    if key not in self.patches:
+                        return None
             m = _owner(self.model, key)
             if m is not None and key in self.patches and not kwargs.get("return_weight", False):
                 m.hq_lora = OnTheFlyPatch(key, self.patches)
