@@ -59,6 +59,11 @@ class VbarView:
         self._hq_layer = layer
         self.__dict__ = layer.__dict__  # one state: the core's _v/_prefetch/_pins bookkeeping is the layer's
 
+    def __reduce_ex__(self, protocol):
+        # A copied / pickled layer gets a fresh view on first use (a copy of this one would share the
+        # OLD layer's dict: deepcopy rebuilds a module's __dict__ by update, not by identity).
+        return (_no_view, ())
+
     @property
     def weight(self):
         return self._hq_layer.weight  # the stored (quantized) tensor: the vbar is sized and filled with it
@@ -80,9 +85,23 @@ class VbarView:
         return None  # LoRA: applied by the layer on the dequantized weight (lowvram_patch)
 
 
+def _no_view():
+    return None
+
+
 def cast_target(layer):
-    """A ``VbarView`` of ``layer`` when the dynamic patcher gave it a virtual allocation, else None."""
-    return VbarView(layer) if "_v" in layer.__dict__ else None
+    """A ``VbarView`` of ``layer`` when the dynamic patcher gave it a virtual allocation, else None.
+
+    One view per layer, kept in the layer's dict: the core compares cast modules by identity
+    (``LARGEST_AIMDO_CASTED_WEIGHT``) and its pin stacks hold them; a new object per call would also
+    cost an allocation per layer per step."""
+    d = layer.__dict__
+    if "_v" not in d:
+        return None
+    view = d.get("_hq_vbar_view")
+    if view is None:
+        view = d["_hq_vbar_view"] = VbarView(layer)
+    return view
 
 
 def lowvram_patch(layer):

@@ -354,3 +354,22 @@ def test_dynamic_flag_only_where_the_protocol_is_missing(comfy):
     assert backend._with_dynamic_flag(with_kw, {"a": 1}, disable_dynamic=True) == {"a": 1, "disable_dynamic": True}
     want = {"a": 1} if core_dynamic_vram() else {"a": 1, "disable_dynamic": True}
     assert backend._with_dynamic_flag(with_kw, {"a": 1}) == want
+
+
+def test_view_is_one_per_layer_and_survives_deepcopy(fake_aimdo):
+    import copy
+
+    from hybridquant.ops import dynamic_vram
+
+    net, _ = _model("fp8")
+    assert dynamic_vram.cast_target(net.big1) is None  # no allocation: the classic carrier
+    net.big1._v = FakeVRAM(1 << 16).alloc(1024)
+    view = dynamic_vram.cast_target(net.big1)
+    assert dynamic_vram.cast_target(net.big1) is view
+    view._prefetch = {"x": 1}  # the core's writes land in the layer's state
+    assert net.big1._prefetch == {"x": 1}
+    del view._prefetch
+    assert "_prefetch" not in net.big1.__dict__
+    twin = copy.deepcopy(net)
+    tv = dynamic_vram.cast_target(twin.big1)
+    assert tv is not view and tv.weight is twin.big1.weight and tv.__dict__ is twin.big1.__dict__
