@@ -373,3 +373,28 @@ def test_view_is_one_per_layer_and_survives_deepcopy(fake_aimdo):
     twin = copy.deepcopy(net)
     tv = dynamic_vram.cast_target(twin.big1)
     assert tv is not view and tv.weight is twin.big1.weight and tv.__dict__ is twin.big1.__dict__
+
+
+@pytest.mark.slow
+def test_bench_dynamic_vram_smoke_cpu(dyn, comfyui_path, tmp_path):
+    """bench/bench_dynamic_vram.py's shared code path on CPU (tiny Flux, no aimdo: the core reroutes a CPU
+    model to the classic patcher, so both rows are classic here; the GPU run is the measurement)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = tmp_path / "bdv.json"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / ".pyroot"), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, str(repo / "bench" / "bench_dynamic_vram.py"), "--comfy", str(comfyui_path), "--smoke-cpu",
+           "--formats", "bnb_nf4", "--lora", "--steps", "1", "--warmup", "0", "--work-dir", str(tmp_path / "w"),
+           "--json", str(out)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["mode"], r["lora"]) for r in rows] == [("dynamic", False), ("classic", False), ("dynamic", True), ("classic", True)]
+    for r in rows:
+        assert r["step_ms"] > 0 and r["model_size_gb"] > 0 and r["paths"].get("bnb_nf4:dequant", 0) > 0
+    assert all(r["rel_err"] == 0.0 for r in rows if r["mode"] == "dynamic")
