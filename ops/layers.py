@@ -11,7 +11,8 @@ to the base class). A quantized layer (``.comfy_quant``, header-only, legacy sca
   destroy the codes): only their device follows.
 - forward: ``comfy.ops.cast_bias_weight(..., offloadable=True)`` moves the stored weight and the bias
   (offload stream, bias_function) through a small carrier object -- the weight is passed in its
-  stored dtype so ComfyUI never casts codes -- then ``uncast_bias_weight`` with the token untouched.
+  stored dtype so ComfyUI never casts codes; under dynamic VRAM a ``dynamic_vram.VbarView`` instead --
+  then ``uncast_bias_weight`` with the token untouched.
   The matmul path comes from ``linear_paths`` (decided per device once); ``weight_function`` (LoRA,
   low-VRAM patches) always runs on the dequantized logical weight.
 - LoRA: ``convert_weight`` dequantizes what ComfyUI's patcher hands over (the stored codes cast to a
