@@ -21,6 +21,7 @@ import comfy.lora
 import comfy.model_patcher
 import comfy.utils
 
+from . import capabilities as caps
 from . import dispatch, dynamic_vram
 
 
@@ -81,6 +82,13 @@ def patcher_class(base: type) -> type:
     return HybridModelPatcher
 
 
+_CLONE_KEY = "hybridquant_adopt"
+
+
+def _adopt_clone(_source, clone):
+    adopt_patcher(clone)
+
+
 def adopt_patcher(model_patcher):
     """Make ``model_patcher`` (and its future clones) patch 4-bit layers on the fly. Returns it."""
     if model_patcher is None:
@@ -88,4 +96,11 @@ def adopt_patcher(model_patcher):
     if not isinstance(model_patcher, comfy.model_patcher.ModelPatcher):
         raise TypeError(f"adopt_patcher: expected a ModelPatcher, got {type(model_patcher).__name__}")
     model_patcher.__class__ = patcher_class(type(model_patcher))
+    if caps.core_dynamic_vram():
+        # Dynamic cores build a non-dynamic clone as a plain ModelPatcher (clone(disable_dynamic=True):
+        # hooks, TorchCompileModel): adopt it too. Callbacks are copied to every clone.
+        from comfy.patcher_extension import CallbacksMP
+
+        if not model_patcher.get_callbacks(CallbacksMP.ON_CLONE, _CLONE_KEY):
+            model_patcher.add_callback_with_key(CallbacksMP.ON_CLONE, _CLONE_KEY, _adopt_clone)
     return model_patcher

@@ -398,3 +398,16 @@ def test_bench_dynamic_vram_smoke_cpu(dyn, comfyui_path, tmp_path):
     for r in rows:
         assert r["step_ms"] > 0 and r["model_size_gb"] > 0 and r["paths"].get("bnb_nf4:dequant", 0) > 0
     assert all(r["rel_err"] == 0.0 for r in rows if r["mode"] == "dynamic")
+
+
+def test_non_dynamic_delegate_stays_adopted(fake_aimdo):
+    """clone(disable_dynamic=True) builds a plain ModelPatcher (hooks, TorchCompileModel): our ON_CLONE
+    callback adopts it, so 4-bit LoRA stays on the fly there too."""
+    import comfy.model_patcher
+
+    net, _ = _model("bnb_nf4_dq")
+    mp = _dynamic_patcher(net)
+    delegate = mp.clone(disable_dynamic=True, model_override=mp.get_clone_model_override())
+    assert isinstance(delegate, comfy.model_patcher.ModelPatcher) and not delegate.is_dynamic()
+    assert type(delegate).__name__ == "HybridModelPatcher"
+    assert type(delegate.clone()) is type(delegate)
