@@ -1,6 +1,6 @@
 """The pack's models under ComfyUI's dynamic VRAM (comfy-aimdo) on a current core, with a VRAM cap.
 
-    python bench/bench_dynamic_vram.py --comfy $COMFY [--cap-gb 3] [--depth 10 20] [--size 1024] \
+    python bench/bench_dynamic_vram.py --comfy $COMFY [--cap-gb 2.5] [--depth 8 16] [--size 1024] \
         [--steps 4] [--warmup 2] [--formats float8_e4m3fn,bnb_nf4] [--stock] [--lora] [--json out.json]
     python bench/bench_dynamic_vram.py --comfy $COMFY --smoke-cpu     # CPU run of the code path (no aimdo)
 
@@ -30,8 +30,8 @@ Rows per format, same converted file, same process:
 Each: ``load_models_gpu([patcher])`` as the sampler does, then ``--steps`` timed ``BaseModel.apply_model``
 calls (one sampling step each) after ``--warmup``.
 Columns: ``step_ms`` (median), ``ratio`` = classic step_ms / step_ms; ``peak_used_gb`` vs ``cap_gb``
-(``under_cap``); ``peak_torch_gb`` (``torch.cuda.max_memory_allocated``: torch's allocator only);
-``weights_gb`` (file) and ``model_size_gb`` (``patcher.model_size()``, what ComfyUI books); ``vbar_gb`` /
+(``under_cap``); ``base_used_gb`` (in use before the load); ``peak_torch_gb``
+(``torch.cuda.max_memory_allocated``: torch's allocator only); ``weights_gb`` (file) and ``model_size_gb`` (``patcher.model_size()``, what ComfyUI books); ``vbar_gb`` /
 ``resident_gb`` (``ops.dynamic_vram.accounting``: bytes behind aimdo allocations / force-loaded codec
 tensors); ``loaded_gb`` (``patcher.loaded_size()`` after the steps); ``rel_err`` of the output vs the
 classic row (same math: a difference is kernel non-determinism, or a bug).
@@ -56,8 +56,8 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", default=os.environ.get("COMFY") or os.environ.get("HYBRIDQUANT_COMFYUI"),
                     help="ComfyUI tree with dynamic VRAM (0.33); default $COMFY")
-    ap.add_argument("--cap-gb", type=float, default=3.0, help="device memory the process may use (GiB)")
-    ap.add_argument("--depth", nargs=2, type=int, default=(10, 20), metavar=("DOUBLE", "SINGLE"))
+    ap.add_argument("--cap-gb", type=float, default=2.5, help="device memory the process may use (GiB)")
+    ap.add_argument("--depth", nargs=2, type=int, default=(8, 16), metavar=("DOUBLE", "SINGLE"))
     ap.add_argument("--size", type=int, default=1024, help="image side in pixels")
     ap.add_argument("--text-tokens", type=int, default=512)
     ap.add_argument("--steps", type=int, default=4)
@@ -155,7 +155,7 @@ class Peak:
     """Device memory in use (total - free) polled by a thread: aimdo's VRAM is not torch's to report."""
 
     def __init__(self, dev, period_s=0.002):
-        self.dev, self.period, self.peak, self._stop = dev, period_s, 0, threading.Event()
+        self.dev, self.period, self.peak, self.base, self._stop = dev, period_s, 0, 0, threading.Event()
         self._t = None
 
     def __enter__(self):
@@ -163,7 +163,7 @@ class Peak:
 
         if self.dev.type != "cuda":
             return self
-        self.peak = self.used()
+        self.base = self.peak = self.used()  # before the load: CUDA context + what earlier rows left
         torch.cuda.reset_peak_memory_stats(self.dev)
 
         def run():
@@ -293,7 +293,7 @@ def main(argv=None):
         row["loaded_gb"] = patcher.loaded_size() / GIB
         row["paths"] = layer_paths(patcher, mode == "stock")[0]
         if cuda:
-            row["peak_used_gb"] = peak.peak / GIB
+            row["peak_used_gb"], row["base_used_gb"] = peak.peak / GIB, peak.base / GIB
             row["peak_torch_gb"] = torch.cuda.max_memory_allocated(dev) / GIB
             row["under_cap"] = peak.peak <= a.cap_gb * GIB
         return row, y.float().cpu()  # the caller unloads once this frame's references are gone
@@ -346,7 +346,8 @@ def fmt_row(r) -> str:
              f"weights {r['weights_gb']:6.2f} GiB (model_size {r['model_size_gb']:6.2f})",
              f"vbar {r['vbar_gb']:6.2f} resident {r['resident_gb']:5.2f} loaded {r['loaded_gb']:6.2f}"]
     if "peak_used_gb" in r:
-        cells.append(f"peak used {r['peak_used_gb']:6.2f} GiB torch {r['peak_torch_gb']:6.2f} "
+        cells.append(f"peak used {r['peak_used_gb']:6.2f} GiB (before load {r['base_used_gb']:.2f}) "
+                     f"torch {r['peak_torch_gb']:6.2f} "
                      f"{'under cap' if r['under_cap'] else 'OVER CAP'}")
     if "rel_err" in r:
         cells.append(f"rel_err vs classic {r['rel_err']:.2e}")
