@@ -123,6 +123,10 @@ def _diffusion_state_dict(model) -> dict:
     """The input MODEL's diffusion-model weights with its patches (LoRAs...) applied, on CPU."""
     import comfy.model_management as mm
 
+    if getattr(model, "is_dynamic", lambda: False)():
+        # Dynamic VRAM (ComfyUI 0.33): ModelPatcherDynamic refuses force_patch_weights (an assert); the
+        # core's non-dynamic delegate (rebuilt through cached_patcher_init) patches like 0.3.75 does.
+        model = model.get_non_dynamic_delegate()
     mm.load_models_gpu([model], force_patch_weights=True)
     sd = model.model.diffusion_model.state_dict()
     return {k: v.detach().to("cpu") for k, v in sd.items()}

@@ -411,3 +411,27 @@ def test_non_dynamic_delegate_stays_adopted(fake_aimdo):
     assert isinstance(delegate, comfy.model_patcher.ModelPatcher) and not delegate.is_dynamic()
     assert type(delegate).__name__ == "HybridModelPatcher"
     assert type(delegate.clone()) is type(delegate)
+
+
+def test_quantize_node_reads_a_dynamic_model_through_its_delegate(fake_aimdo, monkeypatch):
+    """Quantize Model's source weights: ModelPatcherDynamic asserts on force_patch_weights, so a dynamic
+    MODEL is read through the core's non-dynamic delegate (a real clone(disable_dynamic=True) here)."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    from hybridquant.nodes import quantize_run
+
+    class Wrap(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model, _ = _model("fp8")
+
+    mp = _dynamic_patcher(Wrap())
+    cpu = torch.device("cpu")
+    mp.cached_patcher_init = (lambda disable_dynamic=False: comfy.model_patcher.ModelPatcher(Wrap(), cpu, cpu), ())
+    seen = []
+    monkeypatch.setattr(mm, "load_models_gpu", lambda models, **kw: seen.append((models[0], kw)))
+    sd = quantize_run._diffusion_state_dict(mp)
+    (loaded, kw), = seen
+    assert kw == {"force_patch_weights": True} and not loaded.is_dynamic() and loaded is not mp
+    assert set(sd) == set(mp.model.diffusion_model.state_dict())
