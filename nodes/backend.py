@@ -62,7 +62,7 @@ def _with_dynamic_flag(fn, kwargs: dict, disable_dynamic: bool = False) -> dict:
     return kwargs
 
 
-def _register_reload(patcher, factory, args: tuple, index=None) -> None:
+def register_reload(patcher, factory, args: tuple, index=None) -> None:
     """``cached_patcher_init`` on dynamic cores: the core calls ``factory(*args[, disable_dynamic=True])``
     (and takes ``[index]`` of the result) to rebuild this model; stock loaders register themselves alike."""
     from ..ops.capabilities import core_dynamic_vram
@@ -134,7 +134,7 @@ def load_diffusion_model(path: str, override: str = "auto", disable_dynamic: boo
     ops_class = pick_ops(sd.keys(), metadata, override)
     log.info("HybridQuant: loading %s with %s", path, getattr(ops_class, "__name__", ops_class))
     model = diffusion_model_from_state_dict(sd, metadata, ops_class, path, disable_dynamic=disable_dynamic)
-    _register_reload(model, load_diffusion_model, (path, override), 0)
+    register_reload(model, load_diffusion_model, (path, override), 0)
     return model, ops_class
 
 
@@ -157,10 +157,10 @@ def load_checkpoint(path: str, override: str = "auto", embedding_directory=None,
         raise RuntimeError(f"{path}: ComfyUI could not detect the checkpoint type")
     model, clip, vae = out[:3]
     adopt(model)
-    _register_reload(model, load_checkpoint, (path, override, embedding_directory), 0)
+    register_reload(model, load_checkpoint, (path, override, embedding_directory), 0)
     if clip is not None:
         adopt(clip.patcher)
-        _register_reload(clip.patcher, checkpoint_clip_patcher, (path, override, embedding_directory))
+        register_reload(clip.patcher, checkpoint_clip_patcher, (path, override, embedding_directory))
     return model, clip, vae, ops_class
 
 
@@ -198,7 +198,7 @@ def load_clip(paths: list[str], clip_type: str, override: str = "auto", embeddin
                                      "model_options": {"custom_operations": ops_class}}, disable_dynamic)
     clip = fn(sds, **kwargs)
     adopt(clip.patcher)
-    _register_reload(clip.patcher, clip_patcher, (list(paths), clip_type, override, embedding_directory))
+    register_reload(clip.patcher, clip_patcher, (list(paths), clip_type, override, embedding_directory))
     return clip, ops_class
 
 

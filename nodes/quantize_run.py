@@ -270,7 +270,7 @@ def _plan(sd, options):
 
 def quantize_model(model, settings: dict, node_id=None, prompt=None):
     """Quantize ``model``'s diffusion model; returns (new MODEL, summary text, saved path or None, reused)."""
-    from .backend import diffusion_model_from_state_dict, load_diffusion_model, pick_ops
+    from .backend import diffusion_model_from_state_dict, load_diffusion_model, pick_ops, register_reload
 
     try:
         qo.validate_settings(settings)
@@ -337,6 +337,12 @@ def quantize_model(model, settings: dict, node_id=None, prompt=None):
     saved = _save(new_sd, header_metadata, settings["filename_prefix"]) if settings["save"] else None
     ops_class = pick_ops(new_sd.keys(), header_metadata)
     new_model = diffusion_model_from_state_dict(new_sd, header_metadata, ops_class, "Quantize Model output")
+    # Dynamic-VRAM cores rebuild non-dynamic delegates (hooks, TorchCompileModel) through this.
+    if saved:
+        register_reload(new_model, load_diffusion_model, (saved, "auto"), 0)
+    else:
+        register_reload(new_model, diffusion_model_from_state_dict,
+                        (new_sd, header_metadata, ops_class, "Quantize Model output"))
     _carry_patches(model, new_model)
     summary = qs.summary_text(report, plans, settings, display_name(saved) if saved else None,
                               time.monotonic() - t0)

@@ -435,3 +435,28 @@ def test_quantize_node_reads_a_dynamic_model_through_its_delegate(fake_aimdo, mo
     (loaded, kw), = seen
     assert kw == {"force_patch_weights": True} and not loaded.is_dynamic() and loaded is not mp
     assert set(sd) == set(mp.model.diffusion_model.state_dict())
+
+
+def test_quantize_node_output_can_be_rebuilt(dyn, tmp_path, monkeypatch):
+    """The Quantize Model output (in memory, not saved) registers a factory the core can rebuild a
+    non-dynamic delegate with (otherwise hooks / TorchCompileModel raise on a dynamic core)."""
+    import weakref
+
+    from e2e.synthetic import sd3_mmdit_state_dict
+    from safetensors.torch import save_file
+
+    from hybridquant.nodes import backend, quantize_run
+    from hybridquant.nodes.quantize import QuantizeModel
+
+    monkeypatch.setattr(quantize_run, "_RESULTS", weakref.WeakValueDictionary())
+    monkeypatch.setattr(quantize_run, "_SUMMARIES", {})
+    monkeypatch.setattr(quantize_run, "_SAVED", {})
+    save_file(sd3_mmdit_state_dict(depth=1, seed=3), str(tmp_path / "tiny.safetensors"))
+    model, _ = backend.load_diffusion_model(str(tmp_path / "tiny.safetensors"))
+    out = QuantizeModel.execute(model, format="bnb_nf4", preset="none", custom_layers="", custom_format="fp8 tensorwise",
+                                rounding="rtn", save=False, filename_prefix="hq_test/tiny")
+    qmodel = (out.result if hasattr(out, "result") else out.args)[0]
+    factory, args = qmodel.cached_patcher_init
+    assert factory is backend.diffusion_model_from_state_dict
+    delegate = factory(*args, disable_dynamic=True)
+    assert type(delegate).__name__.startswith("Hybrid") and not delegate.is_dynamic()
