@@ -1,7 +1,7 @@
 """The pack's models under ComfyUI's dynamic VRAM (comfy-aimdo) on a current core, with a VRAM cap.
 
     python bench/bench_dynamic_vram.py --comfy $COMFY [--cap-gb 2.5] [--depth 8 16] [--size 1024] \
-        [--steps 4] [--warmup 2] [--formats float8_e4m3fn,bnb_nf4] [--stock] [--lora] [--json out.json]
+        [--steps 4] [--warmup 2] [--formats float8_e4m3fn,bnb_nf4] [--stock] [--lora [--no-plain]] [--json out.json]
     python bench/bench_dynamic_vram.py --comfy $COMFY --smoke-cpu     # CPU run of the code path (no aimdo)
 
 Model: ComfyUI's own Flux class at Flux.1 widths (hidden 3072), ``--depth`` double/single blocks, seeded
@@ -66,6 +66,7 @@ def parse_args(argv=None):
     ap.add_argument("--stock", action="store_true", help="add stock ComfyUI FP8 (QuantizedTensor) under dynamic VRAM")
     ap.add_argument("--lora", action="store_true")
     ap.add_argument("--lora-rank", type=int, default=32)
+    ap.add_argument("--no-plain", action="store_true", help="with --lora: only the LoRA rows (split runs)")
     ap.add_argument("--work-dir", default=str(REPO / ".cache" / "bench_dynamic_vram"))
     ap.add_argument("--json", default=None)
     ap.add_argument("--smoke-cpu", action="store_true", help="tiny widths on CPU: the code path without aimdo")
@@ -306,7 +307,7 @@ def main(argv=None):
         if os.path.getsize(path) <= a.cap_gb * GIB and not a.smoke_cpu:
             notes.append(f"{fmt}: file {os.path.getsize(path) / GIB:.2f} GiB fits in the {a.cap_gb} GiB cap "
                          f"(not a partial-load test; raise --depth)")
-        for lora in ([False, True] if a.lora else [False]):
+        for lora in [v for v in ([False, True] if a.lora else [False]) if v or not a.no_plain]:
             classic, ref = run(fmt, "classic", path, lora)
             unload()
             dyn, out = run(fmt, "dynamic", path, lora)
