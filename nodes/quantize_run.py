@@ -123,6 +123,10 @@ def _diffusion_state_dict(model) -> dict:
     """The input MODEL's diffusion-model weights with its patches (LoRAs...) applied, on CPU."""
     import comfy.model_management as mm
 
+    if getattr(model, "is_dynamic", lambda: False)():
+        # Dynamic VRAM (ComfyUI 0.33): ModelPatcherDynamic refuses force_patch_weights (an assert); the
+        # core's non-dynamic delegate (rebuilt through cached_patcher_init) patches like 0.3.75 does.
+        model = model.get_non_dynamic_delegate()
     mm.load_models_gpu([model], force_patch_weights=True)
     sd = model.model.diffusion_model.state_dict()
     return {k: v.detach().to("cpu") for k, v in sd.items()}
@@ -266,7 +270,7 @@ def _plan(sd, options):
 
 def quantize_model(model, settings: dict, node_id=None, prompt=None):
     """Quantize ``model``'s diffusion model; returns (new MODEL, summary text, saved path or None, reused)."""
-    from .backend import diffusion_model_from_state_dict, load_diffusion_model, pick_ops
+    from .backend import diffusion_model_from_state_dict, load_diffusion_model, pick_ops, register_reload
 
     try:
         qo.validate_settings(settings)
@@ -333,6 +337,12 @@ def quantize_model(model, settings: dict, node_id=None, prompt=None):
     saved = _save(new_sd, header_metadata, settings["filename_prefix"]) if settings["save"] else None
     ops_class = pick_ops(new_sd.keys(), header_metadata)
     new_model = diffusion_model_from_state_dict(new_sd, header_metadata, ops_class, "Quantize Model output")
+    # Dynamic-VRAM cores rebuild non-dynamic delegates (hooks, TorchCompileModel) through this.
+    if saved:
+        register_reload(new_model, load_diffusion_model, (saved, "auto"), 0)
+    else:
+        register_reload(new_model, diffusion_model_from_state_dict,
+                        (new_sd, header_metadata, ops_class, "Quantize Model output"))
     _carry_patches(model, new_model)
     summary = qs.summary_text(report, plans, settings, display_name(saved) if saved else None,
                               time.monotonic() - t0)

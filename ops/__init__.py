@@ -19,8 +19,8 @@ Public API
     requantizing the packed codes. Call it on every ModelPatcher our loaders return.
 ``capabilities`` -- ``path_for(device)``, ``device_capability``, ``bnb_cuda_available`` (all device checks).
 
-How a loader uses them (ComfyUI 0.3.75 and 0.29)
-------------------------------------------------
+How a loader uses them (ComfyUI 0.3.75, 0.29, 0.33)
+--------------------------------------------------------
 ::
 
     import inspect, safetensors
@@ -30,13 +30,13 @@ How a loader uses them (ComfyUI 0.3.75 and 0.29)
     sd = ops.prepare_state_dict(sd, meta)
     fn = comfy.sd.load_diffusion_model_state_dict
     kw = {"model_options": {"custom_operations": ops_class}}
-    if "disable_dynamic" in inspect.signature(fn).parameters:   # 0.29 only
-        kw["disable_dynamic"] = True   # our layers hold scales besides weight/bias: no aimdo vbar
+    if "disable_dynamic" in inspect.signature(fn).parameters and not ops.capabilities.core_dynamic_vram():
+        kw["disable_dynamic"] = True   # a dynamic-VRAM core whose protocol ops/dynamic_vram.py does not know
     model = ops.adopt_patcher(fn(sd, **kw))
 
 Checkpoints: ``comfy.sd.load_state_dict_guess_config(sd, output_vae=True, output_clip=True,
 model_options={"custom_operations": ops_class}, te_model_options={"custom_operations": ops_class})``
-(+ ``disable_dynamic=True`` where the signature has it), then ``adopt_patcher(model)`` and
+(+ the same ``disable_dynamic`` rule), then ``adopt_patcher(model)`` and
 ``adopt_patcher(clip.patcher)``. Text encoders: ``comfy.sd.load_text_encoder_state_dicts([sd, ...],
 clip_type=..., model_options={"custom_operations": ops_class})``, then ``adopt_patcher(clip.patcher)``.
 Passing ``custom_operations`` makes ComfyUI use the class verbatim and skip its own header ->

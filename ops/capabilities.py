@@ -165,6 +165,23 @@ def core_quant_algos() -> frozenset[str] | None:
     return frozenset(algos) if isinstance(algos, dict) else None
 
 
+def core_dynamic_vram() -> bool:
+    """True when the running ComfyUI core has the dynamic-VRAM (comfy-aimdo) protocol our layers take part
+    in (``ops/dynamic_vram.py``): ``ModelPatcherDynamic`` gives each cast module a virtual allocation
+    ``_v`` for its weight + bias, ``comfy.ops.cast_modules_with_vbar`` / ``resolve_cast_module_with_vbar``
+    fault it in, LoRA arrives as ``<param>_lowvram_function`` (ComfyUI 0.33). False on 0.3.75 (no such
+    patcher) and on any core whose patcher lacks those entry points: the loaders then keep
+    ``disable_dynamic=True`` where the loader takes it. Whether aimdo is *switched on* in this process
+    (a GPU, not ``--disable-dynamic-vram``) is the core's decision at start-up (``CoreModelPatcher``)."""
+    try:
+        import comfy.model_patcher as mp  # noqa: PLC0415 - only inside a running ComfyUI
+        import comfy.ops as cops  # noqa: PLC0415
+    except Exception:  # noqa: BLE001 - any import failure means "no"
+        return False
+    return (hasattr(mp, "ModelPatcherDynamic") and hasattr(mp, "LowVramPatch")
+            and hasattr(cops, "cast_modules_with_vbar") and hasattr(cops, "resolve_cast_module_with_vbar"))
+
+
 def bnb_cuda_available(device) -> bool:
     """True when bitsandbytes' CUDA 4-bit kernels can run on ``device``."""
     key = device_key(device)

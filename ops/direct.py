@@ -28,10 +28,17 @@ def run_every_op() -> None:
         _run_every_op()
 
 
+def managed(module) -> bool:
+    """Whether ComfyUI 0.33's dynamic VRAM (comfy-aimdo) manages ``module`` (its ``_v`` allocation) or
+    attached a patch it applies itself (``*_lowvram_function``): then the core's cast must run."""
+    d = module.__dict__
+    return "_v" in d or "weight_lowvram_function" in d or "bias_lowvram_function" in d
+
+
 def plain_ready(module, x) -> bool:
     """Whether ``cast_bias_weight(module, x)`` would hand back the module's own weight and bias: nothing
-    patched, both on ``x``'s device and already in ``x``'s dtype (or absent)."""
-    if module.weight_function or module.bias_function:
+    patched, not managed by dynamic VRAM, both on ``x``'s device and already in ``x``'s dtype (or absent)."""
+    if module.weight_function or module.bias_function or managed(module):
         return False
     dev, dt = x.device, x.dtype
     w = module.weight

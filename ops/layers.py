@@ -11,7 +11,8 @@ to the base class). A quantized layer (``.comfy_quant``, header-only, legacy sca
   destroy the codes): only their device follows.
 - forward: ``comfy.ops.cast_bias_weight(..., offloadable=True)`` moves the stored weight and the bias
   (offload stream, bias_function) through a small carrier object -- the weight is passed in its
-  stored dtype so ComfyUI never casts codes -- then ``uncast_bias_weight`` with the token untouched.
+  stored dtype so ComfyUI never casts codes; under dynamic VRAM a ``dynamic_vram.VbarView`` instead --
+  then ``uncast_bias_weight`` with the token untouched.
   The matmul path comes from ``linear_paths`` (decided per device once); ``weight_function`` (LoRA,
   low-VRAM patches) always runs on the dequantized logical weight.
 - LoRA: ``convert_weight`` dequantizes what ComfyUI's patcher hands over (the stored codes cast to a
@@ -30,7 +31,7 @@ import torch
 
 from ..converter.formats import FormatError, get_codec
 from . import capabilities as caps
-from . import direct, dispatch, linear_paths
+from . import direct, dispatch, dynamic_vram, linear_paths
 from . import quant_data as qd
 from . import transforms as hq_tf
 
@@ -210,7 +211,7 @@ def make_linear(base):
             """``(device, weight, tensors)`` when this call can skip ``cast_bias_weight`` (ops/direct.py):
             nothing patched, every stored tensor and the bias already on ``x``'s device. Cached per
             layer; ``_apply`` (device moves), loading and ``set_weight`` drop the cache."""
-            if self.weight_function or self.bias_function or self.hq_lora is not None:
+            if self.weight_function or self.bias_function or self.hq_lora is not None or direct.managed(self):
                 return None
             w = self.weight
             c = self.__dict__.get("hq_direct")
@@ -228,7 +229,9 @@ def make_linear(base):
         def forward_comfy_cast_weights(self, input, *args, **kwargs):
             if self.hq_format is None:
                 return super().forward_comfy_cast_weights(input, *args, **kwargs)
-            carrier = _Carrier(self)
+            # Dynamic VRAM (ComfyUI 0.33 aimdo): a view sharing this layer's vbar state, else the carrier
+            # (ops/dynamic_vram.py). The only dynamic-VRAM change in forward.
+            carrier = dynamic_vram.cast_target(self) or _Carrier(self)
             weight, bias, token = comfy.ops.cast_bias_weight(carrier, input, dtype=self.weight.dtype,
                                                              bias_dtype=input.dtype, offloadable=True)
             try:
@@ -245,6 +248,9 @@ def make_linear(base):
 
         def _hq_functions(self):
             fns = list(self.weight_function)
+            low = dynamic_vram.lowvram_patch(self)  # dynamic VRAM's LoRA patch: ours to apply (dynamic_vram.py)
+            if low is not None:
+                fns.insert(0, low)
             lora = self.hq_lora
             if lora is not None and not any(getattr(f, "key", None) == lora.key for f in fns):
                 fns.insert(0, lora)  # ComfyUI's own low-VRAM patch for the same key wins

@@ -21,7 +21,8 @@ import comfy.lora
 import comfy.model_patcher
 import comfy.utils
 
-from . import dispatch
+from . import capabilities as caps
+from . import dispatch, dynamic_vram
 
 
 class OnTheFlyPatch:
@@ -55,6 +56,13 @@ def patcher_class(base: type) -> type:
 
     class HybridModelPatcher(base):
         def patch_weight_to_device(self, key, device_to=None, inplace_update=False, **kwargs):
+            if kwargs.get("force_cast") and not kwargs.get("return_weight", False):
+                # Dynamic VRAM's force load (ops/dynamic_vram.py): stored weights move as they are.
+                q = dynamic_vram.quantized_owner(self.model, key)
+                if q is not None and (key not in self.patches or dispatch.is_four_bit(q.hq_format)):
+                    dynamic_vram.force_load(self, key, device_to)
+                    if key not in self.patches:
+                        return None
             m = _owner(self.model, key)
             if m is not None and key in self.patches and not kwargs.get("return_weight", False):
                 m.hq_lora = OnTheFlyPatch(key, self.patches)
@@ -74,6 +82,13 @@ def patcher_class(base: type) -> type:
     return HybridModelPatcher
 
 
+_CLONE_KEY = "hybridquant_adopt"
+
+
+def _adopt_clone(_source, clone):
+    adopt_patcher(clone)
+
+
 def adopt_patcher(model_patcher):
     """Make ``model_patcher`` (and its future clones) patch 4-bit layers on the fly. Returns it."""
     if model_patcher is None:
@@ -81,4 +96,11 @@ def adopt_patcher(model_patcher):
     if not isinstance(model_patcher, comfy.model_patcher.ModelPatcher):
         raise TypeError(f"adopt_patcher: expected a ModelPatcher, got {type(model_patcher).__name__}")
     model_patcher.__class__ = patcher_class(type(model_patcher))
+    if caps.core_dynamic_vram():
+        # Dynamic cores build a non-dynamic clone as a plain ModelPatcher (clone(disable_dynamic=True):
+        # hooks, TorchCompileModel): adopt it too. Callbacks are copied to every clone.
+        from comfy.patcher_extension import CallbacksMP
+
+        if not model_patcher.get_callbacks(CallbacksMP.ON_CLONE, _CLONE_KEY):
+            model_patcher.add_callback_with_key(CallbacksMP.ON_CLONE, _CLONE_KEY, _adopt_clone)
     return model_patcher
