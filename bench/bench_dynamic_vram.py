@@ -199,18 +199,10 @@ def main(argv=None):
     import comfy.sd
     import comfy.utils
     import torch
-    from bench_model import (
-        FLUX,
-        FLUX_TINY,
-        PRESET,
-        ModelCase,
-        commit,
-        inputs,
-        layer_paths,
-        lora_state_dict,
-        plan_fields,
-        seeded_state_dict,
-    )
+    from model_comfy import layer_paths
+    from model_formats import plan_fields
+    from model_report import commit
+    from model_zoo import FLUX, FLUX_TINY, PRESET, ModelCase, inputs, layer_shapes, lora_state_dict, seeded_state_dict
 
     from hybridquant.converter import PlanOptions, convert_file
     from hybridquant.nodes import backend
@@ -244,11 +236,7 @@ def main(argv=None):
 
     lora_sd = None
     if a.lora:
-        from safetensors import safe_open
-
-        with safe_open(str(src), "pt") as f:
-            shapes = {k[len("model.diffusion_model."):]: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        lora_sd = lora_state_dict(shapes, "flux", a.lora_rank)
+        lora_sd = lora_state_dict(layer_shapes(case, src), "flux", a.lora_rank)
     x, sigma, kw, tokens = inputs(case, size, dev, 16 if a.smoke_cpu else a.text_tokens)
 
     def unload():
