@@ -63,7 +63,7 @@ from collections.abc import Mapping
 import torch
 
 from ._blocks import amax_of_blocks, chunk_elems, require_finite
-from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, require
+from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, check_shape, require
 from .spec import FormatSpec, Variant
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -138,10 +138,8 @@ def dtype_name(dtype) -> str:
 
 
 def _numel(shape) -> int:
-    shape = tuple(int(d) for d in shape)
-    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
-        raise FormatError(f"expected a 2-D logical weight shape with positive sizes, got {shape}")
-    return shape[0] * shape[1]
+    m, n = check_shape(shape)
+    return m * n
 
 
 def quant_state_json(quant_type: str, blocksize: int, dtype: str, shape, nested_offset: float | None, pad_to: int | None) -> bytes:
