@@ -453,6 +453,7 @@ class BnbNF4(_BnbCodec):
                 "bitsandbytes CUDA kernels on any NVIDIA GPU; readable by diffusers and Forge",
         variants=(Variant("nf4", "NF4 (bitsandbytes 4-bit)", {"blocksize": 64, "double_quant": False}),),
         aliases=("nf4", "bnb", "bitsandbytes", "4-bit", "4bit", "qlora"),
+        name_word="nf4",  # the word people search for; the family "bnb4bit" is the CLI's
         advice=(("nvfp4", {}), ("bnb_nf4", {"blocksize": 32})),
         # double quantization stores the block absmax in 8 bits: NF4 b64 costs 4.14 instead of 4.5
         # bits/weight for the same error (MiniLM: 1.002x), so a budget at NF4's size has room to upgrade
@@ -468,6 +469,7 @@ class BnbFP4(_BnbCodec):
         summary="bitsandbytes 4-bit float: same size as NF4, usually a little less accurate",
         variants=(Variant("fp4", "FP4 (bitsandbytes 4-bit)", {"blocksize": 64, "double_quant": False}),),
         aliases=("fp4", "bnb", "bitsandbytes", "4-bit", "4bit"),
+        name_word="fp4",  # (found through "nvfp4" in the names)
         advice=(("bnb_nf4", {}), ("nvfp4", {})), **_BNB_COMMON)
     quant_type = "fp4"
 
