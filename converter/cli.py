@@ -246,9 +246,12 @@ def _run(a) -> int:
     out = a.output or default_output(a.input, _mode_suffix(opts))
     if a.target_size is not None or a.target_bpw is not None:
         from . import budget
+        from .convert import check_paths
 
         if opts.layer_config is not None:
             raise OptionError("--target-size/--target-bpw choose the layer config themselves; drop --layer-config")
+        if not a.dry_run:  # the budget reads and test-quantizes every weight: refuse a bad output first
+            check_paths(a.input, out, a.overwrite)
         size = budget.parse_size(a.target_size) if a.target_size is not None else None
         cfg, text = budget.budget_config(a.input, opts, size, a.target_bpw, a.calibration)
         print(text)

@@ -95,9 +95,10 @@ def convert_file(input_path, output_path, options: PlanOptions | None = None, pr
     t0 = time.monotonic()
     infos, metadata = read_header(input_path)
     _refuse_ghost_configs(input_path, infos)
+    # planning reads the header only: a bad option is reported before an output that exists
+    plans = make_plans(((i.name, i.shape, dtype_name(i.dtype)) for i in infos.values()), options)
     if not dry_run:
         check_paths(input_path, output_path, overwrite)
-    plans = make_plans(((i.name, i.shape, dtype_name(i.dtype)) for i in infos.values()), options)
     calib = prepare_calibration(plans, calibration)
     input_specs = {n: i.spec for n, i in infos.items()}
     layout = OutputLayout(plans, input_specs, options, metadata)

@@ -72,7 +72,7 @@ def check_output_path(input_path, output_path, overwrite: bool) -> None:
     if not same and os.path.exists(output_path) and os.path.exists(input_path):
         same = same_file(input_path, output_path)  # symlinks and hard links
     if same:
-        raise OutputFileError(f"{output_path}: output equals the input file; write to a new file (the input is "
+        raise OutputFileError(f"{output_path}: output is the input file; write to a new file (the input is "
                               "never replaced)")
     if os.path.isdir(output_path):
         raise OutputFileError(f"{output_path}: output path is a directory")
