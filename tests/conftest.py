@@ -30,3 +30,15 @@ def comfyui_path() -> Path:
 def comfy(comfyui_path):
     """Import the real ComfyUI package in-process (CPU). Returns the ``comfy`` module."""
     return import_comfy(comfyui_path, ("comfy.model_management", "comfy.model_patcher", "comfy.ops"))
+
+
+@pytest.fixture
+def ops(comfy):
+    """``hybridquant.ops`` inside the real ComfyUI, with no device-capability override left over from
+    another test (tests mock capabilities to reach every matmul path)."""
+    import hybridquant.ops as ops
+    from hybridquant.ops import capabilities
+
+    capabilities.clear_overrides()
+    yield ops
+    capabilities.clear_overrides()
