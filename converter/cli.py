@@ -74,8 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     m = g.add_mutually_exclusive_group()
     for family in primary_modes():  # one flag per format family of the registry
         members = registry.family_specs(family)
+        # (argparse %-formats help texts: a summary's "40% of bf16's size" must be escaped)
+        text = " / ".join(f"{s.label}: {s.summary}" for s in members if s.variants).replace("%", "%%")
         m.add_argument(*_flag(*_FAMILY_FLAGS.get(family, (f"--{family}",))), dest="mode", action="store_const",
-                       const=family, help=" / ".join(f"{s.label}: {s.summary}" for s in members if s.variants))
+                       const=family, help=text)
     g.add_argument("--format", dest="format_name", metavar="NAME", default=None,
                    help="the format by its .comfy_quant name (" + ", ".join(registry.format_names())
                         + "); same as the format's mode flag + variant options")
@@ -87,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["tensor", "row", "block", "block2d"], help="FP8/INT8 scale granularity (default tensor)")
     g.add_argument(*_flag("--block_size", "--group_size"), dest="block_size", type=int, default=None,
                    help="block size for --scaling_mode block (default 128)")
-    g.add_argument(*_flag("--bnb-quant-type"), dest="bnb_quant_type", choices=["nf4", "fp4"], default="nf4")
+    g.add_argument(*_flag("--bnb-quant-type"), dest="bnb_quant_type", default="nf4",
+                   choices=[v.key for spec in registry.family_specs("bnb4bit") for v in spec.variants])
     g.add_argument(*_flag("--bnb-blocksize"), dest="bnb_blocksize", type=int, default=64, help="default 64")
     g.add_argument(*_flag("--bnb-double-quant"), dest="bnb_double_quant", action="store_true",
                    help="nested (double) quantization of the absmax values")
@@ -246,9 +249,12 @@ def _run(a) -> int:
     out = a.output or default_output(a.input, _mode_suffix(opts))
     if a.target_size is not None or a.target_bpw is not None:
         from . import budget
+        from .convert import check_paths
 
         if opts.layer_config is not None:
             raise OptionError("--target-size/--target-bpw choose the layer config themselves; drop --layer-config")
+        if not a.dry_run:  # the budget reads and test-quantizes every weight: refuse a bad output first
+            check_paths(a.input, out, a.overwrite)
         size = budget.parse_size(a.target_size) if a.target_size is not None else None
         cfg, text = budget.budget_config(a.input, opts, size, a.target_bpw, a.calibration)
         print(text)

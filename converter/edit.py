@@ -43,18 +43,9 @@ import torch
 from .edit_keys import compile_filter, parse_add_keys, parse_remove_keys
 from .errors import InputFileError, NoMatchingLayersError, OptionError
 from .metadata import QUANT_METADATA_KEY, dumps_compact
-from .rewrite import (
-    COMFY_QUANT_SUFFIX,
-    CancelFn,
-    ProgressFn,
-    check_output_path,
-    drop_ghost_layers,
-    encode_comfy_quant,
-    parse_quant_header,
-    read_layer_configs,
-    rewrite_file,
-)
+from .rewrite import COMFY_QUANT_SUFFIX, CancelFn, ProgressFn, encode_comfy_quant, read_quant_configs, rewrite_file
 from .safetensors_io import SafetensorsReader
+from .safetensors_writer import check_output_path
 
 # ---------------------------------------------------------------------------------------------------
 # --edit-quant
@@ -135,10 +126,9 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
     pattern = compile_filter(quant_filter)
     with SafetensorsReader(input) as reader:
         check_output_path(input, output, overwrite)
-        tensor_cfgs = read_layer_configs(reader)
-        qm, warnings = drop_ghost_layers(parse_quant_header(reader.metadata, input), reader)
-        header_layers: dict = dict(qm.get("layers", {})) if qm is not None else {}
-        all_layers = sorted(set(tensor_cfgs) | set(header_layers))
+        cfgs = read_quant_configs(reader, input)
+        tensor_cfgs, qm, header_layers, warnings = cfgs.tensors, cfgs.header, cfgs.header_layers, cfgs.warnings
+        all_layers = cfgs.layers()
         if not all_layers:
             raise NoMatchingLayersError(f"{input}: no quantized layers (no .comfy_quant tensors and no {QUANT_METADATA_KEY} header entries) to edit")
         selected = [L for L in all_layers if pattern is None or pattern.search(L)]
@@ -146,12 +136,9 @@ def edit_quant(input: str, output: str, add_keys: str | Mapping | None = None, r
             raise NoMatchingLayersError(f"--quant-filter {quant_filter!r} matches none of the {len(all_layers)} quantized layers of {input} "
                                         f"(e.g. {', '.join(all_layers[:3])})")
         for L in selected:
-            fmt_t = tensor_cfgs.get(L, {}).get("format")
-            fmt_h = header_layers.get(L, {}).get("format")
-            if L in tensor_cfgs and fmt_t is None or L in header_layers and fmt_h is None:
+            if "format" not in tensor_cfgs.get(L, {"format": 0}) or "format" not in header_layers.get(L, {"format": 0}):
                 raise InputFileError(f"{input}: layer {L}: quantization metadata has no 'format' key")
-            if L in tensor_cfgs and L in header_layers and fmt_t != fmt_h:
-                raise InputFileError(f"{input}: layer {L}: .comfy_quant says format {fmt_t!r} but the header says {fmt_h!r}; refusing to edit an inconsistent file")
+            cfgs.format_of(L)  # tensor and header must agree
 
         counts = _new_counts()
         replace: dict[str, torch.Tensor] = {}

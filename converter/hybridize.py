@@ -43,7 +43,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .errors import InputFileError, LayerError, NoMatchingLayersError, OutputFileError
+from .errors import LayerError, NoMatchingLayersError, OutputFileError
 from .formats import FormatError, get_codec
 from .formats.base import TensorSpec, round_up
 from .formats.fp8 import FP8Tensorwise
@@ -53,14 +53,13 @@ from .rewrite import (
     COMFY_QUANT_SUFFIX,
     CancelFn,
     ProgressFn,
-    check_output_path,
-    drop_ghost_layers,
     encode_comfy_quant,
-    parse_quant_header,
     read_layer_configs,
+    read_quant_configs,
     rewrite_file,
 )
 from .safetensors_io import SafetensorsReader, same_file
+from .safetensors_writer import check_output_path
 
 log = logging.getLogger("hybridquant.converter.hybridize")
 
@@ -69,18 +68,6 @@ TARGET_FORMAT = HybridMXFP8.spec.name
 TENSORWISE_FORMAT = FP8Tensorwise.spec.name  # what --tensor-scales files hold
 SCALE_NAMES = ("weight_scale", "scale_weight")  # current and legacy scaled-FP8 spelling
 _MX_BLOCK = 32
-
-
-def _layer_formats(path: str, tensor_cfgs: Mapping[str, dict], header_layers: Mapping[str, dict]) -> dict[str, str]:
-    """``{layer: format}`` over tensors and header; InputFileError when the two disagree."""
-    out = {}
-    for L in sorted(set(tensor_cfgs) | set(header_layers)):
-        ft = tensor_cfgs.get(L, {}).get("format")
-        fh = header_layers.get(L, {}).get("format")
-        if L in tensor_cfgs and L in header_layers and ft != fh:
-            raise InputFileError(f"{path}: layer {L}: .comfy_quant says format {ft!r} but the header says {fh!r}")
-        out[L] = ft if L in tensor_cfgs else fh
-    return out
 
 
 def _logical_shape(path: str, L: str, cfg: Mapping, storage: tuple[int, ...]) -> tuple[int, int]:
@@ -162,10 +149,9 @@ def make_hybrid_mxfp8(input, output, tensor_scales=None, overwrite: bool = False
         check_output_path(input, output, overwrite)
         if tensor_scales is not None and os.path.exists(output) and same_file(tensor_scales, output):
             raise OutputFileError(f"{output}: output equals the --tensor-scales file; write to a new file")
-        tensor_cfgs = read_layer_configs(reader)
-        qm, ghost_warnings = drop_ghost_layers(parse_quant_header(reader.metadata, input), reader)
-        header_layers = dict(qm.get("layers", {})) if qm is not None else {}
-        formats = _layer_formats(input, tensor_cfgs, header_layers)
+        cfgs = read_quant_configs(reader, input)
+        tensor_cfgs, qm, header_layers, ghost_warnings = cfgs.tensors, cfgs.header, cfgs.header_layers, cfgs.warnings
+        formats = {L: cfgs.format_of(L) for L in cfgs.layers()}
         layers = [L for L, f in formats.items() if f == SOURCE_FORMAT]
         already = [L for L, f in formats.items() if f == TARGET_FORMAT]
         if not layers:

@@ -3,8 +3,9 @@
 Used by ``edit.py`` (``--edit-quant``) and ``hybridize.py`` (``--make-hybrid-mxfp8``): both rewrite a
 file where almost every tensor is copied byte for byte. ``rewrite_file`` streams one tensor at a time
 through ``safetensors_writer.AtomicSafetensorsWriter`` (temp file beside the target, renamed when
-complete; any error or Ctrl+C leaves no output). ``check_output_path`` refuses output == input (same
-path, symlink or hard link) and an existing output without ``overwrite``, before any work.
+complete; any error or Ctrl+C leaves no output). ``check_output_path`` (``safetensors_writer.py``, the
+one convert uses too) refuses output == input (same path, symlink or hard link), an existing output
+without ``overwrite`` and an unwritable directory, before any work.
 
 Quantization metadata (ARCHITECTURE.md, "On-disk conventions"): ``<layer>.comfy_quant`` is a 1-D uint8 tensor holding
 the UTF-8 JSON of a flat dict; the header ``__metadata__["_quantization_metadata"]`` is the JSON
@@ -18,14 +19,15 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from . import metadata, schema
-from .errors import Cancelled, InputFileError, OutputFileError
+from .errors import Cancelled, InputFileError
 from .formats.base import FormatError, TensorSpec
 from .metadata import QUANT_METADATA_KEY
-from .safetensors_io import SafetensorsReader, same_file
+from .safetensors_io import SafetensorsReader
 from .safetensors_writer import AtomicSafetensorsWriter
 
 COMFY_QUANT_SUFFIX = ".comfy_quant"
@@ -114,22 +116,41 @@ def drop_ghost_layers(qm: dict | None, reader: SafetensorsReader) -> tuple[dict 
     return dict(qm, layers={k: v for k, v in qm["layers"].items() if k not in ghosts}), [msg]
 
 
+@dataclass
+class QuantConfigs:
+    """A file's per-layer quantization dicts from both places: its ``.comfy_quant`` tensors and its
+    header entry (ghost layers dropped; ``warnings`` says which)."""
+
+    path: str
+    tensors: dict[str, dict]  # {layer: dict} from the .comfy_quant tensors
+    header: dict | None  # the parsed _quantization_metadata value, None when the file has none
+    header_layers: dict[str, dict]  # its "layers" (a copy: edits do not touch ``header``)
+    warnings: list[str]
+
+    def layers(self) -> list[str]:
+        return sorted(set(self.tensors) | set(self.header_layers))
+
+    def format_of(self, layer: str):
+        """The layer's format as the file states it; InputFileError when tensor and header disagree."""
+        ft = self.tensors.get(layer, {}).get("format")
+        fh = self.header_layers.get(layer, {}).get("format")
+        if layer in self.tensors and layer in self.header_layers and ft != fh:
+            raise InputFileError(f"{self.path}: layer {layer}: .comfy_quant says format {ft!r} but the header says "
+                                 f"{fh!r}; refusing an inconsistent file")
+        return ft if layer in self.tensors else fh
+
+
+def read_quant_configs(reader: SafetensorsReader, path: str) -> QuantConfigs:
+    """Every quantization dict of the open file (``read_layer_configs`` + the header, ghosts dropped)."""
+    tensors = read_layer_configs(reader)
+    qm, warnings = drop_ghost_layers(parse_quant_header(reader.metadata, path), reader)
+    header_layers = dict(qm.get("layers", {})) if qm is not None else {}
+    return QuantConfigs(path, tensors, qm, header_layers, warnings)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Copying a file with a few tensors changed (shared with hybridize.py)
 # ---------------------------------------------------------------------------------------------------
-
-def check_output_path(input_path: str, output_path: str, overwrite: bool) -> None:
-    """Refuse output == input, and an existing output without ``overwrite`` (before any work)."""
-    same = os.path.abspath(input_path) == os.path.abspath(output_path)
-    if not same and os.path.exists(output_path):
-        same = same_file(input_path, output_path)  # symlinks and hard links
-    if same:
-        raise OutputFileError(f"{output_path}: output equals the input file; write to a new file (the input is never replaced)")
-    if os.path.isdir(output_path):
-        raise OutputFileError(f"{output_path}: output path is a directory")
-    if os.path.exists(output_path) and not overwrite:
-        raise OutputFileError(f"{output_path}: output file exists (use --overwrite to replace it)")
-
 
 OnRead = Callable[[str, torch.Tensor], "Mapping[str, torch.Tensor] | None"]
 

@@ -53,6 +53,7 @@ one-tensor-at-a-time iterator.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import re
 import struct
@@ -118,10 +119,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 def _bad(path, msg: str) -> InputFileError:

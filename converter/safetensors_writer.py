@@ -32,6 +32,10 @@ Faults (full disk, other writers)
 
 ``write_safetensors(path, tensors, metadata=None, overwrite=False)``
     Small-file convenience on top of the writer (whole dict in memory).
+``check_output_path(input_path, output_path, overwrite)``
+    The checks every command that writes a new file from an input runs before any work (convert,
+    ``--edit-quant``, ``--make-hybrid-mxfp8``): output == input (same path, symlink or hard link),
+    a directory, an existing file without ``overwrite``, a missing or read-only output directory.
 
 Temp files and crashes
 ----------------------
@@ -57,7 +61,28 @@ import torch
 
 from .errors import OutputFileError
 from .formats.base import TensorSpec
-from .safetensors_io import _PARTIAL_RE, byte_view, st_dtype
+from .safetensors_io import _PARTIAL_RE, byte_view, same_file, st_dtype
+
+
+def check_output_path(input_path, output_path, overwrite: bool) -> None:
+    """Refuse an output that would replace the input or cannot be written, before any work (the
+    writer checks the same again at ``open``; this only makes the error come before hours of work)."""
+    input_path, output_path = os.fspath(input_path), os.fspath(output_path)
+    same = os.path.abspath(input_path) == os.path.abspath(output_path)
+    if not same and os.path.exists(output_path) and os.path.exists(input_path):
+        same = same_file(input_path, output_path)  # symlinks and hard links
+    if same:
+        raise OutputFileError(f"{output_path}: output is the input file; write to a new file (the input is "
+                              "never replaced)")
+    if os.path.isdir(output_path):
+        raise OutputFileError(f"{output_path}: output path is a directory")
+    if os.path.exists(output_path) and not overwrite:
+        raise OutputFileError(f"{output_path}: output file exists (use --overwrite to replace it)")
+    d = os.path.dirname(os.path.abspath(output_path))
+    if not os.path.isdir(d):
+        raise OutputFileError(f"{output_path}: output directory {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise OutputFileError(f"{output_path}: output directory {d} is not writable")
 
 
 def partial_path(path, pid: int | None = None) -> str:

@@ -14,7 +14,8 @@ POST /hybridquant/plan  {"folder", "name", "settings": {format, preset, custom_l
     that reads the weights (cached per file version and settings).
 GET /hybridquant/formats
     The registry as the page needs it: per format label, colour, summary, search words; the node's
-    option texts and the old option values they replace; the nodes' search words.
+    option texts and the old option values they replace; the nodes' search words and ``name_words``,
+    the format words their searchable names start with (``converter.formats.registry.name_words``).
 GET /hybridquant/capabilities
     The device, its fast-kernel features and the formats the running core loads natively.
 GET /hybridquant/folders
@@ -217,6 +218,8 @@ def formats_payload() -> dict:
     return {"formats": fmts + plain,
             "choices": {"format": [c.text for c in qo.primary_choices()],
                         "custom_format": [c.text for c in qo.custom_choices()], "legacy": qo.legacy_map()},
+            # format words for the searchable node names of name-only search frontends (web/)
+            "name_words": registry.name_words(),
             "search_aliases": {"HybridQuantQuantizeModel": ["quantize", *words],
                                "HybridQuantLoadDiffusionModel": words, "HybridQuantLoadCheckpoint": words,
                                "HybridQuantLoadCLIP": words, "HybridQuantInfo": ["inspect", "layers", *words]}}

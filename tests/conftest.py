@@ -10,17 +10,10 @@ unless ``HYBRIDQUANT_ALLOW_NO_COMFYUI=1`` (CI installs it, so those tests always
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_COMFYUI = REPO / ".comfyui" / "ComfyUI"
-
-
-def comfyui_root() -> Path:
-    return Path(os.environ.get("HYBRIDQUANT_COMFYUI", DEFAULT_COMFYUI)).resolve()
+from comfy_import import comfyui_root, import_comfy
 
 
 @pytest.fixture(scope="session")
@@ -36,20 +29,16 @@ def comfyui_path() -> Path:
 @pytest.fixture(scope="session")
 def comfy(comfyui_path):
     """Import the real ComfyUI package in-process (CPU). Returns the ``comfy`` module."""
-    if str(comfyui_path) not in sys.path:
-        sys.path.insert(0, str(comfyui_path))
-    # ComfyUI parses its CLI args at import; keep pytest's argv away from it and force CPU.
-    saved = sys.argv
-    sys.argv = [saved[0], "--cpu"]
-    try:
-        import comfy.options
+    return import_comfy(comfyui_path, ("comfy.model_management", "comfy.model_patcher", "comfy.ops"))
 
-        comfy.options.enable_args_parsing()
-        import comfy.model_management  # noqa: F401  (parses args, picks the CPU device)
-        import comfy.model_patcher  # noqa: F401
-        import comfy.ops  # noqa: F401
-    finally:
-        sys.argv = saved
-    import comfy as comfy_pkg
 
-    return comfy_pkg
+@pytest.fixture
+def ops(comfy):
+    """``hybridquant.ops`` inside the real ComfyUI, with no device-capability override left over from
+    another test (tests mock capabilities to reach every matmul path)."""
+    import hybridquant.ops as ops
+    from hybridquant.ops import capabilities
+
+    capabilities.clear_overrides()
+    yield ops
+    capabilities.clear_overrides()

@@ -133,6 +133,17 @@ def test_hybrid_on_file_without_mxfp8(tmp_path, src):
     fails("-i", src, "-o", tmp_path / "out.safetensors", "--make-hybrid-mxfp8", match="MXFP8")
 
 
+def test_option_errors_before_output_errors(tmp_path, src):
+    """A bad option is named even when the output also exists (the plan reads the header only), and a
+    size budget, which reads every weight, refuses an existing output before that work."""
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"x")
+    fails("-i", src, "-o", out, "--custom-layers", "(", "--custom-type", "fp8", match="--custom-layers: invalid regex")
+    proc = fails("-i", src, "-o", out, "--target-bpw", "8", match="output file exists")
+    assert "size-budget plan" not in proc.stdout, proc.stdout
+    assert out.read_bytes() == b"x"
+
+
 def test_missing_output_dir(tmp_path, src):
     fails("-i", src, "-o", tmp_path / "no" / "such" / "out.safetensors", match="does not exist")
 

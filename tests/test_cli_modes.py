@@ -116,3 +116,17 @@ def test_default_method_not_worse_than_rtn(src, tmp_path):
     for n in ed:
         assert es[n]["method"] == "rtn"
         assert ed[n]["rel_error"] <= es[n]["rel_error"] * (1 + 1e-5), n
+
+
+def test_help_lists_every_family():
+    """``--help`` prints (the format summaries hold "%", which argparse formats) and names every
+    family's flag and every format's label; ``--help-filters`` prints too."""
+    from hybridquant.converter.formats import registry
+
+    proc = run_cli("--help", subprocess_=True)  # raises unless it exits 0
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    for spec in registry.specs():
+        if spec.variants:
+            assert spec.label in text, spec.label
+    assert "--bnb-quant-type {nf4,fp4}" in text
+    assert run_cli("--help-filters", subprocess_=True).stdout.strip()

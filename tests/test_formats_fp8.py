@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from codec_checks import assert_non_finite_refused
 
 from hybridquant.converter.formats import FormatError, NonFiniteError, get_codec
 from hybridquant.converter.formats.fp8 import to_float8_saturated
@@ -217,11 +218,7 @@ def test_non_finite_input_names_the_tensor(name, bad):
     w = torch.randn(4, 4)
     w[1, 2] = bad
     codec, o = get_codec(name), opts_for(name)
-    with pytest.raises(NonFiniteError, match=r"blocks\.3\.attn\.qkv\.weight: contains"):
-        codec.quantize(w, name="blocks.3.attn.qkv.weight", **o)
-    params = codec.scale_params(torch.ones(4, 4), **o)  # caller-supplied scales: still checked
-    with pytest.raises(NonFiniteError, match=r"blocks\.3\.attn\.qkv\.weight: contains"):
-        codec.quantize(w, params=params, name="blocks.3.attn.qkv.weight", **o)
+    assert_non_finite_refused(codec, w, torch.ones(4, 4), "blocks.3.attn.qkv.weight", **o)
     with pytest.raises(NonFiniteError, match="w2"):
         codec.scale_params(w, name="w2", **o)
 

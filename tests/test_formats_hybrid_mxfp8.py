@@ -3,6 +3,7 @@
 import comfy_kitchen as ck
 import pytest
 import torch
+from codec_checks import assert_rounding_contract
 
 from hybridquant.converter.formats import get_codec
 from hybridquant.converter.formats.base import FormatError
@@ -37,10 +38,7 @@ def test_keys_are_mxfp8_plus_scalar():
     assert H.metadata() == {"format": "hybrid_mxfp8"}
     H.validate("L", t, (40, 70))
     # the rounding contract is MXFP8's
-    p = H.scale_params(w)
-    S = H.element_scale(p, (40, 70))
-    assert torch.equal(H.round_to_grid(w / S) * S, H.fake_quantize(w))
-    assert torch.equal(H.quantize(w, params=p)["weight"].view(torch.uint8), t["weight"].view(torch.uint8))
+    assert_rounding_contract(H, w)
 
 
 def test_tensorwise_reexpression_error_and_naive_scalar_error():

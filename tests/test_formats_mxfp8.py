@@ -3,9 +3,10 @@
 import comfy_kitchen as ck
 import pytest
 import torch
+from codec_checks import assert_non_finite_refused, assert_rounding_contract
 
 from hybridquant.converter.formats import get_codec
-from hybridquant.converter.formats.base import FormatError, NonFiniteError
+from hybridquant.converter.formats.base import FormatError
 
 C = get_codec("mxfp8")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -79,31 +80,17 @@ def test_zero_tensor_zero_blocks_and_outlier():
 def test_non_finite_raises_naming_tensor(bad):
     w = _weight((8, 40))
     w[3, 7] = bad
-    with pytest.raises(NonFiniteError, match="blocks.3.attn.weight"):
-        C.quantize(w, name="blocks.3.attn.weight")
-    p = C.scale_params(_weight((8, 40)))
-    with pytest.raises(NonFiniteError, match="blocks.3.attn.weight"):
-        C.quantize(w, params=p, name="blocks.3.attn.weight")
+    assert_non_finite_refused(C, w, _weight((8, 40)), "blocks.3.attn.weight")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rounding_contract(dtype):
     w = _weight((19, 70), dtype, seed=1)
     w[2, :32] = 0
-    shape = tuple(w.shape)
-    p = C.scale_params(w)
+    p, _, _ = assert_rounding_contract(C, w)
     assert p["weight_scale"].shape == (19, 3)
     expected_amax = torch.nn.functional.pad(w.float().abs(), (0, 26)).reshape(19, 3, 32).amax(2)
     assert torch.equal(C.block_amax(w), expected_amax)
-    S = C.element_scale(p, shape)
-    assert S.dtype == torch.float32 and tuple(S.shape) == shape
-    fq = C.fake_quantize(w)
-    assert torch.equal(C.round_to_grid(w.float() / S) * S, fq)
-    qa, qb = C.quantize(w), C.quantize(w, params=p)
-    assert all(torch.equal(qa[k].view(torch.uint8), qb[k].view(torch.uint8)) for k in qa)
-    # A weight already on the grid is stored bit-exactly.
-    again = C.quantize(fq, params=p)
-    assert torch.equal(C.dequantize(again, shape), fq)
 
 
 def test_amax_override_clips():

@@ -3,10 +3,11 @@
 import comfy_kitchen as ck
 import pytest
 import torch
+from codec_checks import assert_non_finite_refused, assert_rounding_contract
 from comfy_kitchen.float_utils import _f32_to_floatx_unpacked
 
 from hybridquant.converter.formats import get_codec
-from hybridquant.converter.formats.base import FormatError, NonFiniteError
+from hybridquant.converter.formats.base import FormatError
 from hybridquant.converter.formats.nvfp4 import e2m1_magnitude_index
 
 C = get_codec("nvfp4")
@@ -87,11 +88,7 @@ def test_zero_tensor_and_outlier():
 def test_non_finite_raises_naming_tensor(bad):
     w = _weight((8, 40))
     w[0, 0] = bad
-    with pytest.raises(NonFiniteError, match="double_blocks.0.img_mlp.0.weight"):
-        C.quantize(w, name="double_blocks.0.img_mlp.0.weight")
-    p = C.scale_params(_weight((8, 40)))
-    with pytest.raises(NonFiniteError, match="double_blocks.0.img_mlp.0.weight"):
-        C.quantize(w, params=p, name="double_blocks.0.img_mlp.0.weight")
+    assert_non_finite_refused(C, w, _weight((8, 40)), "double_blocks.0.img_mlp.0.weight")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -99,14 +96,8 @@ def test_rounding_contract(dtype):
     w = _weight((19, 70), dtype, seed=1)
     w[2, :16] = 0
     shape = tuple(w.shape)
-    p = C.scale_params(w)
+    p, _, _ = assert_rounding_contract(C, w)
     assert p["weight_scale"].shape == (19, 5) and p["weight_scale_2"].shape == ()
-    S = C.element_scale(p, shape)
-    fq = C.fake_quantize(w)
-    assert torch.equal(C.round_to_grid(w.float() / S) * S, fq)
-    qa, qb = C.quantize(w), C.quantize(w, params=p)
-    assert all(torch.equal(qa[k].reshape(-1).view(torch.uint8), qb[k].reshape(-1).view(torch.uint8)) for k in qa)
-    assert torch.equal(C.dequantize(C.quantize(fq, params=p), shape), fq)
     clipped = C.scale_params(w, amax=C.block_amax(w) * 0.5)
     d = C.dequantize(C.quantize(w, params=clipped), shape)
     assert float((d.abs() / C.element_scale(clipped, shape).clamp_min(1e-30)).max()) == pytest.approx(6.0, rel=1e-6)

@@ -24,16 +24,6 @@ def _skip_missing(case):
         pytest.skip(f"codec {fmt} not in this checkout yet")
 
 
-@pytest.fixture
-def ops(comfy):
-    import hybridquant.ops as ops
-    from hybridquant.ops import capabilities
-
-    capabilities.clear_overrides()
-    yield ops
-    capabilities.clear_overrides()
-
-
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_every_format_matches_dequantized_reference(ops, case):
     _skip_missing(case)

@@ -61,6 +61,34 @@ def test_registry_lookups_derive_from_specs(toy_format):
         qmeta.check_layer_dict({"format": NAME + "_nope"}, "x")
 
 
+def test_searchable_name_words_come_from_the_specs(toy_format):
+    """The words the web extension puts in front of the node names (name-only search frontends) are
+    ``FormatSpec.name_word``s: by default a format's family when its label starts with it."""
+    from dataclasses import replace
+
+    words = registry.name_words()
+    assert "nf4" in words and "mxfp8" in words  # nf4: set on the spec (family bnb4bit)
+    assert "fp8" not in words  # found through "mxfp8"
+    assert "w4a8" not in words and "hybrid" not in words  # labels that do not start with their family
+    assert not any(o != w and w in o for w in words for o in words)
+    assert registry.get_spec(NAME).search_name_word() == ""  # "Toy INT7" of family toy7
+
+    class Named(ToyInt7):
+        spec = replace(ToyInt7.spec, name="toy7_named", label="TOY7 named")
+
+    class Silent(ToyInt7):
+        spec = replace(ToyInt7.spec, name="toy7_silent", label="TOY7X silent", family="toy7x", name_word="")
+
+    registry.register(Named())
+    registry.register(Silent())
+    try:
+        assert registry.name_words() == [*words, "toy7"]
+    finally:
+        registry.unregister("toy7_named")
+        registry.unregister("toy7_silent")
+    assert registry.name_words() == words
+
+
 def test_new_format_flows_through_cli_convert_discovery_and_file_info(toy_format, tmp_path):
     src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     w = write_checkpoint(src)

@@ -140,6 +140,7 @@ def test_formats_and_plan_preview(folders):
     assert set(registry.format_names()) <= set(names)
     assert all(f["color"].startswith("#") and f["label"] for f in body["formats"])
     assert "fp8" in body["search_aliases"]["HybridQuantQuantizeModel"]
+    assert body["name_words"] == registry.name_words() and "nf4" in body["name_words"]
     assert body["choices"]["legacy"]["bnb_nf4"] in body["choices"]["format"]
     assert any("Hybrid MXFP8" in c for c in body["choices"]["format"])
 

@@ -121,16 +121,6 @@ def test_svd_branch_lowers_error(tmp_path):
     assert errs[1] < 0.9 * errs[0]
 
 
-@pytest.fixture
-def ops(comfy):
-    import hybridquant.ops as ops
-    from hybridquant.ops import capabilities
-
-    capabilities.clear_overrides()
-    yield ops
-    capabilities.clear_overrides()
-
-
 @pytest.mark.comfyui
 @pytest.mark.parametrize("mode,kw", MODES)
 @pytest.mark.parametrize("tf", TRANSFORMS)

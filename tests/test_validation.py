@@ -16,7 +16,7 @@ import struct
 import pytest
 import torch
 from convert_helpers import run_cli
-from fuzz_helpers import pack
+from fuzz_seeds import pack
 
 from hybridquant.converter import metadata as qmeta
 from hybridquant.converter.errors import ConverterError, InputFileError

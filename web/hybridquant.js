@@ -34,7 +34,7 @@ const MODEL_SOURCES = {
 const PLAN_WIDGETS = ["format", "preset", "custom_layers", "custom_format", "target_size", "svd_rank", "rotate"];
 const OURS = new Set([...Object.keys(FILE_NODES), QUANTIZE, "HybridQuantCollectCalibration"]);
 
-let FORMATS = { byName: {}, legacy: {}, aliases: {} };
+let FORMATS = { byName: {}, legacy: {}, aliases: {}, nameWords: [] };
 const formatsReady = api
   .fetchApi("/hybridquant/formats")
   .then((r) => r.json())
@@ -43,6 +43,7 @@ const formatsReady = api
       byName: Object.fromEntries(d.formats.map((f) => [f.name, f])),
       legacy: d.choices.legacy,
       aliases: d.search_aliases,
+      nameWords: d.name_words || [],
     };
   })
   .catch(() => {});
@@ -349,13 +350,10 @@ app.registerExtension({
       // penalises matches far from the start) find the format words through a searchable name that
       // starts with them; the node's title on the canvas stays the short name.
       def.__hqTitle = def.display_name;
-      const short = [...new Set(Object.values(FORMATS.byName).filter((f) => f.summary !== "not quantized")
-        .map((f) => f.label.split(" ")[0].toLowerCase()))].filter((w) => /\d/.test(w))
-        // bit notation ("w4a8") is no search word for 1.32's name search and pushes the others back
-        .filter((w) => !/^w\d/.test(w))
-        // a word inside another one ("fp8" in "mxfp8") is found through it: keep the name short
-        .filter((w, _, all) => !all.some((o) => o !== w && o.includes(w)));
-      def.display_name = `${short.join(" ")} · ${def.display_name}`;
+      // The words come from the registry (FormatSpec.name_word, registry.name_words: one word per
+      // family, none contained in another, short because that search ranks late matches low).
+      if (!FORMATS.nameWords.length) continue;
+      def.display_name = `${FORMATS.nameWords.join(" ")} · ${def.display_name}`;
     }
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {

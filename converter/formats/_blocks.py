@@ -1,14 +1,16 @@
 """Block and scale helpers shared by the block-scaled (MX-style) codecs: MXFP8, NVFP4, bitsandbytes.
 
 Each works on a 2-D float weight cut into 1×``block`` blocks along the input dimension, in row chunks
-of bounded size so the float32 temporaries stay small whatever the layer size.
+of bounded size so the float32 temporaries stay small whatever the layer size. ``BlockScaledCodec`` is
+the part of the codec that MXFP8 and NVFP4 share (fixed block, padded storage, swizzled scales).
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import FormatError, NonFiniteError, ceil_div, check_finite
+from .base import Codec, FormatError, NonFiniteError, ceil_div, check_finite, check_shape, round_up
+from .blocked_layout import blocked_shape, from_blocked
 
 E4M3_MAX = 448.0
 
@@ -20,13 +22,6 @@ def e4m3_saturate(x: torch.Tensor) -> torch.Tensor:
     blocks (where ``w / S`` is 0/0); finite inputs never produce NaN here.
     """
     return torch.nan_to_num(x, nan=0.0).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-
-def check_shape(shape) -> tuple[int, int]:
-    shape = tuple(int(d) for d in shape)
-    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
-        raise FormatError(f"expected a 2-D logical weight shape with positive sizes, got {shape}")
-    return shape  # type: ignore[return-value]
 
 
 def check_weight(w: torch.Tensor, name: str) -> torch.Tensor:
@@ -118,3 +113,43 @@ def check_fixed_group_size(opts, fmt: str, block: int) -> None:
     gs = opts.get("group_size")
     if gs is not None and gs != block:
         raise FormatError(f"{fmt} has a fixed block size of {block}, got group_size={gs!r}")
+
+
+class BlockScaledCodec(Codec):
+    """What MXFP8 and NVFP4 share: a fixed 1×``BLOCK`` block along N, both dimensions zero-padded to a
+    multiple of ``BLOCK``, one scale per block stored in the cuBLAS blocked layout (``blocked_layout.py``).
+    Subclasses set ``BLOCK`` and keep their element encoding, scale dtype and spec."""
+
+    BLOCK: int
+
+    @classmethod
+    def padded_shape(cls, shape) -> tuple[int, int]:
+        m, n = check_shape(shape)
+        return round_up(m, cls.BLOCK), round_up(n, cls.BLOCK)
+
+    @classmethod
+    def scale_storage_shape(cls, shape) -> tuple[int, int]:
+        """The blocked storage shape of the ``[roundup(M,BLOCK), roundup(N,BLOCK)/BLOCK]`` scale grid."""
+        mp, np_ = cls.padded_shape(shape)
+        return blocked_shape(mp, np_ // cls.BLOCK)
+
+    def check_opts(self, opts) -> None:
+        check_fixed_group_size(opts, self.name, self.BLOCK)
+
+    def checked_layer_shape(self, layer: str, shape, opts) -> tuple[int, int]:
+        """``validate``'s first step: the logical shape and options, errors naming ``layer``."""
+        try:
+            shape = check_shape(shape)
+            self.check_opts(opts)
+        except FormatError as e:
+            raise FormatError(f"{layer}: {e}") from None
+        return shape
+
+    def block_amax(self, w: torch.Tensor, name: str = "weight", **opts) -> torch.Tensor:
+        return blockwise_amax(check_weight(w, name), self.BLOCK, name)
+
+    def logical_scale_grid(self, stored: torch.Tensor, shape, name: str) -> torch.Tensor:
+        """A stored (blocked) scale tensor -> its ``[M, ceil(N/BLOCK)]`` grid, un-swizzled and cropped."""
+        m, n = check_shape(shape)
+        mp, np_ = self.padded_shape((m, n))
+        return from_blocked(stored, mp, np_ // self.BLOCK, name=name)[:m, : ceil_div(n, self.BLOCK)]

@@ -53,6 +53,7 @@ I/O contract
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -78,10 +79,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -90,6 +88,14 @@ def ceil_div(a: int, b: int) -> int:
 
 def round_up(a: int, b: int) -> int:
     return ceil_div(a, b) * b
+
+
+def check_shape(shape) -> tuple[int, int]:
+    """A logical ``(M, N)`` as two positive ints; FormatError otherwise (shapes come from files too)."""
+    shape = tuple(int(d) for d in shape)
+    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
+        raise FormatError(f"expected a 2-D logical weight shape with positive sizes, got {shape}")
+    return shape  # type: ignore[return-value]
 
 
 def check_finite(w: torch.Tensor, name: str = "weight") -> None:

@@ -63,7 +63,7 @@ from collections.abc import Mapping
 import torch
 
 from ._blocks import amax_of_blocks, chunk_elems, require_finite
-from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, require
+from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, check_shape, require
 from .spec import FormatSpec, Variant
 
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -138,10 +138,8 @@ def dtype_name(dtype) -> str:
 
 
 def _numel(shape) -> int:
-    shape = tuple(int(d) for d in shape)
-    if len(shape) != 2 or shape[0] <= 0 or shape[1] <= 0:
-        raise FormatError(f"expected a 2-D logical weight shape with positive sizes, got {shape}")
-    return shape[0] * shape[1]
+    m, n = check_shape(shape)
+    return m * n
 
 
 def quant_state_json(quant_type: str, blocksize: int, dtype: str, shape, nested_offset: float | None, pad_to: int | None) -> bytes:
@@ -455,6 +453,7 @@ class BnbNF4(_BnbCodec):
                 "bitsandbytes CUDA kernels on any NVIDIA GPU; readable by diffusers and Forge",
         variants=(Variant("nf4", "NF4 (bitsandbytes 4-bit)", {"blocksize": 64, "double_quant": False}),),
         aliases=("nf4", "bnb", "bitsandbytes", "4-bit", "4bit", "qlora"),
+        name_word="nf4",  # the word people search for; the family "bnb4bit" is the CLI's
         advice=(("nvfp4", {}), ("bnb_nf4", {"blocksize": 32})),
         # double quantization stores the block absmax in 8 bits: NF4 b64 costs 4.14 instead of 4.5
         # bits/weight for the same error (MiniLM: 1.002x), so a budget at NF4's size has room to upgrade
@@ -470,6 +469,7 @@ class BnbFP4(_BnbCodec):
         summary="bitsandbytes 4-bit float: same size as NF4, usually a little less accurate",
         variants=(Variant("fp4", "FP4 (bitsandbytes 4-bit)", {"blocksize": 64, "double_quant": False}),),
         aliases=("fp4", "bnb", "bitsandbytes", "4-bit", "4bit"),
+        name_word="fp4",  # (found through "nvfp4" in the names)
         advice=(("bnb_nf4", {}), ("nvfp4", {})), **_BNB_COMMON)
     quant_type = "fp4"
 

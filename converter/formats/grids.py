@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, check_finite, require
+from .base import Codec, FormatError, NonFiniteError, TensorSpec, ceil_div, check_finite, check_shape, require
 
 KINDS = ("tensor", "row", "row1", "tile")
 
@@ -34,12 +34,6 @@ def check_group_size(group_size) -> int:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0:
         raise FormatError(f"group_size must be a positive integer, got {group_size!r}")
     return group_size
-
-
-def check_shape(shape) -> tuple[int, int]:
-    if len(tuple(shape)) != 2 or any(int(d) <= 0 for d in shape):
-        raise FormatError(f"expected a 2-D logical shape with positive sizes, got {tuple(shape)}")
-    return int(shape[0]), int(shape[1])
 
 
 def grid_shape(kind: str, shape: tuple[int, int], bs: int = 0) -> tuple[int, ...]:

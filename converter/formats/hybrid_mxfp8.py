@@ -127,6 +127,3 @@ class HybridMXFP8(MXFP8):
             raise FormatError(f"{layer}.weight_scalar: expected a one-element tensorwise scale, found shape {tuple(s.shape)}")
         if not bool(torch.isfinite(s).all()) or float(s.reshape(())) <= 0:
             raise FormatError(f"{layer}.weight_scalar: must be finite and > 0, found {float(s.reshape(()))}")
-
-    def metadata(self, **opts) -> dict:
-        return {"format": self.name}

@@ -31,10 +31,9 @@ import torch
 
 from ._blocks import (
     E4M3_MAX,
+    BlockScaledCodec,
     amax_of_blocks,
     block_amax_or_given,
-    blockwise_amax,
-    check_fixed_group_size,
     check_shape,
     check_weight,
     div_const,
@@ -44,8 +43,8 @@ from ._blocks import (
     require_finite,
     row_chunks,
 )
-from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
-from .blocked_layout import blocked_shape, from_blocked, to_blocked
+from .base import FormatError, TensorSpec, ceil_div, require
+from .blocked_layout import to_blocked
 from .spec import FormatSpec, Variant
 
 BLOCK = 32
@@ -85,7 +84,8 @@ def as_e8m0_codes(t: torch.Tensor, name: str) -> torch.Tensor:
     raise FormatError(f"{name}: expected dtype torch.uint8 (E8M0 codes), found {t.dtype}")
 
 
-class MXFP8(Codec):
+class MXFP8(BlockScaledCodec):
+    BLOCK = BLOCK
     spec = FormatSpec(
         name="mxfp8", label="MXFP8", family="mxfp8", color="#3fae6a",
         summary="8-bit float with a power-of-two scale per 32 weights: lower error than FP8 per tensor; "
@@ -104,27 +104,18 @@ class MXFP8(Codec):
         n = shape[1]
         return f"heur: in_features {n} not a multiple of 32 (MXFP8 pads)" if n % BLOCK else None
 
-    # ---- layout -------------------------------------------------------------------------------
-    @staticmethod
-    def padded_shape(shape) -> tuple[int, int]:
-        m, n = check_shape(shape)
-        return round_up(m, BLOCK), round_up(n, BLOCK)
-
+    # ---- layout (padding, blocked scales: BlockScaledCodec) -------------------------------------
     def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
-        check_fixed_group_size(opts, self.name, BLOCK)
-        mp, np_ = self.padded_shape(shape)
+        self.check_opts(opts)
         return {
-            "weight": TensorSpec(torch.float8_e4m3fn, (mp, np_)),
-            "weight_scale": TensorSpec(torch.uint8, blocked_shape(mp, np_ // BLOCK)),
+            "weight": TensorSpec(torch.float8_e4m3fn, self.padded_shape(shape)),
+            "weight_scale": TensorSpec(torch.uint8, self.scale_storage_shape(shape)),
         }
 
     # ---- scale decomposition ------------------------------------------------------------------
-    def block_amax(self, w: torch.Tensor, name: str = "weight", **opts) -> torch.Tensor:
-        return blockwise_amax(check_weight(w, name), BLOCK, name)
-
     def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
         """``{"weight_scale": uint8 E8M0 codes [M, ceil(N/32)]}`` (logical grid, not swizzled)."""
-        check_fixed_group_size(opts, self.name, BLOCK)
+        self.check_opts(opts)
         w = check_weight(w, name)
         amax = block_amax_or_given(w, BLOCK, amax, name)
         return {"weight_scale": e8m0_codes_from_amax(amax.to(w.device))}
@@ -140,7 +131,7 @@ class MXFP8(Codec):
 
     # ---- encode / decode ----------------------------------------------------------------------
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
-        check_fixed_group_size(opts, self.name, BLOCK)
+        self.check_opts(opts)
         w = check_weight(w, name)
         m, n = w.shape
         nb = ceil_div(n, BLOCK)
@@ -166,10 +157,8 @@ class MXFP8(Codec):
 
     def logical_codes(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "weight") -> torch.Tensor:
         """The uint8 E8M0 codes ``[M, ceil(N/32)]`` of a stored layer (un-swizzled, cropped)."""
-        m, n = check_shape(shape)
-        mp, np_ = self.padded_shape((m, n))
         codes = as_e8m0_codes(tensors["weight_scale"], f"{layer}.weight_scale")
-        return from_blocked(codes, mp, np_ // BLOCK, name=f"{layer}.weight_scale")[:m, : ceil_div(n, BLOCK)]
+        return self.logical_scale_grid(codes, shape, f"{layer}.weight_scale")
 
     def stored_scale_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
         """The ``scale_params`` that reproduce a stored layer's scales (for requantizing in place)."""
@@ -187,11 +176,7 @@ class MXFP8(Codec):
         return out.view(m, np_)[:, :n].to(dtype).contiguous()
 
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
-        try:
-            shape = check_shape(shape)
-            check_fixed_group_size(opts, self.name, BLOCK)
-        except FormatError as e:
-            raise FormatError(f"{layer}: {e}") from None
+        shape = self.checked_layer_shape(layer, shape, opts)
         specs = self.output_specs(shape)
         require(layer, tensors, "weight", torch.float8_e4m3fn, specs["weight"].shape)
         require(layer, tensors, "weight_scale")
@@ -202,6 +187,3 @@ class MXFP8(Codec):
                 f"{layer}.weight_scale: expected shape {specs['weight_scale'].shape} (blocked E8M0 scales for "
                 f"logical weight {shape}), found {found}"
             )
-
-    def metadata(self, **opts) -> dict:
-        return {"format": self.name}

@@ -32,10 +32,9 @@ import torch
 
 from ._blocks import (
     E4M3_MAX,
+    BlockScaledCodec,
     amax_of_blocks,
     block_amax_or_given,
-    blockwise_amax,
-    check_fixed_group_size,
     check_shape,
     check_weight,
     div_const,
@@ -44,8 +43,8 @@ from ._blocks import (
     require_finite,
     row_chunks,
 )
-from .base import Codec, FormatError, TensorSpec, ceil_div, require, round_up
-from .blocked_layout import blocked_shape, from_blocked, to_blocked
+from .base import FormatError, TensorSpec, ceil_div, require
+from .blocked_layout import to_blocked
 from .spec import FormatSpec, Variant
 
 BLOCK = 16
@@ -83,11 +82,8 @@ def _values(device) -> torch.Tensor:
     return table
 
 
-def _check_group_size(opts) -> None:
-    check_fixed_group_size(opts, "nvfp4", BLOCK)
-
-
-class NVFP4(Codec):
+class NVFP4(BlockScaledCodec):
+    BLOCK = BLOCK
     spec = FormatSpec(
         name="nvfp4", label="NVFP4", family="nvfp4", color="#d8505a",
         summary="4-bit float with an FP8 scale per 16 weights: about a quarter of bf16's size; our Triton "
@@ -104,30 +100,23 @@ class NVFP4(Codec):
         m, n = shape
         return f"heur: {m}x{n} not a multiple of 16 (NVFP4 pads)" if m % BLOCK or n % BLOCK else None
 
-    @staticmethod
-    def padded_shape(shape) -> tuple[int, int]:
-        m, n = check_shape(shape)
-        return round_up(m, BLOCK), round_up(n, BLOCK)
-
+    # ---- layout (padding, blocked scales: BlockScaledCodec) -------------------------------------
     def output_specs(self, shape, **opts) -> dict[str, TensorSpec]:
-        _check_group_size(opts)
+        self.check_opts(opts)
         mp, np_ = self.padded_shape(shape)
         return {
             "weight": TensorSpec(torch.uint8, (mp, np_ // 2)),
-            "weight_scale": TensorSpec(torch.float8_e4m3fn, blocked_shape(mp, np_ // BLOCK)),
+            "weight_scale": TensorSpec(torch.float8_e4m3fn, self.scale_storage_shape(shape)),
             "weight_scale_2": TensorSpec(torch.float32, ()),
         }
 
     # ---- scale decomposition ------------------------------------------------------------------
-    def block_amax(self, w: torch.Tensor, name: str = "weight", **opts) -> torch.Tensor:
-        return blockwise_amax(check_weight(w, name), BLOCK, name)
-
     def scale_params(self, w: torch.Tensor, amax: torch.Tensor | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
         """``{"weight_scale": e4m3 [M, ceil(N/16)], "weight_scale_2": f32 []}`` (not swizzled).
 
         With ``amax`` (block grid) given, the global scale is derived from ``amax.max()``.
         """
-        _check_group_size(opts)
+        self.check_opts(opts)
         w = check_weight(w, name)
         amax = block_amax_or_given(w, BLOCK, amax, name).to(device=w.device, dtype=torch.float32)
         s2 = div_const(amax.max(), E4M3_MAX * E2M1_MAX)
@@ -150,7 +139,7 @@ class NVFP4(Codec):
 
     # ---- encode / decode ----------------------------------------------------------------------
     def quantize(self, w: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None, name: str = "weight", **opts) -> dict[str, torch.Tensor]:
-        _check_group_size(opts)
+        self.check_opts(opts)
         w = check_weight(w, name)
         m, n = w.shape
         if params is None:
@@ -184,10 +173,8 @@ class NVFP4(Codec):
 
     def logical_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
         """``{"weight_scale": e4m3 [M, ceil(N/16)], "weight_scale_2": f32 []}`` of a stored layer."""
-        m, n = check_shape(shape)
-        mp, np_ = self.padded_shape((m, n))
-        b = from_blocked(tensors["weight_scale"], mp, np_ // BLOCK, name=f"{layer}.weight_scale")
-        return {"weight_scale": b[:m, : ceil_div(n, BLOCK)], "weight_scale_2": tensors["weight_scale_2"].reshape(())}
+        b = self.logical_scale_grid(tensors["weight_scale"], shape, f"{layer}.weight_scale")
+        return {"weight_scale": b, "weight_scale_2": tensors["weight_scale_2"].reshape(())}
 
     def stored_scale_params(self, tensors: Mapping[str, torch.Tensor], shape, layer: str = "layer") -> dict[str, torch.Tensor]:
         """The ``scale_params`` that reproduce a stored layer's scales (for requantizing in place)."""
@@ -203,17 +190,10 @@ class NVFP4(Codec):
         return (vals * self.element_scale(self.logical_params(tensors, (m, n), layer), (m, n))).to(dtype)
 
     def validate(self, layer: str, tensors: Mapping[str, torch.Tensor], shape, **opts) -> None:
-        try:
-            shape = check_shape(shape)
-            _check_group_size(opts)
-        except FormatError as e:
-            raise FormatError(f"{layer}: {e}") from None
+        shape = self.checked_layer_shape(layer, shape, opts)
         specs = self.output_specs(shape)
         require(layer, tensors, "weight", torch.uint8, specs["weight"].shape)
         require(layer, tensors, "weight_scale", torch.float8_e4m3fn, specs["weight_scale"].shape)
         s2 = require(layer, tensors, "weight_scale_2", torch.float32)
         if s2.numel() != 1:  # 0-dim as written; [1] from older tools is read too
             raise FormatError(f"{layer}.weight_scale_2: expected a one-element global scale, found shape {tuple(s2.shape)}")
-
-    def metadata(self, **opts) -> dict:
-        return {"format": self.name}

@@ -130,6 +130,14 @@ def bits_per_weight(name: str, shape: tuple[int, int] | None = None, **opts) -> 
     return 8.0 * nbytes / (shape[0] * shape[1])
 
 
+def name_words() -> list[str]:
+    """The words the pack's node names carry for name-only node search (``FormatSpec.name_word``), in
+    display order, without a word that another one contains ("fp8" is found through "mxfp8"): the name
+    stays short, which the fuzzy search of those frontends rewards."""
+    words = list(dict.fromkeys(w for w in (s.search_name_word() for s in specs()) if w))
+    return [w for w in words if not any(o != w and w in o for o in words)]
+
+
 def four_bit_names() -> frozenset[str]:
     return frozenset(s.name for s in specs() if s.four_bit)
 

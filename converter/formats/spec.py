@@ -61,11 +61,24 @@ class FormatSpec:
     input_scale: bool = False  # may store a static e4m3 activation scale (``.input_scale``, --input_scale)
     kernels: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[str, ...] = ()  # words users search for
+    # The word this format puts into the pack's searchable node names, for frontends whose node search
+    # reads names only (ComfyUI frontend 1.32): None = its family when the label starts with it
+    # ("FP8" of family fp8, "INT6" of int6: the word of its CLI flag and node option), "" = none.
+    name_word: str | None = None
     advice: tuple[tuple[str, Mapping], ...] = ()  # (format, opts) worth trying when this one's error is high
     bits_shape: tuple[int, int] = (3072, 3072)  # the shape its bits-per-weight figure is quoted for
     # codec option sets a size budget (converter.budget, --target-size) may pick for a layer; empty: the
     # format is not a budget step (e.g. FP8 tensorwise: INT8 per-row has ~4x less error at the same size)
     budget_steps: tuple[Mapping, ...] = ()
+
+    def search_name_word(self) -> str:
+        """``name_word`` or its default (see the field): "" for labels that do not start with the family
+        ("Hybrid MXFP8", "W4A8 INT8": their family words come from the other formats or are bit notation,
+        which a name-only fuzzy search ranks poorly and which pushes the other words back)."""
+        if self.name_word is not None:
+            return self.name_word
+        first = self.label.split(" ")[0].lower()
+        return first if first == self.family else ""
 
     def variant(self, key: str) -> Variant | None:
         for v in self.variants:

@@ -20,6 +20,7 @@ codec's own ``block_amax`` of the real weight in the tests.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,10 +38,7 @@ class BlockMap:
 
     @property
     def nblocks(self) -> int:
-        n = 1
-        for d in self.grid:
-            n *= d
-        return n
+        return math.prod(self.grid)
 
     @staticmethod
     def probe(codec: Codec, shape: tuple[int, int], device=None, **opts) -> BlockMap:

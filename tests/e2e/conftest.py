@@ -1,6 +1,6 @@
 """Fixtures of the end-to-end tests: one real ComfyUI server per session, with our synthetic models.
 
-The server runs the ComfyUI tree of ``tests/conftest.py``'s ``comfyui_root()`` (0.3.75 by default,
+The server runs the ComfyUI tree of ``tests/comfy_import.py``'s ``comfyui_root()`` (0.3.75 by default,
 ``HYBRIDQUANT_COMFYUI=/path/to/ComfyUI`` for current ComfyUI) with the Python running pytest, on a free
 port in 8302-8399 (``HYBRIDQUANT_E2E_PORT`` pins one). Its log goes to artifacts/e2e-server.log.
 """

@@ -91,7 +91,7 @@ def load_mixed_and_sample(ui):
 
 def main() -> int:
     sys.path.insert(0, str(REPO / "tests"))
-    from conftest import comfyui_root
+    from comfy_import import comfyui_root
 
     base = Path(tempfile.mkdtemp(prefix="hq-wf-"))
     server = ComfyServer(comfyui_root(), base)

@@ -15,7 +15,7 @@ import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from fuzz_helpers import LAYERS, seed_files
+from fuzz_seeds import LAYERS, seed_files
 
 pytestmark = pytest.mark.comfyui
 

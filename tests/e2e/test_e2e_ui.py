@@ -258,7 +258,7 @@ def test_budget_preview(ui):
     assert "target_size:" in ui.panel_text(q), ui.panel_text(q)
 
 
-def test_search(ui):
+def test_search(ui, comfy_server):
     """8: searching a format name finds the pack's nodes; every display name ends in (HybridQuant)."""
     ui.clear()
     found = ui.js("""(() => { const pinia = document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia;
@@ -266,6 +266,11 @@ def test_search(ui):
         return Object.fromEntries(['fp8', 'nf4', 'int8', 'mxfp8'].map(q => [q, svc.searchNode(q).map(d => d.name)])); })()""")
     for q, names in found.items():
         assert "HybridQuantQuantizeModel" in names and "HybridQuantLoadDiffusionModel" in names, (q, names)
+    # the searchable name starts with the registry's words (FormatSpec.name_word via /hybridquant/formats)
+    words = comfy_server.get("/hybridquant/formats")[1]["name_words"]
+    shown = ui.js("""document.querySelector('#vue-app').__vue_app__.config.globalProperties.$pinia
+        ._s.get('nodeDef').nodeDefsByName['HybridQuantQuantizeModel'].display_name""")
+    assert words and shown == " ".join(words) + " · Quantize Model (HybridQuant)", (shown, words)
     ids = [ui.add(t, (40 + 300 * (i % 3), 60 + 200 * (i // 3))) for i, t in enumerate(
         ("HybridQuantQuantizeModel", "HybridQuantInfo", "HybridQuantLoadDiffusionModel", "HybridQuantLoadCheckpoint",
          "HybridQuantLoadCLIP", "HybridQuantCollectCalibration"))]
