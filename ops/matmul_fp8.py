@@ -165,7 +165,9 @@ def _programs(x: torch.Tensor, n: int) -> int:
 
 
 def _quantize_onepass(x: torch.Tensor, input_scale: torch.Tensor | None):
-    if x.device in _onepass_refused:
+    # Under CUDA-graph capture the two-kernel form: the one-pass kernel's replay failed the bit-exact
+    # check against eager on the H200 (tests/test_fp8_quant.py), eager calls passed.
+    if x.device in _onepass_refused or torch.cuda.is_current_stream_capturing():
         return _quantize_triton(x, input_scale)
     x = x.contiguous()
     n = x.numel()
