@@ -37,13 +37,9 @@ class OnTheFlyPatch:
 
 
 def _owner(model, key):
-    if not key.endswith(".weight"):
-        return None
-    try:
-        m = comfy.utils.get_attr(model, key[: -len(".weight")])
-    except AttributeError:
-        return None
-    return m if dispatch.is_four_bit(getattr(m, "hq_format", None)) else None
+    """The 4-bit HybridQuant layer that owns ``key``, or None."""
+    m = dynamic_vram.quantized_owner(model, key)
+    return m if m is not None and dispatch.is_four_bit(m.hq_format) else None
 
 
 _classes: dict[type, type] = {}

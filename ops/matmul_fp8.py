@@ -52,10 +52,7 @@ if _HAVE_TRITON:
 
     @triton.jit
     def _amax_kernel(x_ptr, amax_bits_ptr, n, BLOCK: tl.constexpr):
-        pid = tl.program_id(0)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + offs, mask=offs < n, other=0.0).to(tl.float32)
-        a = tl.max(tl.abs(x), axis=0)
+        a = _absmax_block(x_ptr, n, tl.program_id(0), BLOCK)
         # Non-negative IEEE floats compare like their int32 bit patterns: integer atomic max.
         tl.atomic_max(amax_bits_ptr, a.to(tl.int32, bitcast=True))
 
@@ -70,12 +67,7 @@ if _HAVE_TRITON:
             scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)
         if pid == 0:
             tl.store(scale_ptr, scale)
-        offs = pid * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-        tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
-
+        _cast_block(x_ptr, y_ptr, n, pid, scale, BLOCK)
 
     @triton.jit
     def _absmax_block(x_ptr, n, blk, BLOCK: tl.constexpr):
