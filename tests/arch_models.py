@@ -293,12 +293,13 @@ def seeded_state_dict(model: torch.nn.Module, prefix: str = "", seed: int = 0) -
 # stream, a gated MLP multiplies two quantized projections (their errors add), and CLIP-L chains 12
 # layers; measured factors are 1-3.5 (T5-XXL's gated block the largest). We allow 4 x e_w, rounded.
 # Stock 0.33 runs INT8 tensorwise as W8A8 and ConvRot as W4A4 (activations rounded per token too: another
-# e_w of the same size, so sqrt(2) x): INT8 4 x 1.3% x 1.4 = 0.08 (T5-XXL's stock row measured 0.062).
+# e_w of the same size, so sqrt(2) x): INT8 4 x 1.3% x 1.4 = 0.08 (T5-XXL's stock row measured 0.062);
+# ConvRot's int4 per 256-group after rotation (step ~0.4 sigma: 11.5%) x 1.4 x 4 = 0.65 -> 0.7 (T5: 0.59).
 TOLERANCE = {
     "float8_e4m3fn": 0.15, "float8_e4m3fn_rowwise": 0.15, "float8_e4m3fn_blockwise": 0.15,
     "float8_e5m2": 0.29, "int8_tensorwise": 0.08, "int8_blockwise": 0.06, "mxfp8": 0.15, "hybrid_mxfp8": 0.15,
     "int6_groupwise": 0.11, "int5_groupwise": 0.22, "nvfp4": 0.45, "bnb_nf4": 0.45, "bnb_fp4": 0.5,
-    "convrot_w4a4": 0.6, "asym_w4a8_int8": 0.45,
+    "convrot_w4a4": 0.7, "asym_w4a8_int8": 0.45,
 }
 # What CI runs for every architecture (one 8-bit, one 4-bit format; the rest with HYBRIDQUANT_ARCH_FULL=1):
 # FP8 is what stock 0.3.75 loads; NVFP4 is the format whose packed shapes broke stock detection.
