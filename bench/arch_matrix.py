@@ -71,13 +71,13 @@ def cell(row) -> str:
     return ("✗ " if bad else "") + _err(row.pack_err) + stock
 
 
-def markdown(version, root, rows, skipped, fmts, command, seconds) -> str:
+def markdown(version, root, rows, skipped, fmts, command, seconds, rev) -> str:
     archs = []
     for r in rows:
         if (r.arch, r.variant) not in archs:
             archs.append((r.arch, r.variant))
     out = [f"### ComfyUI {version} ({root})", "",
-           f"Command: `{command}`  ", f"Commit: {commit()}; {seconds:.0f} s on this machine (CPU).", "",
+           f"Command: `{command}`  ", f"Commit: {rev} (at the start); {seconds:.0f} s on this machine (CPU).", "",
            "Cell: relative L2 error of the forward vs the bf16 file, pack loader (stock loader where the core "
            "names the format); ✗ = a check failed (see the detail table). `n/c` = not in this core.", "",
            "| architecture | " + " | ".join(f"`{f}`" for f in fmts) + " |",
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     for f in fmts:
         if f not in am.formats():
             raise SystemExit(f"--formats: unknown {f!r}; known: {', '.join(am.formats())}")
-    t0 = time.monotonic()
+    t0, rev = time.monotonic(), commit()
     rows, skipped = [], []
     work = Path(tempfile.mkdtemp(prefix="arch_matrix_"))
     try:
@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = "python bench/arch_matrix.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    md = markdown(version, a.comfy, rows, skipped, fmts, command.strip(), time.monotonic() - t0)
+    md = markdown(version, a.comfy, rows, skipped, fmts, command.strip(), time.monotonic() - t0, rev)
     print(md)
     if a.md:
         Path(a.md).write_text(md)
