@@ -28,14 +28,25 @@ def label_of(fmt: str) -> str:
     return spec.label if spec is not None else fmt
 
 
-def stock_loadable(quantized_formats, core_algos) -> dict:
+# ComfyUI's stock CLIP loader builds CLIP text encoders (HF ``text_model.*`` keys) without reading
+# ``.comfy_quant``: measured on 0.3.75 and 0.33 (bench/RESULTS_ARCH.md: a quantized CLIP-L file loads its
+# FP8/INT8 codes without their scales, rel. err 0.97; 4-bit files fail on the packed shape).
+_STOCK_IGNORES_QUANT = ("text_model.encoder.layers.",)
+
+
+def stock_loadable(quantized_formats, core_algos, layer_names=()) -> dict:
     """Whether the running core's stock loaders read every quantized format of a file.
 
     ``core_algos`` is ``ops.capabilities.core_quant_algos()`` (None: cannot tell). A file without
-    quantized layers is plain: every loader reads it."""
+    quantized layers is plain: every loader reads it. ``layer_names``: the quantized layers' names
+    (CLIP text encoders need the pack's loaders whatever the format)."""
     fmts = sorted(set(quantized_formats))
     if not fmts:
         return {"stock": True, "text": "not quantized: any loader reads it"}
+    if any(m in n for n in layer_names for m in _STOCK_IGNORES_QUANT):
+        return {"stock": False, "missing": [],
+                "text": "needs the HybridQuant loaders: ComfyUI's stock CLIP loader ignores the quantization "
+                        "of CLIP text encoders"}
     if core_algos is None:
         return {"stock": None, "text": "load it with the HybridQuant loaders (this ComfyUI's own list of "
                                        "formats could not be read)"}
@@ -78,7 +89,7 @@ def file_summary(path, core_algos=None, display_name: str | None = None) -> dict
         "format_legend": order,
         "format_map": [order.index(d.format) for d in layers],
     }
-    out["loading"] = stock_loadable(quantized, core_algos)
+    out["loading"] = stock_loadable(quantized, core_algos, [d.name for d in layers if d.quantized])
     return out
 
 

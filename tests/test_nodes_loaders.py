@@ -152,3 +152,15 @@ def test_info_node_table_and_symlinked_file(folders, comfy, tmp_path):
     assert info["loading"]["stock"] is (False if algos is not None else None)
     assert "float8_e4m3fn" not in info["loading"].get("missing", [])
     assert str(tmp_path) not in text
+
+
+def test_stock_hint_says_clip_text_encoders_need_the_pack(comfy):
+    """The stock CLIP loader ignores .comfy_quant for CLIP text encoders (bench/RESULTS_ARCH.md): even a
+    format the core knows gets 'needs the HybridQuant loaders' there, and stays 'stock reads it' elsewhere."""
+    from hybridquant.nodes.fileinfo import stock_loadable
+
+    algos = {"float8_e4m3fn"}
+    clip = stock_loadable(["float8_e4m3fn"], algos, ["text_model.encoder.layers.0.mlp.fc1"])
+    assert clip["stock"] is False and "CLIP" in clip["text"]
+    unet = stock_loadable(["float8_e4m3fn"], algos, ["double_blocks.0.img_attn.qkv"])
+    assert unet["stock"] is True
