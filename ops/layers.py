@@ -108,8 +108,7 @@ def make_linear(base):
             self.hq_format, self.hq_opts, self.hq_meta = fmt, opts, meta
             self.hq_comfy_quant = qd.comfy_quant_tensor(meta)
             self.hq_static_input_scale = float(tensors["input_scale"]) if "input_scale" in tensors else None
-            self.hq_paths = {}
-            self.__dict__["hq_direct"] = None
+            self._hq_drop_caches()
             self.hq_lora = None
             self.hq_in_forward = False
 
@@ -151,6 +150,11 @@ def make_linear(base):
             self._hq_store(tensors, self.weight.device)
             self.hq_format, self.hq_opts, self.hq_meta = fmt, opts, meta
             self.hq_comfy_quant = qd.comfy_quant_tensor(meta)
+            self._hq_drop_caches()
+
+        def _hq_drop_caches(self):
+            """Forget what was derived from the stored tensors: the paths per device / call and the
+            direct-call tensors (set, not Module.__setattr__: plain caches, not module state)."""
             self.hq_paths = {}
             self.__dict__["hq_direct"] = None
 
@@ -203,9 +207,13 @@ def make_linear(base):
             bias = self.bias
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
+            return self._hq_compute(x, d[2], bias, ())
+
+        def _hq_compute(self, x, tensors, bias, fns):
+            """The quantized matmul on tensors already on ``x``'s device (rotation / low-rank branch too)."""
             if self.hq_transforms:
-                return hq_tf.run(self, x, d[2], bias, (), linear_paths.run)
-            return linear_paths.run(self, x, d[2], bias, ())
+                return hq_tf.run(self, x, tensors, bias, fns, linear_paths.run)
+            return linear_paths.run(self, x, tensors, bias, fns)
 
         def _hq_direct(self, x):
             """``(device, weight, tensors)`` when this call can skip ``cast_bias_weight`` (ops/direct.py):
@@ -238,10 +246,7 @@ def make_linear(base):
                 tensors = {"weight": weight}
                 for s in self.hq_suffixes:
                     tensors[s] = getattr(self, qd.buffer_name(s)).to(input.device, non_blocking=True)
-                if self.hq_transforms:
-                    out = hq_tf.run(self, input, tensors, bias, self._hq_functions(), linear_paths.run)
-                else:
-                    out = linear_paths.run(self, input, tensors, bias, self._hq_functions())
+                out = self._hq_compute(input, tensors, bias, self._hq_functions())
             finally:
                 comfy.ops.uncast_bias_weight(carrier, weight, bias, token)
             return out
@@ -318,7 +323,6 @@ def make_linear(base):
                 self.weight.data.copy_(new)
             else:
                 self.weight = torch.nn.Parameter(new, requires_grad=False)
-            self.hq_paths = {}
-            self.__dict__["hq_direct"] = None
+            self._hq_drop_caches()
 
     return Linear

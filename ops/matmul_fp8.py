@@ -131,25 +131,24 @@ _grid_cap: dict = {}
 _onepass_refused: set = set()
 
 
-def _workspace(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _workspace(dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(int32 [amax bits, arrivals, departures] zero between calls, float32 [1] scale slot) of this
     device and stream: two streams quantizing at once must not share a barrier. The scale lives
     here instead of a new tensor per call: the GEMM that reads it is enqueued on the same stream
     before the next quantization can overwrite it. Keyed by the raw stream handle: asking torch for
     a Stream object costs ~10 us of host time per call (bench/bench_host.py)."""
-    idx = x.device.index
-    key = (idx, torch._C._cuda_getCurrentRawStream(idx))
+    key = (dev.index, torch._C._cuda_getCurrentRawStream(dev.index))
     ws = _workspaces.get(key)
     if ws is None:
         # Two allocations: cuBLASLt refuses a scale pointer that is not 16-byte aligned
         # (CUBLAS_STATUS_NOT_SUPPORTED, seen on the H200 with the scale at byte 12 of one buffer).
-        ws = _workspaces[key] = (torch.zeros((3,), dtype=torch.int32, device=x.device),
-                                 torch.zeros((1,), dtype=torch.float32, device=x.device))
+        ws = _workspaces[key] = (torch.zeros((3,), dtype=torch.int32, device=dev),
+                                 torch.zeros((1,), dtype=torch.float32, device=dev))
     return ws
 
 
-def _programs(x: torch.Tensor, n: int) -> int:
-    idx = x.device.index
+def _programs(idx: int, n: int) -> int:
+    """Grid size of the one-pass quantizer on CUDA device ``idx`` for ``n`` elements."""
     cap = _grid_cap.get(idx)
     if cap is None:
         cap = _grid_cap[idx] = torch.cuda.get_device_properties(idx).multi_processor_count * _PROGRAMS_PER_SM
@@ -159,21 +158,22 @@ def _programs(x: torch.Tensor, n: int) -> int:
 def _quantize_onepass(x: torch.Tensor, input_scale: torch.Tensor | None):
     # Under CUDA-graph capture the two-kernel form: the one-pass kernel's replay failed the bit-exact
     # check against eager on the H200 (tests/test_fp8_quant.py), eager calls passed.
-    if x.device in _onepass_refused or torch.cuda.is_current_stream_capturing():
+    dev = x.device
+    if dev in _onepass_refused or torch.cuda.is_current_stream_capturing():
         return _quantize_triton(x, input_scale)
     x = x.contiguous()
     n = x.numel()
-    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    ws, scale = _workspace(x)
+    y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=dev)
+    ws, scale = _workspace(dev)
     static = input_scale is not None
     try:
-        grid = _programs(x, n)
+        grid = _programs(dev.index, n)
         _quant_onepass_kernel[(grid,)](x, y, ws, scale, n, grid, float(input_scale) if static else 1.0,
                                        USE_STATIC=static, BLOCK=_BLOCK, launch_cooperative_grid=True)
     except RuntimeError as e:  # e.g. CUDA refuses the cooperative launch on this GPU / MPS share
         log.info("HybridQuant: one-pass FP8 activation quantizer unavailable on %s (%s); using two kernels",
-                 x.device, e)
-        _onepass_refused.add(x.device)
+                 dev, e)
+        _onepass_refused.add(dev)
         return _quantize_triton(x, input_scale)
     return y, scale
 

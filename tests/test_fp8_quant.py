@@ -40,7 +40,7 @@ def test_onepass_matches_eager_and_two_kernel_on_gpu():
                 off = int((y1.view(torch.uint8) != y.view(torch.uint8)).sum())
                 assert torch.equal(s1.reshape(()), s.reshape(())), (name, shape, static, float(s1), float(s))
                 assert off == 0, (name, shape, static, off, y1.numel())
-            assert torch.equal(m._workspace(x)[0], torch.zeros(3, dtype=torch.int32, device="cuda"))
+            assert torch.equal(m._workspace(x.device)[0], torch.zeros(3, dtype=torch.int32, device="cuda"))
     # CUDA graph capture and replay, then a change of input inside the captured buffer
     x = torch.randn(512, 3072, device="cuda", dtype=torch.bfloat16)
     m.quantize_activation(x)
