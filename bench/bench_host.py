@@ -70,10 +70,6 @@ def _layer_state(fmt_case: str, w, bias):
     return sd
 
 
-class _One:
-    """A module holding one Linear named ``l`` (the state-dict prefix the layer loader expects)."""
-
-
 def build(fmt_case: str, n: int, k: int, device, dtype):
     import comfy.ops
     import torch
