@@ -1,6 +1,6 @@
 """The architecture matrix as a table: architecture x format -> detect / load / forward rel err.
 
-The same rows as tests/test_arch_matrix.py (builders and row logic: tests/arch_models.py): ComfyUI's
+The same rows as tests/test_arch_matrix.py (builders: tests/arch_models.py, row logic: tests/arch_rows.py): ComfyUI's
 own model classes at released widths (depth 1-2), converted by the pack through each preset, stock
 detection of the stored shapes, loaded through the pack's loader and (for the core's own format
 names) the stock loader, one CPU forward compared to the bf16 file's.
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", help="comma-separated format names (default: every format)")
     a = ap.parse_args(argv)
     version = import_comfy(a.comfy)
-    import arch_models as am
+    import arch_rows as am
 
     archs = a.archs.split(",") if a.archs else list(am.BUILDERS)
     fmts = a.formats.split(",") if a.formats else list(am.formats())

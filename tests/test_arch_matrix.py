@@ -1,14 +1,14 @@
 """The architecture matrix (issue 15 items 1 and 3), against the ComfyUI tree under test.
 
-For every preset architecture (tests/arch_models.py: ComfyUI's own class at a released checkpoint's
+For every preset architecture (tests/arch_models.py, run by tests/arch_rows.py: ComfyUI's own class at a released checkpoint's
 widths, depth 1-2, seeded weights, real key names) and every format the converter writes through
 that preset: stock detection of the stored shapes equals the bf16 file's (bare and with the
 ``model.diffusion_model.`` prefix), the pack's loader builds the same model and its forward is
-within the format's tolerance (``arch_models.TOLERANCE``, derived there), and where this core names
+within the format's tolerance (``arch_rows.TOLERANCE``, derived there), and where this core names
 the format in its ``QUANT_ALGOS`` the stock loader does the same.
 
 Cost: the bf16 source and its reference forward are made once per architecture (module-scoped
-fixture, deleted after it), each format converted once. CI (0.3.75) runs ``arch_models.CI_FORMATS``
+fixture, deleted after it), each format converted once. CI (0.3.75) runs ``arch_rows.CI_FORMATS``
 (FP8 e4m3 and NVFP4) for every architecture; ``HYBRIDQUANT_ARCH_FULL=1`` runs every format (and the
 heavy Flux.2 [dev] row, the only Flux.2 variant 0.3.75 detects). The stock core-format rows (NVFP4,
 INT8 tensorwise, ConvRot W4A4, asym W4A8) run wherever the core has the format and skip elsewhere.
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import arch_models as am  # noqa: E402
+import arch_rows as am  # noqa: E402
 
 pytestmark = [pytest.mark.comfyui, pytest.mark.slow]
 FULL = os.environ.get("HYBRIDQUANT_ARCH_FULL") == "1"
@@ -72,7 +72,7 @@ def test_matrix_row(source, fmt):
     """detect / load (pack, and stock for the core's names) / forward within tolerance."""
     if fmt not in am.CI_FORMATS and not FULL:
         pytest.skip(f"{fmt}: outside CI's formats {am.CI_FORMATS}; HYBRIDQUANT_ARCH_FULL=1 runs it")
-    stock = fmt in am.quant_algos() and source.arch.kind != "clip"  # see arch_models.STOCK_CLIP_L
+    stock = fmt in am.quant_algos() and source.arch.kind != "clip"  # see arch_rows.STOCK_CLIP_L
     row = source.row(fmt, stock=stock)
     _check(row, source, stock)
     if fmt not in CORE_FORMATS:
@@ -89,7 +89,7 @@ def test_stock_loads_core_format(source, fmt):
 
         pytest.skip(f"ComfyUI {comfyui_version.__version__} has no {fmt!r} in comfy.quant_ops.QUANT_ALGOS")
     if source.arch.kind == "clip":
-        pytest.skip(f"clip_l: {am.STOCK_CLIP_L} (arch_models.STOCK_CLIP_L)")
+        pytest.skip(f"clip_l: {am.STOCK_CLIP_L} (arch_rows.STOCK_CLIP_L)")
     row = source.row(fmt, stock=True)  # the matrix row's result when it ran (one conversion per format)
     _check(row, source, True)
     source.drop(fmt)
