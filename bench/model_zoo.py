@@ -44,6 +44,21 @@ class ModelCase:
     prefix: str = ""  # key prefix in the saved file ("" = diffusion_models layout)
 
     def build(self, device="meta"):
+        """The model on ``device`` with every parameter in place. A dynamic-VRAM core (aimdo on) builds its
+        Linear/Conv layers without weights until a state dict is loaded, so the build turns that off:
+        the seeded file must have every key a real checkpoint has."""
+        try:
+            import comfy.memory_management as cmm
+        except ImportError:  # 0.3.75: no dynamic VRAM
+            return self._build(device)
+        saved = getattr(cmm, "aimdo_enabled", False)
+        cmm.aimdo_enabled = False
+        try:
+            return self._build(device)
+        finally:
+            cmm.aimdo_enabled = saved
+
+    def _build(self, device):
         import comfy.ops
 
         if self.kind == "flux":

@@ -103,6 +103,27 @@ def test_stock_row_is_right_or_unsupported_on_checkpoint_layout(comfyui_path, tm
         assert s["rel_err"] < 0.05 and s["ms"] > 0, s
 
 
+@pytest.mark.comfyui
+def test_seeded_file_has_every_weight_on_a_dynamic_vram_core(comfy, monkeypatch):
+    """With aimdo on, a current core builds its Linear layers weightless until a state dict loads: the
+    seeded file must still hold every Linear weight (else ComfyUI cannot detect it: the H200 run of
+    bench_dynamic_vram.py failed so)."""
+    import importlib
+
+    try:
+        cmm = importlib.import_module("comfy.memory_management")
+    except ImportError:
+        pytest.skip("this core has no dynamic VRAM (comfy.memory_management)")
+    if not hasattr(cmm, "aimdo_enabled"):
+        pytest.skip("this core has no dynamic VRAM (aimdo_enabled)")
+    from model_zoo import FLUX_TINY, seeded_state_dict
+
+    monkeypatch.setattr(cmm, "aimdo_enabled", True)
+    sd = seeded_state_dict(ModelCase("flux", dict(FLUX_TINY)), "cpu")
+    assert "img_in.weight" in sd and "double_blocks.0.img_attn.qkv.weight" in sd
+    assert cmm.aimdo_enabled is True  # the build restores the core's setting
+
+
 # ---- --budget-s bookkeeping, without ComfyUI ----------------------------------------------------------
 def test_budget_reserves_and_estimates():
     b = model_budget.Budget(10.0, reserve_s=0.0, device_type="cpu")
