@@ -12,10 +12,13 @@ bits), and the one rounding is the store (bf16 by ``dequant4._bf16_rne``, intege
 under the Triton interpreter; fp16 by Triton's round-to-nearest-even cast). Nothing is copied to or
 read back from the host: capturable in a CUDA graph once the kernel is compiled.
 
-Tile: ``BLOCK_R`` rows x ``BLOCK_C`` columns (``BLOCK_C`` a multiple of 8, so a tile covers whole
+Tile: ``BLOCK_R`` rows x ``BLOCK_C`` columns (``BLOCK_C`` a power of two >= 8, so a tile covers whole
 high-plane bytes): the ``BLOCK_C/2`` low-nibble bytes are one contiguous load split into even/odd
-columns and interleaved (as ``dequant4`` does for NF4); the high bits and the scale are gathered per
-column from the few bytes the tile covers (cached loads).
+columns and interleaved (as ``dequant4`` does for NF4). The high bits and the scales: with ``VEC`` (a
+power-of-two group no wider than the tile) one contiguous load of the tile's ``BLOCK_C/PER`` high-plane
+bytes and ``BLOCK_C/GROUP`` scales, each widened in registers (shift per code, broadcast per group);
+otherwise gathered per column (cached loads). The tile is ``TILE`` (rows, columns, warps), chosen by
+``bench/tune_dq_int.py`` on the H200 (numbers beside it).
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from . import dequant4
 from .matmul_fp8 import _HAVE_TRITON
 
 FORMATS = ("int5_groupwise", "int6_groupwise")
-_BLOCK_R, _BLOCK_C = 16, 128
+# (BLOCK_R, BLOCK_C, num_warps). The first version's tile was (16, 128, 4) with gathered high bits and
+# scales: INT5/INT6 Flux ran at 0.80x of bf16 against NF4's 0.94x (bench/RESULTS_H200.md).
+TILE = (16, 128, 4)
 
 if _HAVE_TRITON:
     import triton
@@ -39,21 +44,35 @@ if _HAVE_TRITON:
     @triton.jit
     def _int_dequant_kernel(w_ptr, s_ptr, y_ptr, M, N, stride_w, stride_s, lo_bytes,
                             BITS: tl.constexpr, GROUP: tl.constexpr, OUT_BF16: tl.constexpr,
-                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-        HB = BITS - 4  # (constexpr) high bits per code: 1 (5-bit) or 2 (6-bit)
-        PER = 8 // HB  # (constexpr) codes per high-plane byte
+                            BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, VEC: tl.constexpr,
+                            HB: tl.constexpr, PER: tl.constexpr):
+        # HB: high bits per code (BITS - 4: 1 for 5-bit, 2 for 6-bit), PER = 8 // HB codes per high-plane
+        # byte; passed in (not computed here) so they stay constexpr under the CPU interpreter too
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rmask = rows[:, None] < M
         row_w = w_ptr + rows.to(tl.int64)[:, None] * stride_w
+        row_s = s_ptr + rows.to(tl.int64)[:, None] * stride_s
         byts = tl.program_id(1) * (BLOCK_C // 2) + tl.arange(0, BLOCK_C // 2)
         p = tl.load(row_w + byts[None, :], mask=rmask & (byts[None, :] < lo_bytes), other=0).to(tl.int32)
         low = tl.interleave(p & 15, p >> 4)  # column 2k: low nibble of byte k, 2k+1: its high nibble
         cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = rmask & (cols[None, :] < lo_bytes * 2)
-        h = tl.load(row_w + lo_bytes + cols[None, :] // PER, mask=cmask, other=0).to(tl.int32)
-        high = (h >> ((cols[None, :] % PER) * HB)) & ((1 << HB) - 1)
+        if VEC:
+            # code c sits in high-plane byte c // PER at bit (c % PER) * HB: a [R, C/PER, PER] shift
+            # table read row-major is column order
+            hb = tl.program_id(1) * (BLOCK_C // PER) + tl.arange(0, BLOCK_C // PER)
+            h = tl.load(row_w + lo_bytes + hb[None, :], mask=rmask & (hb[None, :] < (lo_bytes * 2) // PER),
+                        other=0).to(tl.int32)
+            shift = tl.arange(0, PER) * HB
+            high = tl.reshape((h[:, :, None] >> shift[None, None, :]) & ((1 << HB) - 1), (BLOCK_R, BLOCK_C))
+            gi = tl.program_id(1) * (BLOCK_C // GROUP) + tl.arange(0, BLOCK_C // GROUP)
+            sg = tl.load(row_s + gi[None, :], mask=rmask & (gi[None, :] < (lo_bytes * 2) // GROUP), other=0.0)
+            s = tl.reshape(tl.broadcast_to(sg[:, :, None], (BLOCK_R, BLOCK_C // GROUP, GROUP)), (BLOCK_R, BLOCK_C))
+        else:
+            cmask = rmask & (cols[None, :] < lo_bytes * 2)
+            h = tl.load(row_w + lo_bytes + cols[None, :] // PER, mask=cmask, other=0).to(tl.int32)
+            high = (h >> ((cols[None, :] % PER) * HB)) & ((1 << HB) - 1)
+            s = tl.load(row_s + cols[None, :] // GROUP, mask=cmask, other=0.0)
         q = (low | (high << 4)) - (1 << (BITS - 1))
-        s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * stride_s + cols[None, :] // GROUP, mask=cmask, other=0.0)
         v = q.to(tl.float32) * s.to(tl.float32)
         omask = rmask & (cols[None, :] < N)
         _store_out(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], v, omask, OUT_BF16)
@@ -63,8 +82,9 @@ def _require(cond: bool, what: str) -> None:
     dequant4._require(cond, what, "dequant_int")
 
 
-def dequantize_int(fmt: str, tensors, shape, opts, dtype=torch.bfloat16) -> torch.Tensor:
-    """The logical ``[M, N]`` weight of a stored ``fmt`` (int5/int6_groupwise) layer in ``dtype``, one launch."""
+def dequantize_int(fmt: str, tensors, shape, opts, dtype=torch.bfloat16, tile=None, vec=None) -> torch.Tensor:
+    """The logical ``[M, N]`` weight of a stored ``fmt`` (int5/int6_groupwise) layer in ``dtype``, one launch.
+    ``tile`` / ``vec`` override ``TILE`` / ``vectorized()`` (tests and bench/tune_dq_int.py)."""
     _require(fmt in FORMATS, f"{fmt} is not a layout of this module ({', '.join(FORMATS)})")
     _require(dtype in (torch.bfloat16, torch.float16), f"output must be bf16/fp16, got {dtype}")
     codec = get_codec(fmt)
@@ -80,10 +100,19 @@ def dequantize_int(fmt: str, tensors, shape, opts, dtype=torch.bfloat16) -> torc
     dequant4._check_device(w, "dequant_int")
     y = torch.empty((m, n), dtype=dtype, device=w.device)
     bf16 = dtype == torch.bfloat16
-    grid = (triton.cdiv(m, _BLOCK_R), triton.cdiv(n, _BLOCK_C))
+    block_r, block_c, warps = tile or TILE
+    vec = vectorized(g, block_c) if vec is None else vec
+    grid = (triton.cdiv(m, block_r), triton.cdiv(n, block_c))
     _int_dequant_kernel[grid](w, s, y.view(torch.int16) if bf16 else y, m, n, w.stride(0), s.stride(0),
-                              groups * g // 2, BITS=bits, GROUP=g, OUT_BF16=bf16, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+                              groups * g // 2, BITS=bits, GROUP=g, OUT_BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
+                              VEC=vec, HB=bits - 4, PER=8 // (bits - 4), num_warps=warps)
     return y
+
+
+def vectorized(group: int, block_c: int) -> bool:
+    """Whether the tile can load its scales as one [rows, BLOCK_C/GROUP] block: a power-of-two group
+    no wider than the tile (Triton tensor dims are powers of two)."""
+    return group & (group - 1) == 0 and group <= block_c
 
 
 def dequantize(layer, tensors, dtype) -> torch.Tensor:

@@ -52,6 +52,17 @@ def main() -> int:
             ok_codec = torch.equal(codec.dequantize(q, shape, dtype, **layer.hq_opts).view(torch.int16), want.view(torch.int16))
             print(f"dequant {name} {dtype}: {'ok' if ok else 'MISMATCH'}{'' if ok_codec else ' CODEC PATH MISMATCH'}")
             bad += (not ok) + (not ok_codec)
+        # both high-bit / scale loads (gathered, vectorized) and another tile shape, bf16 only
+        g = layer.hq_opts["group_size"]
+        want = ref32.to(torch.bfloat16)
+        for tile in ((16, 128, 4), (8, 64, 2)):
+            for vec in (False, True):
+                if vec and not dq.vectorized(g, tile[1]):
+                    continue
+                y = dq.dequantize_int(fmt, q, shape, layer.hq_opts, torch.bfloat16, tile=tile, vec=vec)
+                ok = torch.equal(y.view(torch.int16), want.view(torch.int16))
+                print(f"tile {tile} vec={vec} {name}: {'ok' if ok else 'MISMATCH'}")
+                bad += not ok
         x = torch.randn(3, layer.in_features).to(torch.bfloat16)
         y = dq.dequant_linear(layer, x, q, None).float()
         ref = torch.nn.functional.linear(x, ref32.to(torch.bfloat16)).float()
