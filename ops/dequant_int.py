@@ -31,9 +31,12 @@ from . import dequant4
 from .matmul_fp8 import _HAVE_TRITON
 
 FORMATS = ("int5_groupwise", "int6_groupwise")
-# (BLOCK_R, BLOCK_C, num_warps). The first version's tile was (16, 128, 4) with gathered high bits and
-# scales: INT5/INT6 Flux ran at 0.80x of bf16 against NF4's 0.94x (bench/RESULTS_H200.md).
-TILE = (16, 128, 4)
+# (BLOCK_R, BLOCK_C, num_warps), with VEC loads where the group allows. bench/tune_dq_int.py on the H200
+# (commit 01388ad, 12 Flux weight shapes of INT5/INT6 g32, cold L2): (16, 512, 8) is the best summed over
+# the shapes, 466 us against 561 us for the first version's (16, 128, 4) with gathered loads (3.3x at
+# 3072x3072, 1.0-1.2x at the large shapes, where it reaches 2.6-3.2 TB/s, about a bf16 copy of the
+# output). bitsandbytes' NF4 dequantize of the same shapes took 1.3-4x longer than the best tile.
+TILE = (16, 512, 8)
 
 if _HAVE_TRITON:
     import triton
