@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from .matmul_fp8 import _HAVE_TRITON
+from .triton_launch import Kernel
 
 INT8_MAX = 127.0
 E4M3_MAX = 448.0
@@ -67,6 +68,8 @@ if _HAVE_TRITON:
                 y = tl.minimum(tl.maximum(y, -QMAX_C), QMAX_C)
                 tl.store(q_row + offs, y.to(tl.float8e4nv), mask=mask)
 
+    _ROWQUANT = Kernel(_rowquant_kernel)
+
 
 def _check(x: torch.Tensor, dtype: torch.dtype) -> None:
     if x.ndim != 2:
@@ -103,8 +106,8 @@ def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     if m == 0:
         return q, s
     block = min(MAX_BLOCK, triton.next_power_of_2(max(k, 16)))
-    _rowquant_kernel[(m,)](x, q, s, k, x.stride(0), q.stride(0), IS_INT8=dtype == torch.int8,
-                           QMAX_C=QMAX[dtype], BLOCK=block, CHUNKS=triton.cdiv(k, block), num_warps=8 if block >= 2048 else 4)
+    _ROWQUANT[(m,)](x, q, s, k, x.stride(0), q.stride(0), dtype == torch.int8, QMAX[dtype], block,
+                    triton.cdiv(k, block), num_warps=8 if block >= 2048 else 4)
     return q, s
 
 

@@ -42,6 +42,7 @@ from ..converter.formats.base import ceil_div, round_up
 from ..converter.formats.blocked_layout import blocked_shape
 from ..converter.formats.bnb4bit import TABLES
 from .matmul_fp8 import _HAVE_TRITON
+from .triton_launch import Kernel
 
 # The fused GEMV runs up to this many rows; above, dequantize + F.linear. OFF (0): measured on the H200
 # (bench/bench_dequant4.py, bench/RESULTS_dequant4_H200.md) the GEMV is slower than bf16 at every M
@@ -174,6 +175,7 @@ if _HAVE_TRITON:
         configs=[triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w) for bn, bk, w in _GEMV_CONFIGS],
         key=["N", "K", "FMT", "NESTED"],
     )(_gemv4_kernel)
+    _NVFP4_DEQUANT, _BNB_DEQUANT = Kernel(_nvfp4_dequant_kernel), Kernel(_bnb_dequant_kernel)
 
 
 _tables: dict = {}
@@ -244,8 +246,7 @@ def dequantize_nvfp4(tensors, shape, dtype=torch.bfloat16) -> torch.Tensor:
     br, bb = 16, 64
     grid = (triton.cdiv(m, br), triton.cdiv(ceil_div(n, 2), bb))
     bf16 = dtype == torch.bfloat16
-    _nvfp4_dequant_kernel[grid](w, s, s2, y.view(torch.int16) if bf16 else y, m, n, w.stride(0), col_tiles,
-                                OUT_BF16=bf16, BLOCK_R=br, BLOCK_B=bb)
+    _NVFP4_DEQUANT[grid](w, s, s2, y.view(torch.int16) if bf16 else y, m, n, w.stride(0), col_tiles, bf16, br, bb)
     return y
 
 
@@ -256,9 +257,9 @@ def dequantize_bnb(tensors, meta, shape, dtype=torch.bfloat16) -> torch.Tensor:
     n = shape[0] * shape[1]
     y = torch.empty(tuple(shape), dtype=dtype, device=w.device)
     block = 1024
-    _bnb_dequant_kernel[(triton.cdiv(ceil_div(n, 2), block),)](
-        w, a, t, na, nm, offset, y.view(torch.int16) if dtype == torch.bfloat16 else y, n, BS=bs, NBS=nbs,
-        NESTED=nested, OUT_BF16=dtype == torch.bfloat16, BLOCK=block, enable_fp_fusion=False)
+    _BNB_DEQUANT[(triton.cdiv(ceil_div(n, 2), block),)](
+        w, a, t, na, nm, offset, y.view(torch.int16) if dtype == torch.bfloat16 else y, n, bs, nbs, nested,
+        dtype == torch.bfloat16, block, enable_fp_fusion=False)
     return y
 
 

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from ..converter.formats import get_codec
 from . import dequant4
 from .matmul_fp8 import _HAVE_TRITON
+from .triton_launch import Kernel
 
 FORMATS = ("int5_groupwise", "int6_groupwise")
 # (BLOCK_R, BLOCK_C, num_warps), with VEC loads where the group allows. bench/tune_dq_int.py on the H200
@@ -81,6 +82,9 @@ if _HAVE_TRITON:
         _store_out(y_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :], v, omask, OUT_BF16)
 
 
+    _DEQUANT = Kernel(_int_dequant_kernel)
+
+
 def _require(cond: bool, what: str) -> None:
     dequant4._require(cond, what, "dequant_int")
 
@@ -106,9 +110,8 @@ def dequantize_int(fmt: str, tensors, shape, opts, dtype=torch.bfloat16, tile=No
     block_r, block_c, warps = tile or TILE
     vec = vectorized(g, block_c) if vec is None else vec
     grid = (triton.cdiv(m, block_r), triton.cdiv(n, block_c))
-    _int_dequant_kernel[grid](w, s, y.view(torch.int16) if bf16 else y, m, n, w.stride(0), s.stride(0),
-                              groups * g // 2, BITS=bits, GROUP=g, OUT_BF16=bf16, BLOCK_R=block_r, BLOCK_C=block_c,
-                              VEC=vec, HB=bits - 4, PER=8 // (bits - 4), num_warps=warps)
+    _DEQUANT[grid](w, s, y.view(torch.int16) if bf16 else y, m, n, w.stride(0), s.stride(0), groups * g // 2,
+                   bits, g, bf16, block_r, block_c, vec, bits - 4, 8 // (bits - 4), num_warps=warps)
     return y
 
 

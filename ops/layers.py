@@ -190,7 +190,9 @@ def make_linear(base):
                 probe = fn(torch.empty(0, device=t.device))  # where/what fn sends tensors to
                 return t.to(device=probe.device)
 
-            self.__dict__["hq_direct"] = None  # tensors moved: the direct-call cache is stale
+            # tensors moved: what was derived from them is stale, and holding it (e.g. the FP8 GEMM
+            # operands, linear_paths._fp8_operands) would keep the old device's copies alive
+            self._hq_drop_caches()
             return super()._apply(keep_dtype, recurse)
 
         # ---- forward -------------------------------------------------------------------------

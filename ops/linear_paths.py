@@ -159,8 +159,9 @@ def _calls(layer, x, calls_key) -> tuple:
 
 def _fast(path, layer, x, tensors, bias):
     if path == "fp8":
-        return matmul_fp8.fp8_linear(x, tensors["weight"], tensors["weight_scale"], bias,
-                                     input_scale=layer.hq_static_input_scale, out_dtype=x.dtype)
+        w_t, scale_b = _fp8_operands(layer, tensors)
+        return matmul_fp8.fp8_linear_prepared(x, w_t, scale_b, bias, input_scale=layer.hq_static_input_scale,
+                                              out_dtype=x.dtype)
     if path == "int8":
         if INT8_FUSED_GEMM and x.device.type == "cuda":
             return matmul_int8.int8_linear_fused(x, tensors["weight"], tensors["weight_scale"], bias)
@@ -183,6 +184,21 @@ def _fast(path, layer, x, tensors, bias):
     if path == dispatch.KERNEL_DQ_INT:
         return dequant_int.dequant_linear(layer, x, tensors, bias)
     raise ValueError(path)
+
+
+def _fp8_operands(layer, tensors):
+    """``matmul_fp8.gemm_operands`` of the layer's weight and scale. Kept only for the direct call's
+    tensors (``layers._hq_direct``: the layer's own, resident ones) while they stay the same: the cast
+    path's tensors are per-call copies of an offloaded weight, and keeping one would pin it on the GPU."""
+    w, s = tensors["weight"], tensors["weight_scale"]
+    d = layer.__dict__.get("hq_direct")
+    if d is None or d[2] is not tensors:
+        return matmul_fp8.gemm_operands(w, s)
+    hit = layer.hq_paths.get("fp8_operands")
+    if hit is None or hit[0] is not w or hit[1] is not s:
+        hit = (w, s, *matmul_fp8.gemm_operands(w, s))
+        layer.hq_paths["fp8_operands"] = hit
+    return hit[2], hit[3]
 
 
 def _scale_b(layer, x, tensors):

@@ -122,6 +122,11 @@ if _HAVE_TRITON:
                 _cast_block(x_ptr, y_ptr, n, it * nprog + pid, scale, BLOCK)
 
 
+from .triton_launch import Kernel  # noqa: E402  (after the kernels: wraps them)
+
+if _HAVE_TRITON:
+    _ONEPASS, _AMAX, _QUANT = Kernel(_quant_onepass_kernel), Kernel(_amax_kernel), Kernel(_quant_kernel)
+
 _BLOCK = 4096
 # Programs per SM of the one-pass quantizer: enough to stream x at full bandwidth, few enough to be
 # co-resident (the cooperative launch checks it; a refused launch falls back to two kernels).
@@ -168,8 +173,8 @@ def _quantize_onepass(x: torch.Tensor, input_scale: torch.Tensor | None):
     static = input_scale is not None
     try:
         grid = _programs(dev.index, n)
-        _quant_onepass_kernel[(grid,)](x, y, ws, scale, n, grid, float(input_scale) if static else 1.0,
-                                       USE_STATIC=static, BLOCK=_BLOCK, launch_cooperative_grid=True)
+        _ONEPASS[(grid,)](x, y, ws, scale, n, grid, float(input_scale) if static else 1.0, static, _BLOCK, 0,
+                          launch_cooperative_grid=True)
     except RuntimeError as e:  # e.g. CUDA refuses the cooperative launch on this GPU / MPS share
         log.info("HybridQuant: one-pass FP8 activation quantizer unavailable on %s (%s); using two kernels",
                  dev, e)
@@ -186,11 +191,11 @@ def _quantize_triton(x: torch.Tensor, input_scale: torch.Tensor | None):
     grid = (triton.cdiv(n, _BLOCK),)
     if input_scale is None:
         bits = torch.zeros((1,), dtype=torch.int32, device=x.device)
-        _amax_kernel[grid](x, bits, n, BLOCK=_BLOCK)
-        _quant_kernel[grid](x, y, bits, scale, n, 1.0, USE_STATIC=False, BLOCK=_BLOCK)
+        _AMAX[grid](x, bits, n, _BLOCK)
+        _QUANT[grid](x, y, bits, scale, n, 1.0, False, _BLOCK)
     else:
         # A static scale: one pass, the scale is a kernel argument (read once per layer, cached).
-        _quant_kernel[grid](x, y, scale, scale, n, float(input_scale), USE_STATIC=True, BLOCK=_BLOCK)
+        _QUANT[grid](x, y, scale, scale, n, float(input_scale), True, _BLOCK)
     return y, scale
 
 
@@ -256,18 +261,34 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: to
                input_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                impl: str | None = None) -> torch.Tensor:
     """``x @ dequant(w).T + bias`` via ``torch._scaled_mm``; ``x`` [..., K], ``w`` FP8 [N, K]."""
+    w_t, scale_b = gemm_operands(w, w_scale)
+    return fp8_linear_prepared(x, w_t, scale_b, bias, input_scale, out_dtype, impl)
+
+
+def gemm_operands(w: torch.Tensor, w_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``w.t()``, float32 [1] weight scale): the GEMM's second operand and ``scale_b``. A layer caches
+    them (``linear_paths``): three tensor ops per call cost ~5-8 us of host time."""
+    return w.t(), w_scale.to(torch.float32).reshape(1)
+
+
+def fp8_linear_prepared(x: torch.Tensor, w_t: torch.Tensor, scale_b: torch.Tensor, bias: torch.Tensor | None = None,
+                        input_scale: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                        impl: str | None = None) -> torch.Tensor:
+    """``fp8_linear`` on ``gemm_operands``' output."""
     out_dtype = out_dtype or x.dtype
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    k = x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
     xq, x_scale = quantize_activation(x2, input_scale, impl)
+    if x_scale.dim() != 1:
+        x_scale = x_scale.reshape(1)
     use_bias = bias is not None and out_dtype in (torch.bfloat16, torch.float16)
-    out = torch._scaled_mm(
-        xq, w.t(), scale_a=x_scale.reshape(1), scale_b=w_scale.to(torch.float32).reshape(1),
-        bias=bias.to(out_dtype) if use_bias else None, out_dtype=out_dtype,
-    )
+    if use_bias and bias.dtype != out_dtype:
+        bias = bias.to(out_dtype)
+    out = torch._scaled_mm(xq, w_t, scale_a=x_scale, scale_b=scale_b, bias=bias if use_bias else None,
+                           out_dtype=out_dtype)
     if bias is not None and not use_bias:
         out = out + bias.to(out_dtype)
-    return out.reshape(*lead, w.shape[0])
+    return out if x.dim() == 2 else out.reshape(*x.shape[:-1], w_t.shape[1])
 
 
 def row_scale_b(w_scale: torch.Tensor, n_out: int) -> torch.Tensor:

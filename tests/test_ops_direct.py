@@ -99,3 +99,34 @@ def test_plain_norms_and_convs_direct_equal_stock(counted, comfy):
         assert counted == [], name
         torch.testing.assert_close(y, stock(x), rtol=0, atol=0)
         assert counted == [name], name  # the stock manual_cast layer did cast
+
+
+def test_fp8_gemm_operands_cached_for_resident_weights_only(counted, monkeypatch):
+    """The FP8 GEMM's ``w.t()`` / float32 scale are kept per layer for the direct call, dropped on a
+    move (holding them would keep the old device's weight alive), and never kept for the cast path's
+    per-call copies (an offloaded weight would stay pinned on the GPU)."""
+    from hybridquant.ops import capabilities as caps
+    from hybridquant.ops import matmul_fp8
+
+    monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
+    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
+    caps.override_capability("cpu", (9, 0))
+    try:
+        sd, _ = H.build({"a": "float8_e4m3fn", "b": None, "c": None})
+        m = H.load_ours(sd)
+        x = H.inputs()
+        y0 = m(x)
+        assert m.a.hq_last_path == "fp8"
+        w, s, w_t, _ = m.a.hq_paths["fp8_operands"]
+        assert w is m.a.weight and w_t.data_ptr() == w.data_ptr()
+        torch.testing.assert_close(m(x), y0, rtol=0, atol=0)
+        m.to("cpu")
+        assert "fp8_operands" not in m.a.hq_paths
+        from hybridquant.ops import direct
+
+        # the cast path (here: as if dynamic VRAM managed the layer): per-call tensor dicts
+        monkeypatch.setattr(direct, "managed", lambda layer: True)
+        torch.testing.assert_close(m(x), y0, rtol=0, atol=0)
+        assert counted and m.a.hq_last_path == "fp8" and "fp8_operands" not in m.a.hq_paths
+    finally:
+        caps.clear_overrides()

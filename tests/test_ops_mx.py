@@ -117,7 +117,7 @@ def test_full_precision_matrix_mult_and_runtime_demotion(comfy, monkeypatch, cap
             calls.append(1)
             raise RuntimeError("CUBLAS_STATUS_NOT_SUPPORTED (simulated)")
 
-        monkeypatch.setattr(matmul_fp8, "fp8_linear", broken)
+        monkeypatch.setattr(matmul_fp8, "fp8_linear_prepared", broken)  # the layer path (linear_paths._fast)
         m2 = H.load_ours(sd)
         with caplog.at_level(logging.WARNING, logger="hybridquant.ops"):
             y1 = m2(x)

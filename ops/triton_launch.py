@@ -1,0 +1,95 @@
+"""Low-host-cost launches of the pack's Triton kernels: the compiled kernel is looked up by a small key
+and started through its launcher directly, skipping ``JITFunction.run``'s per-call work.
+
+Why: the eager forward of a quantized model is host-bound, and on the H200 host Triton's own launch
+path (argument binding, specialization, cache-key hashing, global-variable checks, launch metadata)
+took ~25 us per call in bench/bench_host.py's profile of an FP8 layer against ~10 us for the launcher
+itself. A Flux forward makes 80+ such launches.
+
+How (Triton 3.6's runtime, read from its source; other versions take Triton's own path):
+- ``Kernel(fn)[grid](*args, **options)`` with EVERY parameter of ``fn`` positional, constexprs included
+  (the launcher receives them and ignores them, as ``JITFunction.run`` passes them).
+- The key is built here from what Triton specializes on: per tensor its dtype and whether its address
+  is 16-byte aligned; per int ``== 1``, ``% 16 == 0`` and whether it fits 32 bits; constexprs by value;
+  floats not at all; plus the device index and the launch options. A key may be finer than Triton's
+  (it only costs a lookup of the same kernel twice), never coarser: a coarser key could run a kernel
+  compiled for an aligned pointer on an unaligned one.
+- The first call of a key goes through ``fn[grid]`` (compiles or finds the kernel in Triton's cache and
+  launches it) and keeps the returned ``CompiledKernel``; later calls call ``kernel.run`` as
+  ``JITFunction.run`` does, on torch's current stream of the device. Any launch hook installed
+  (profilers: ``triton.knobs.runtime.launch_enter_hook``) sends every call through Triton's path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    from triton import knobs
+
+    _FAST = triton.__version__.startswith("3.6.")
+except Exception:  # pragma: no cover - depends on the install
+    triton = None
+    _FAST = False
+
+_I32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def enabled() -> bool:
+    """Whether launches take the direct route (a Triton whose runtime this module was written against)."""
+    return _FAST
+
+
+def _arg_key(a, constexpr: bool):
+    if constexpr:
+        return a
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() & 15 == 0
+    if isinstance(a, bool):
+        return bool, a
+    if isinstance(a, int):
+        return a == 1, a & 15 == 0, _I32[0] <= a <= _I32[1]
+    if isinstance(a, float):
+        return float
+    return type(a), a  # None and anything else Triton may specialize on: by value
+
+
+class Kernel:
+    """A ``@triton.jit`` function launched with a cached compiled kernel (module docstring)."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        # (under TRITON_INTERPRET the decorator returns an InterpretedFunction without .params: CPU
+        # tensors never take the direct route)
+        self._constexpr = tuple(p.is_constexpr for p in getattr(fn, "params", ()))
+        self._kernels: dict = {}
+
+    def __getitem__(self, grid):
+        return lambda *args, **options: self.launch(grid, args, options)
+
+    def key(self, args, options, device_index: int):
+        if len(args) != len(self._constexpr):
+            raise TypeError(f"{self.fn.__name__}: pass all {len(self._constexpr)} parameters positionally, "
+                            f"got {len(args)}")
+        return (device_index, tuple(options.items()),
+                tuple(_arg_key(a, c) for a, c in zip(args, self._constexpr)))
+
+    def launch(self, grid, args, options):
+        dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+        if not _FAST or dev is None or dev.type != "cuda" or knobs.runtime.launch_enter_hook is not None \
+                or knobs.runtime.launch_exit_hook is not None:
+            return self.fn[grid](*args, **options)
+        idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        key = self.key(args, options, idx)
+        k = self._kernels.get(key)
+        if k is None:
+            k = self.fn[grid](*args, **options)
+            if hasattr(k, "result"):  # an async compile's future
+                k = k.result()
+            self._kernels[key] = k
+            return k
+        n = len(grid)
+        k.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, torch._C._cuda_getCurrentRawStream(idx),
+              k.function, k.packed_metadata, None, None, None, *args)
+        return k
