@@ -86,7 +86,10 @@ def quantize_rows_ref(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     qmax = QMAX[dtype]
     xf = x.to(torch.float32)
     amax = xf.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # by a tensor: CUDA division by a Python scalar multiplies by its reciprocal (one ulp off the
+    # kernel's IEEE div_rn for some amax; matmul_fp8._quantize_eager)
+    scale = torch.where(amax > 0, amax / torch.full((), qmax, dtype=amax.dtype, device=amax.device),
+                        torch.ones_like(amax))
     y = xf / scale
     if dtype == torch.int8:
         return y.round().clamp(-qmax, qmax).to(torch.int8), scale

@@ -201,7 +201,11 @@ def _quantize_triton(x: torch.Tensor, input_scale: torch.Tensor | None):
 
 def _quantize_eager(x: torch.Tensor, input_scale: torch.Tensor | None):
     if input_scale is None:
-        scale = x.abs().amax().to(torch.float32).clamp_min(_AMAX_FLOOR) / E4M3_MAX
+        # Divided by a tensor, not the Python float: PyTorch's CUDA division by a scalar multiplies by
+        # its reciprocal, one ulp off the IEEE quotient for some amax (e.g. 5.0625 / 448 on the H200),
+        # while the Triton kernels divide exactly (div_rn).
+        amax = x.abs().amax().to(torch.float32).clamp_min(_AMAX_FLOOR)
+        scale = amax / torch.full((), E4M3_MAX, dtype=torch.float32, device=x.device)
     else:
         scale = torch.as_tensor(input_scale, dtype=torch.float32, device=x.device).reshape(())
     y = (x.to(torch.float32) / scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)

@@ -16,8 +16,9 @@ How (Triton 3.6's runtime, read from its source; other versions take Triton's ow
   compiled for an aligned pointer on an unaligned one.
 - The first call of a key goes through ``fn[grid]`` (compiles or finds the kernel in Triton's cache and
   launches it) and keeps the returned ``CompiledKernel``; later calls call ``kernel.run`` as
-  ``JITFunction.run`` does, on torch's current stream of the device. Any launch hook installed
-  (profilers: ``triton.knobs.runtime.launch_enter_hook``) sends every call through Triton's path.
+  ``JITFunction.run`` does, on torch's current stream of the device, with no launch hooks. Any hook
+  installed (profilers: ``triton.knobs.runtime.launch_enter_hook``, in 3.6 a ``HookChain`` that is
+  always present and normally empty) sends every call through Triton's path.
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ except Exception:  # pragma: no cover - depends on the install
     _FAST = False
 
 _I32 = (-(1 << 31), (1 << 31) - 1)
+
+
+def _hooks_idle() -> bool:
+    """No launch hook to call: 3.6 keeps an (empty) ``HookChain``; anything else set is a hook."""
+    for h in (knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook):
+        if h is not None and getattr(h, "calls", True):
+            return False
+    return True
 
 
 def enabled() -> bool:
@@ -77,8 +86,7 @@ class Kernel:
 
     def launch(self, grid, args, options):
         dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        if not _FAST or dev is None or dev.type != "cuda" or knobs.runtime.launch_enter_hook is not None \
-                or knobs.runtime.launch_exit_hook is not None:
+        if not _FAST or dev is None or dev.type != "cuda" or not _hooks_idle():
             return self.fn[grid](*args, **options)
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         key = self.key(args, options, idx)
