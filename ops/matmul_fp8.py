@@ -161,8 +161,10 @@ def _programs(idx: int, n: int) -> int:
 
 
 def _quantize_onepass(x: torch.Tensor, input_scale: torch.Tensor | None):
-    # Under CUDA-graph capture the two-kernel form: the one-pass kernel's replay failed the bit-exact
-    # check against eager on the H200 (tests/test_fp8_quant.py), eager calls passed.
+    # Under CUDA-graph capture the two-kernel form (replay bit-exact vs eager on the H200 at d12981f).
+    # The one-pass kernel's replay once failed that check, but the cause turned out to be the eager
+    # reference's scale (division by a Python scalar, see _quantize_eager), so the one-pass kernel may
+    # be fine under capture; not re-measured, so capture keeps the form that was.
     dev = x.device
     if dev in _onepass_refused or torch.cuda.is_current_stream_capturing():
         return _quantize_triton(x, input_scale)
