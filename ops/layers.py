@@ -111,6 +111,13 @@ def make_linear(base):
             self._hq_drop_caches()
             self.hq_lora = None
             self.hq_in_forward = False
+            # Model code of current cores calls ``comfy.ops.linear_input_act(layer, x, act)`` for an MLP's
+            # down projection. From 0.38 on, its fp16-accumulation branch (fp16 CUDA activations with
+            # allow_fp16_accumulation) does not call the layer for a weight that is no core QuantizedTensor:
+            # it runs ``cast_bias_weight(layer)`` on the raw ``weight`` -- our stored codes -- and a kitchen
+            # GEMM on them. It calls the layer when ``_full_precision_mm`` is set (read from 0.38.0's
+            # comfy/ops.py, whose other reads of it are on its own MixedPrecisionOps layers only).
+            self._full_precision_mm = True
 
         def _hq_tensorwise(self, fmt, meta, tensors, device):
             """MX tensors -> (format, meta, opts, tensors) of their tensorwise FP8 re-expression."""

@@ -232,7 +232,9 @@ def test_vbar_cast_moves_codes_and_keeps_them(fake_aimdo, case):
     vram = FakeVRAM(1 << 20)
     m._v = vram.alloc(vram_aligned_size([m.weight, m.bias]))
     m._v_signature = None
-    m._pin_state = {}  # ModelPatcherDynamic.load's pin bookkeeping (pinning is off here)
+    # ModelPatcherDynamic.load's pin bookkeeping (pinning is off here); 0.38's cast_modules_with_vbar
+    # reads its "fast_disk" entry (0.33 reads args.fast_disk instead and ignores it).
+    m._pin_state = {"fast_disk": False}
     m.weight._model_dtype = m.weight.dtype  # what ModelPatcherDynamic.load sets
     m.bias._model_dtype = m.bias.dtype
     patches = _lora("big1.weight", 192, 256)

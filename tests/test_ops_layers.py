@@ -151,6 +151,41 @@ def test_lowvram_cast_path_identical(ops, comfy):
     torch.testing.assert_close(m(x), y_full, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", [None, "float8_e4m3fn", "int8_tensorwise", "nvfp4", "bnb_nf4"])
+def test_core_linear_input_act_calls_quantized_layers(ops, comfy, case, monkeypatch):
+    """``comfy.ops.linear_input_act`` (0.33+: model code's fused ``linear(act(x))``) gives the layer's own
+    output. 0.38 added a branch for fp16-accumulating CUDA runs that casts a weight which is no core
+    QuantizedTensor itself and feeds it to comfy-kitchen's fp16 GEMM. Where the core has that branch it
+    is forced on here (its CUDA/fp16 check and the kitchen GEMM replaced by ``F.linear``): quantized
+    layers must still be called (their weight is stored codes), plain layers keep the core's fusion."""
+    import comfy.ops
+
+    fn = getattr(comfy.ops, "linear_input_act", None)
+    if fn is None:
+        pytest.skip("this ComfyUI core has no comfy.ops.linear_input_act (0.3.75)")
+    if case is not None:
+        _skip_missing(case)
+    sd, _ = H.build({"a": case})
+    ours = H.load_ours(sd)
+    assert (ours.a.hq_format is None) == (case is None)
+    x = H.inputs()
+    want = ours.a(torch.nn.functional.gelu(x, approximate="tanh"))
+    torch.testing.assert_close(fn(ours.a, x, "gelu_tanh"), want, rtol=0, atol=0)
+    if not hasattr(comfy.ops, "_fp16_linear_wanted"):
+        return  # 0.33: no fp16-accumulation branch
+    fused = []
+
+    def fp16_linear(x_act, weight, bias, residual=None, residual_scale=None):
+        fused.append(weight)
+        out = torch.nn.functional.linear(x_act, weight, bias)
+        return out if residual is None else torch.addcmul(residual, out, residual_scale)
+
+    monkeypatch.setattr(comfy.ops, "_fp16_linear_wanted", lambda t: True)
+    monkeypatch.setattr(comfy.ops.quant_ops.ck, "fp16_linear", fp16_linear, raising=False)
+    torch.testing.assert_close(fn(ours.a, x, "gelu_tanh"), want, rtol=1e-6, atol=1e-6)
+    assert bool(fused) == (case is None)
+
+
 @pytest.mark.parametrize("problem", ["missing_scale", "scale_shape", "unknown_format", "packed_size", "orig_shape"])
 def test_inconsistent_files_name_the_layer(ops, problem):
     from hybridquant.converter import metadata as qmeta
