@@ -21,10 +21,24 @@ class Combo(io.Combo.Input):
     (``isinstance(input_type, list)`` in ``execution.validate_inputs``); a V3 combo's type is the string
     "COMBO", so a bad value (a stale file name, a misspelt rounding in an API prompt) would pass
     validation and fail late. With the list as the type, ComfyUI's own check runs and attributes a
-    "Value not in list" error to that input alone, before anything loads."""
+    "Value not in list" error to that input alone, before anything loads.
+
+    Current cores (0.33) check a V3 "COMBO" against its options themselves, and their V3 input parser
+    looks each input's type up in a dict (``_io.parse_class_inputs``): a list type there fails every
+    prompt with "unhashable type: 'list'". On those cores the type stays "COMBO"."""
 
     def get_io_type(self):
-        return list(self.options)
+        return super().get_io_type() if core_checks_v3_combos() else list(self.options)
+
+
+def core_checks_v3_combos() -> bool:
+    """Whether this core parses V3 inputs by type name and validates V3 combos (ComfyUI 0.33's
+    ``comfy_api.latest._io.get_finalized_class_inputs``; 0.3.75 has neither)."""
+    try:
+        from comfy_api.latest import _io
+    except ImportError:  # pragma: no cover - every supported core has it
+        return False
+    return hasattr(_io, "get_finalized_class_inputs")
 
 
 def schema_supports(field: str) -> bool:
@@ -52,4 +66,4 @@ def format_aliases() -> list[str]:
     return words
 
 
-__all__ = ["ComfyExtension", "io", "Combo", "schema", "schema_supports", "format_aliases", "SUFFIX"]
+__all__ = ["ComfyExtension", "io", "Combo", "core_checks_v3_combos", "schema", "schema_supports", "format_aliases", "SUFFIX"]

@@ -209,3 +209,28 @@ def test_calibration_choice_and_fingerprint(env, comfy, tmp_path, monkeypatch):
     fp1 = quantize.QuantizeModel.fingerprint_inputs(**kw)
     os.utime(f, ns=(1, 1))
     assert quantize.QuantizeModel.fingerprint_inputs(**kw) != fp1
+
+
+def test_every_node_input_parses_in_this_cores_v3_executor(comfy):
+    """Each node's inputs go through the executor's own V3 input parsing (0.33's
+    ``get_finalized_class_inputs``, which looks each type up in a dict: a list type failed every prompt
+    with "unhashable type: 'list'"); a combo's type is its option list only where the core does not
+    check V3 combos itself (0.3.75)."""
+    from comfy_api.latest import _io
+
+    from hybridquant import nodes
+    from hybridquant.nodes._api import Combo, core_checks_v3_combos
+
+    combos = 0
+    for cls in nodes.node_list():
+        inputs = cls.INPUT_TYPES()
+        if hasattr(_io, "get_finalized_class_inputs"):
+            _io.get_finalized_class_inputs(inputs, {})
+        for section in ("required", "optional"):
+            for name, (io_type, *_rest) in inputs.get(section, {}).items():
+                if isinstance(io_type, list) or io_type == "COMBO":
+                    combos += 1
+                    assert isinstance(io_type, str) == core_checks_v3_combos(), (cls.__name__, name, io_type)
+    assert combos >= 4
+    assert core_checks_v3_combos() == hasattr(_io, "get_finalized_class_inputs")
+    assert Combo("x", options=["a", "b"]).get_io_type() == ("COMBO" if core_checks_v3_combos() else ["a", "b"])
