@@ -70,8 +70,9 @@ class UI:
         return path
 
     def add(self, node_type: str, pos=(60, 80), widgets: dict | None = None, var: str | None = None) -> int:
-        """Create a node on the canvas the way the UI does; returns its id (kept as window[var])."""
-        return self.js("""(() => {
+        """Create a node on the canvas the way the UI does; returns its id (kept as window[var]). The
+        frontend of ComfyUI 0.33 (1.49) gives string ids ("1"); getNodeById takes the number either way."""
+        nid = self.js("""(() => {
             const n = window.LiteGraph.createNode(%s);
             n.pos = %s;
             window.app.graph.add(n);
@@ -85,6 +86,7 @@ class UI:
             return n.id;
         })()""" % (json.dumps(node_type), json.dumps(list(pos)), json.dumps(widgets or {}),
                    f"window[{json.dumps(var)}] = n;" if var else ""))
+        return int(nid) if isinstance(nid, str) and nid.isdigit() else nid
 
     def connect(self, src: int, out_slot: int, dst: int, in_name: str) -> None:
         self.js("""(() => { const g = window.app.graph; const d = g.getNodeById(%d);
