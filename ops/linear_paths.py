@@ -167,7 +167,7 @@ def _fast(path, layer, x, tensors, bias):
             return matmul_int8.int8_linear_fused(x, tensors["weight"], tensors["weight_scale"], bias)
         return matmul_int8.int8_linear(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "fp8_rowwise":
-        return matmul_fp8.fp8_rowwise_linear(x, tensors["weight"], _scale_b(layer, x, tensors), bias)
+        return matmul_fp8.fp8_rowwise_linear(x, tensors["weight"], _scale_b(layer, tensors), bias)
     if path == "gemv":
         return matmul_small.gemv(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "scaled_dequant":
@@ -186,31 +186,32 @@ def _fast(path, layer, x, tensors, bias):
     raise ValueError(path)
 
 
-def _fp8_operands(layer, tensors):
-    """``matmul_fp8.gemm_operands`` of the layer's weight and scale. Kept only for the direct call's
-    tensors (``layers._hq_direct``: the layer's own, resident ones) while they stay the same: the cast
-    path's tensors are per-call copies of an offloaded weight, and keeping one would pin it on the GPU."""
-    w, s = tensors["weight"], tensors["weight_scale"]
+def _derived(layer, tensors, name: str, srcs: tuple, make) -> tuple:
+    """``make(*srcs)`` (a tuple) kept in ``layer.hq_paths[name]`` as ``(*srcs, *result)`` while ``srcs`` are
+    the same tensors. Only for the direct call's tensors (``layers._hq_direct``: the layer's own,
+    resident ones): the cast path's tensors are per-call copies of an offloaded weight, and keeping one
+    would pin it on the GPU. A move, load or ``set_weight`` drops the cache (``_hq_drop_caches``)."""
     d = layer.__dict__.get("hq_direct")
     if d is None or d[2] is not tensors:
-        return matmul_fp8.gemm_operands(w, s)
-    hit = layer.hq_paths.get("fp8_operands")
-    if hit is None or hit[0] is not w or hit[1] is not s:
-        hit = (w, s, *matmul_fp8.gemm_operands(w, s))
-        layer.hq_paths["fp8_operands"] = hit
-    return hit[2], hit[3]
+        return make(*srcs)
+    n = len(srcs)
+    hit = layer.hq_paths.get(name)
+    if hit is None or any(a is not b for a, b in zip(hit[:n], srcs)):
+        hit = (*srcs, *make(*srcs))
+        layer.hq_paths[name] = hit
+    return hit[n:]
 
 
-def _scale_b(layer, x, tensors):
-    """The [1, N] float32 weight scale of the row-wise FP8 GEMM, built once per layer and device (a
-    tensorwise scalar is expanded; cached until the layer's paths reset on load/move)."""
-    key = ("scale_b", caps.device_key(x.device))
-    s = tensors["weight_scale"]
-    hit = layer.hq_paths.get(key)
-    if hit is None or hit[0] is not s:
-        hit = (s, matmul_fp8.row_scale_b(s, layer.out_features))
-        layer.hq_paths[key] = hit
-    return hit[1]
+def _fp8_operands(layer, tensors):
+    """``matmul_fp8.gemm_operands`` (``w.t()``, float32 scale) of the layer's weight and scale."""
+    return _derived(layer, tensors, "fp8_operands", (tensors["weight"], tensors["weight_scale"]),
+                    matmul_fp8.gemm_operands)
+
+
+def _scale_b(layer, tensors):
+    """The [1, N] float32 weight scale of the row-wise FP8 GEMM (a tensorwise scalar is expanded)."""
+    return _derived(layer, tensors, "scale_b", (tensors["weight_scale"],),
+                    lambda s: (matmul_fp8.row_scale_b(s, layer.out_features),))[0]
 
 
 def _dq4_per_call(rows, layer, x) -> list[str]:

@@ -33,6 +33,8 @@ import logging
 
 import torch
 
+from .triton_launch import Kernel
+
 log = logging.getLogger("hybridquant.ops")
 
 E4M3_MAX = 448.0
@@ -121,11 +123,8 @@ if _HAVE_TRITON:
             for it in range(0, tl.cdiv(n, nprog * BLOCK)):
                 _cast_block(x_ptr, y_ptr, n, it * nprog + pid, scale, BLOCK)
 
-
-from .triton_launch import Kernel  # noqa: E402  (after the kernels: wraps them)
-
-if _HAVE_TRITON:
     _ONEPASS, _AMAX, _QUANT = Kernel(_quant_onepass_kernel), Kernel(_amax_kernel), Kernel(_quant_kernel)
+
 
 _BLOCK = 4096
 # Programs per SM of the one-pass quantizer: enough to stream x at full bandwidth, few enough to be
