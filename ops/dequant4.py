@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..converter.formats.base import ceil_div, round_up
 from ..converter.formats.blocked_layout import blocked_shape
 from ..converter.formats.bnb4bit import TABLES
+from ..converter.formats.registry import find_spec
 from .matmul_fp8 import _HAVE_TRITON
 from .triton_launch import Kernel
 
@@ -263,14 +264,25 @@ def dequantize_bnb(tensors, meta, shape, dtype=torch.bfloat16) -> torch.Tensor:
     return y
 
 
+# The registry family of each layout the kernels here read (a format's family is its registry entry's).
+_KINDS = {"nvfp4": _FMT_NVFP4, "bnb4bit": _FMT_BNB}
+
+
+def _kind(fmt: str) -> int:
+    """``_FMT_NVFP4`` / ``_FMT_BNB`` for a format of those registry families; a clear error otherwise."""
+    spec = find_spec(fmt)
+    kind = _KINDS.get(spec.family) if spec is not None else None
+    if kind is None:
+        raise ValueError(f"dequant4: {fmt} is not a 4-bit layout of this module")
+    return kind
+
+
 def dequantize(layer, tensors, dtype) -> torch.Tensor:
     """The layer's core weight (``dequant(weight)``, no transforms) in ``dtype``."""
     shape = (layer.out_features, layer.in_features)
-    if layer.hq_format == "nvfp4":
+    if _kind(layer.hq_format) == _FMT_NVFP4:
         return dequantize_nvfp4(tensors, shape, dtype)
-    if layer.hq_format in ("bnb_nf4", "bnb_fp4"):
-        return dequantize_bnb(tensors, layer.hq_bnb, shape, dtype)
-    raise ValueError(f"dequant4: {layer.hq_format} is not a 4-bit layout of this module")
+    return dequantize_bnb(tensors, layer.hq_bnb, shape, dtype)
 
 
 def dequant_linear(layer, x: torch.Tensor, tensors, bias) -> torch.Tensor:
@@ -295,17 +307,15 @@ def gemv(layer, x: torch.Tensor, tensors, bias, block_m: int = 16, config: tuple
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    fmt = layer.hq_format
-    if fmt == "nvfp4":
+    kind = _kind(layer.hq_format)
+    if kind == _FMT_NVFP4:
         w, a, s2, col_tiles = _nvfp4_args(tensors, (n, k))
         t = na = nm = s2
-        offset, bs, nbs, nested, kind, stride_w = 0.0, 16, 1, False, _FMT_NVFP4, w.stride(0)
-    elif fmt in ("bnb_nf4", "bnb_fp4"):
+        offset, bs, nbs, nested, stride_w = 0.0, 16, 1, False, w.stride(0)
+    else:
         _require(k % 2 == 0, "bitsandbytes rows start mid-byte for an odd in_features")
         w, a, t, na, nm, offset, bs, nbs, nested = _bnb_args(tensors, layer.hq_bnb, (n, k))
-        s2, col_tiles, kind, stride_w = a, 0, _FMT_BNB, 0
-    else:
-        raise ValueError(f"dequant4: {fmt} is not a 4-bit layout of this module")
+        s2, col_tiles, stride_w = a, 0, 0
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias if bias is not None else y
     if bias is not None and bias.stride(0) != 1:
