@@ -37,6 +37,8 @@ layer on that device, with one log line (``capabilities.log_demotion``).
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn.functional as F
 
@@ -196,7 +198,7 @@ def _derived(layer, tensors, name: str, srcs: tuple, make) -> tuple:
         return make(*srcs)
     n = len(srcs)
     hit = layer.hq_paths.get(name)
-    if hit is None or any(a is not b for a, b in zip(hit[:n], srcs)):
+    if hit is None or not all(map(operator.is_, hit[:n], srcs)):  # identity, per call: no generator
         hit = (*srcs, *make(*srcs))
         layer.hq_paths[name] = hit
     return hit[n:]
