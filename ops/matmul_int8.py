@@ -22,6 +22,7 @@ import torch
 
 from . import act_quant
 from .matmul_fp8 import _HAVE_TRITON
+from .triton_launch import Tuned
 
 MIN_ROWS = 17  # torch._int_mm: "self.size(0) needs to be greater than 16"
 
@@ -96,9 +97,9 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: t
     return y.reshape(*lead, n)
 
 
-# A single-kernel alternative: Triton INT8 GEMM with the dequant epilogue fused (no int32 round trip
-# through memory). Correct under the interpreter (tests/test_w8a8_triton.py); not yet timed on a GPU,
-# so the layers use _int_mm + epilogue until bench/bench_w8a8.py ("int8 fused") shows it faster.
+# The single-kernel form the layers use (``linear_paths.INT8_FUSED_GEMM``): a Triton INT8 GEMM with the
+# dequant epilogue fused (no int32 round trip through memory); measured against _int_mm + epilogue in
+# bench/RESULTS_W8A8_H200.txt. Correct under the interpreter (tests/test_w8a8_triton.py).
 # K is a compile-time constant (one variant per layer width, a handful per model): a constant trip
 # count for the K loop (and the Triton interpreter cannot loop over a runtime bound).
 if _HAVE_TRITON:
@@ -136,6 +137,10 @@ if _HAVE_TRITON:
                  mask=mm[:, None] & mn[None, :])
 
 
+# The tuned config per (device, M_KEY, N, K, output dtype), then direct launches (triton_launch.Tuned).
+_GEMM = Tuned(_int8_gemm_kernel) if _HAVE_TRITON else None
+
+
 def int8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None, blocks: tuple[int, int, int] | None = None):
     """Same result as ``int8_linear`` from one Triton GEMM with the epilogue fused (any M >= 1).
@@ -155,12 +160,15 @@ def int8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
         raise ValueError(f"int8 weight scale must be a scalar or one per output row ({n}), got {sw.numel()}")
     y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
     b = bias if bias is not None else sw
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    kernel, extra = _int8_gemm_kernel, {}
-    if blocks is not None:
-        kernel, extra = _int8_gemm_kernel.fn, dict(zip(("BLOCK_M", "BLOCK_N", "BLOCK_K"), blocks, strict=True))
     # M_KEY: the autotuner's key, M rounded up to a power of two, so that a new token count (another
     # resolution or batch) reuses the tuned config instead of benchmarking all configs again.
-    kernel[grid](xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0),
-                 1 if sw.numel() > 1 else 0, 1 << max(0, m - 1).bit_length(), HAS_BIAS=bias is not None, **extra)
+    m_key = 1 << max(0, m - 1).bit_length()
+    args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if sw.numel() > 1 else 0, m_key,
+            bias is not None)
+    if blocks is not None:
+        grid = (triton.cdiv(m, blocks[0]), triton.cdiv(n, blocks[1]))
+        _int8_gemm_kernel.fn[grid](*args, *blocks)
+        return y.reshape(*lead, n)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _GEMM.launch((x.device, m_key, n, k, y.dtype), grid, *args)
     return y.reshape(*lead, n)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .matmul_fp8 import _HAVE_TRITON
+from .triton_launch import Tuned
 
 GEMV_MAX_ROWS = 16
 
@@ -55,6 +56,10 @@ if _HAVE_TRITON:
                  mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+    # the autotuner's choice per (device, N, K, dtypes), then direct launches (triton_launch.Tuned)
+    _GEMV = Tuned(_gemv_kernel)
+
+
 def out_scale(fmt: str, scale: torch.Tensor) -> torch.Tensor:
     """The scale as a float32 vector over output features (length 1 for tensorwise)."""
     return scale.to(torch.float32).reshape(-1)
@@ -74,8 +79,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias.contiguous() if bias is not None else s
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _gemv_kernel[grid](x2, w, s, b, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0), 1 if s.numel() > 1 else 0,
-                       HAS_BIAS=bias is not None, BLOCK_M=16)
+    _GEMV.launch((x.device, n, k, x.dtype, w.dtype), grid, x2, w, s, b, y, m, n, k, x2.stride(0), w.stride(0),
+                 y.stride(0), 1 if s.numel() > 1 else 0, bias is not None, 16)
     return y.reshape(*lead, n)
 
 

@@ -101,3 +101,37 @@ class Kernel:
         k.run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, torch._C._cuda_getCurrentRawStream(idx),
               k.function, k.packed_metadata, None, None, None, *args)
         return k
+
+
+class Tuned:
+    """An ``@triton.autotune`` kernel whose choice is kept per caller key and then launched directly.
+
+    Why: ``Autotuner.run`` rebuilds its key, prunes configs and looks the choice up on every call (on
+    the H200 an INT8 layer took 184 us of host time per call against 89 us for an FP8 layer,
+    bench/bench_host.py). The first call of a key goes through the autotuner (benchmarks the configs
+    once, as before); its ``best_config`` is then launched through ``Kernel``.
+
+    ``launch(key, grid, *args)``: ``args`` are every parameter of the kernel except the config's
+    constexprs, which must be the kernel's LAST parameters (the config fills them in, in order);
+    ``grid`` is a tuple or a function of the config's values, as for the autotuner. ``key`` must
+    separate whatever makes the caller want another tuning (the autotuner's own key fields); it need
+    not separate specializations (``Kernel`` keys those itself)."""
+
+    def __init__(self, autotuner):
+        self.tuner = autotuner
+        self.kernel = Kernel(autotuner.fn)
+        self._names = tuple(p.name for p in getattr(autotuner.fn, "params", ()))
+        self.choices: dict = {}
+
+    def launch(self, key, grid, *args):
+        hit = self.choices.get(key)
+        if hit is None:
+            self.tuner[grid](*args)
+            c = self.tuner.best_config
+            tail = tuple(c.kwargs[n] for n in self._names[len(args):])
+            if len(args) + len(tail) != len(self._names) or len(tail) != len(c.kwargs):
+                raise TypeError(f"{self.tuner.fn.__name__}: the config's parameters must be the last ones")
+            self.choices[key] = (c.kwargs, tail, {"num_warps": c.num_warps, "num_stages": c.num_stages})
+            return
+        consts, tail, opts = hit
+        self.kernel[grid(consts) if callable(grid) else grid](*args, *tail, **opts)
