@@ -24,12 +24,12 @@ any CUDA + bitsandbytes  bnb_nf4 / bnb_fp4 (bitsandbytes        --
 ``dequant`` (CPU ...)    --                                     dequantize + ``F.linear``
 =======================  =====================================  ==================================
 
-On top of the device path, ``per_call`` picks per call by the number of rows (measured rule; the W8A8
-paths from ``INT8_MIN_ROWS`` / ``FP8_ROWWISE_MIN_ROWS`` rows, not yet measured):
-the FP8 GEMM only for large GEMMs; tensorwise / per-row-scaled 8-bit weights (FP8 tensorwise/rowwise,
-INT8 tensorwise/per-row) otherwise run the Triton 8-bit GEMV (<= 16 rows) or cast + GEMM + output
-scale on CUDA (``matmul_small``). Blockwise FP8/INT8 and NVFP4 dequantize per call (stored quantized,
-no full copy).
+On top of the device path, ``per_call`` picks per call by the number of rows (rules measured GPU-only
+per layer on the H200, bench/bench_layers.py): the 8-bit GEMMs (FP8 tensorwise / row-wise, INT8 W8A8)
+from 17 rows; tensorwise FP8 through the row-wise GEMM from ``FP8_AS_ROWWISE_MIN_ROWS``; weights whose
+scale factors out of the GEMM run the Triton 8-bit GEMV (<= 16 rows), cast + GEMM + output scale on
+CUDA (``matmul_small``) only where no GEMM applies. Blockwise FP8/INT8 and NVFP4 dequantize per call
+(stored quantized, no full copy).
 ``full_precision_matrix_mult`` and any ``weight_function`` (LoRA, low-VRAM patch) force the dequantize
 path: patches are defined on the float weight. A fast path that raises at run time demotes only that
 layer on that device, with one log line (``capabilities.log_demotion``).
@@ -45,20 +45,29 @@ import torch.nn.functional as F
 from . import capabilities as caps
 from . import dequant4, dequant_int, dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_small
 
-# W8A8 paths (per-token activations): the fewest rows that use them; fewer rows run the 8-bit GEMV /
-# cast+GEMM. Measured on the H200 (bench/bench_w8a8.py, bench/RESULTS_W8A8_H200.json): at M=256 both
-# W8A8 layers are far slower than bf16 (0.07-0.40x, launch-bound), at M >= 1024 row-wise FP8 reaches
-# 1.37-1.45x on the 3072x12288 shape; INT8 (_int_mm + epilogue) stays at 0.65-0.77x, no better than
-# the cast + GEMM it replaces. 1024 keeps both off where they lose. (torch._int_mm's own minimum is 17.)
-INT8_MIN_ROWS = max(matmul_int8.MIN_ROWS, 1024)
-FP8_ROWWISE_MIN_ROWS = 1024
+# W8A8 paths (per-token activations): the fewest rows that use them; fewer rows (<= 16) run the 8-bit
+# GEMV. GPU-only per layer on the H200 (bench/bench_layers.py, bench/RESULTS_LAYERS_H200.json), at every
+# Flux shape and M = 256..4608 the fused INT8 GEMM (0.69-1.68x bf16) and the row-wise FP8 GEMM
+# (0.67-1.67x) beat the cast + bf16 GEMM they replaced below 1024 rows (0.18-0.76x: it writes and reads a
+# bf16 copy of the whole weight per call), e.g. 1.04-1.36x against 0.27-0.30x at M = 512, a text
+# stream's length. Below 256 rows the GEMMs read one byte per weight where the cast path moves five.
+# (torch._int_mm's own minimum, 17, bounds only the non-fused INT8 form.)
+INT8_MIN_ROWS = matmul_int8.MIN_ROWS
+FP8_ROWWISE_MIN_ROWS = matmul_int8.MIN_ROWS
 # The INT8 GEMM: our Triton kernel with the dequant epilogue fused (one launch after the quantizer)
-# instead of torch._int_mm + epilogue. H200 per layer (bench/RESULTS_W8A8_H200.txt, bf16 = 1.0):
-# 3072x12288 at M = 1024 / 4096 / 4608: fused 1.42x / 1.57x / 1.60x, _int_mm + epilogue 0.74x-0.83x.
+# instead of torch._int_mm + epilogue. H200, GPU-only (bench/bench_layers.py): fused 0.69-1.68x bf16,
+# _int_mm + epilogue 0.49-1.04x at every Flux shape and M.
 INT8_FUSED_GEMM = True
-# Run tensorwise FP8 weights through the row-wise GEMM too (one-launch quantizer, scalar weight scale
-# expanded to [1, N] once). Off until measured on H200 to be at least as fast as the tensorwise path.
-TENSORWISE_AS_ROWWISE = False
+# Tensorwise FP8 weights (MX files re-expressed at load included) through the row-wise GEMM: per-token
+# activation scales from the one-program-per-row quantizer, the scalar weight scale expanded to [1, N]
+# once. GPU-only on the H200 (bench/bench_layers.py) it is faster than the tensorwise form at M >= 4096
+# on every Flux shape (1.10-1.67x bf16 against 1.08-1.64x; 1.42-1.49x against 1.19-1.26x for the
+# K = 12288 / 15360 down projections: a tensorwise scale needs the whole activation's amax before the
+# cast, i.e. two reads of an activation larger than L2, a per-token scale one) and more precise. It
+# costs ~25 us more host time per call (row-wise _scaled_mm, two outputs), which matters where the
+# forward is host-bound (fewer rows: a 512^2 Flux step), so it starts at FP8_AS_ROWWISE_MIN_ROWS.
+TENSORWISE_AS_ROWWISE = True
+FP8_AS_ROWWISE_MIN_ROWS = 2048
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
 try:  # a Triton kernel that fails to compile on this GPU demotes the layer like any fast-path error
@@ -85,15 +94,13 @@ def _pick(layer, x) -> str:
 
 
 def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
-    """The kernels to try for this call, fastest first (``dequant`` is always the last resort).
-
-    Measured on an H100 (bench/RESULTS_H100.md): the FP8 GEMM only pays off for large GEMMs
-    (``matmul_fp8.worth_it``); below that, weights whose scale factors out of the GEMM run the Triton
-    8-bit GEMV (<= 16 rows) or cast + bf16 GEMM + output scale (``matmul_small``).
+    """The kernels to try for this call, fastest first (``dequant`` is always the last resort); the row
+    thresholds are the module constants above and ``matmul_fp8.worth_it``, each with its measurement.
     """
     rows = x.numel() // x.shape[-1]
-    if path == "fp8" and TENSORWISE_AS_ROWWISE and caps.FEATURE_FP8_ROWWISE in caps.features(x.device):
-        path = "fp8_rowwise"
+    if (path == "fp8" and TENSORWISE_AS_ROWWISE and rows >= FP8_AS_ROWWISE_MIN_ROWS
+            and x.dtype in (torch.bfloat16, torch.float16) and caps.FEATURE_FP8_ROWWISE in caps.features(x.device)):
+        return ["fp8_rowwise", "fp8", "dequant"]
     w8a8 = {"int8": INT8_MIN_ROWS, "fp8_rowwise": FP8_ROWWISE_MIN_ROWS}.get(path)
     if w8a8 is not None and rows >= w8a8 and x.dtype in (torch.bfloat16, torch.float16):
         return [path] + per_call("small", layer, x)
@@ -169,7 +176,7 @@ def _fast(path, layer, x, tensors, bias):
             return matmul_int8.int8_linear_fused(x, tensors["weight"], tensors["weight_scale"], bias)
         return matmul_int8.int8_linear(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "fp8_rowwise":
-        return matmul_fp8.fp8_rowwise_linear(x, tensors["weight"], _scale_b(layer, tensors), bias)
+        return matmul_fp8.fp8_rowwise_prepared(x, _fp8_operands(layer, tensors)[0], _scale_b(layer, tensors), bias)
     if path == "gemv":
         return matmul_small.gemv(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "scaled_dequant":

@@ -243,18 +243,17 @@ def quantize_activation(x: torch.Tensor, input_scale: torch.Tensor | None = None
     return QUANTIZERS[impl](x, input_scale)
 
 
-# Measured on an H100 (bench/RESULTS_H100.md, three runs): the FP8 path has a fixed per-call cost
-# (two quantizer launches + the GEMM launch, ~0.05-0.1 ms of CPU time) that pays off only for large
-# GEMMs; below the rule the layer uses the 8-bit GEMV / cast+GEMM paths (``matmul_small``). E.g.
-# M=256, K=N=3072: cast+GEMM 0.054 ms vs FP8 0.066 ms; M=256, K=12288, N=3072: FP8 0.043 ms vs 0.17 ms;
-# M=4096, K=3072, N=12288: FP8 0.27 ms vs bf16 0.44 ms.
-MIN_ROWS = 128
-MIN_WORK = 4e9  # M * N * K
+# Rows from which the FP8 GEMM runs (fewer: the 8-bit GEMV, ``matmul_small``). GPU-only per layer on the
+# H200 (bench/bench_layers.py, bench/RESULTS_LAYERS_H200.json) the FP8 GEMM beats the cast + bf16 GEMM
+# (``matmul_small.scaled_dequant``, the old choice below 128 rows or 4e9 multiply-adds, a rule measured on
+# an H100 with host-bound timers) at every Flux shape and M >= 32: e.g. M = 256, K = N = 3072: 0.64x bf16
+# against 0.23x; the cast path writes and reads a bf16 copy of the whole weight per call.
+MIN_ROWS = 17
 
 
 def worth_it(m_rows: int, n_out: int, k_in: int) -> bool:
     """Whether the FP8 GEMM beats the other 8-bit paths for this call's shape (measured rule, above)."""
-    return m_rows >= MIN_ROWS and m_rows * n_out * k_in >= MIN_WORK
+    return m_rows >= MIN_ROWS
 
 
 def shapes_supported(n_out: int, k_in: int) -> bool:
@@ -315,11 +314,22 @@ def fp8_rowwise_linear(x: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor,
     """``x @ dequant(w).T + bias`` via row-wise ``torch._scaled_mm`` (SM 8.9+): per-token e4m3
     activations (``act_quant``, one launch) with ``scale_a`` [M, 1] and ``scale_b`` [1, N] float32
     (``row_scale_b``). Row-wise scaling has a bf16 output only: fp16 inputs get a cast at the end."""
-    from . import act_quant
+    return fp8_rowwise_prepared(x, w.t(), scale_b, bias)
 
+
+def fp8_rowwise_prepared(x: torch.Tensor, w_t: torch.Tensor, scale_b: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``fp8_rowwise_linear`` on the cached ``w.t()`` (``gemm_operands``) and ``row_scale_b``."""
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     xq, sx = act_quant.quantize_rows(x2, torch.float8_e4m3fn)
-    b = bias.to(torch.bfloat16) if bias is not None else None
-    out = torch._scaled_mm(xq, w.t(), scale_a=sx, scale_b=scale_b, bias=b, out_dtype=torch.bfloat16)
-    return out.to(x.dtype).reshape(*lead, w.shape[0])
+    if bias is not None and bias.dtype != torch.bfloat16:
+        bias = bias.to(torch.bfloat16)
+    out = torch._scaled_mm(xq, w_t, scale_a=sx, scale_b=scale_b, bias=bias, out_dtype=torch.bfloat16)
+    if x.dtype != torch.bfloat16:
+        out = out.to(x.dtype)
+    return out if x.dim() == 2 else out.reshape(*lead, w_t.shape[1])
+
+
+# At the end: act_quant reads _HAVE_TRITON from this module (a top-level import would be circular).
+from . import act_quant  # noqa: E402

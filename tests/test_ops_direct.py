@@ -109,7 +109,6 @@ def test_fp8_gemm_operands_cached_for_resident_weights_only(counted, monkeypatch
     from hybridquant.ops import matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
-    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
     caps.override_capability("cpu", (9, 0))
     try:
         sd, _ = H.build({"a": "float8_e4m3fn", "b": None, "c": None})

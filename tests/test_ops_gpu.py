@@ -69,10 +69,9 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
     from hybridquant.ops import matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 65)  # the FP8 GEMM at 128 rows on these small layers
-    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
     from hybridquant.ops import linear_paths as lp
 
-    monkeypatch.setattr(lp, "INT8_MIN_ROWS", 65)  # likewise the W8A8 kernels (measured default: 1024 rows)
+    monkeypatch.setattr(lp, "INT8_MIN_ROWS", 65)  # likewise the W8A8 kernels (default: from 17 rows)
     monkeypatch.setattr(lp, "FP8_ROWWISE_MIN_ROWS", 65)
 
     if case in H.CODEC_CASES and not H.codec_available(case.split("+")[0]):
@@ -161,6 +160,30 @@ def test_w8a8_kernels_vs_dequant_reference(per_row):
     ref = x.float() @ (qf.float() * sf).t() + b.float()
     y = matmul_fp8.fp8_rowwise_linear(x, qf, matmul_fp8.row_scale_b(sf, n), b)
     assert float((y.float() - ref).norm() / ref.norm()) < 0.05
+
+
+def test_int8_fused_tuned_config_is_reused():
+    """The first call of a shape autotunes; later calls launch the tuned config directly
+    (``matmul_int8._GEMM``, no autotuner per call) and compute the same bits, for a new M in the same
+    power-of-two bucket too."""
+    from hybridquant.ops import matmul_int8
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    n, k = 384, 512
+    w = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
+    s = torch.rand(n, 1, device="cuda", generator=g) * 0.01
+    b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
+    x = torch.randn(200, k, device="cuda", generator=g).to(torch.bfloat16)
+    matmul_int8._GEMM.choices.clear()
+    first = matmul_int8.int8_linear_fused(x, w, s, b)
+    key = (x.device, 256, n, k, torch.bfloat16)
+    assert key in matmul_int8._GEMM.choices
+    cfg = matmul_int8._GEMM.choices[key]
+    again = matmul_int8.int8_linear_fused(x, w, s, b)
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    fewer = matmul_int8.int8_linear_fused(x[:130], w, s, b)  # same bucket (256): the cached config
+    assert matmul_int8._GEMM.choices[key] is cfg and len(matmul_int8._GEMM.choices) == 1
+    torch.testing.assert_close(fewer, first[:130], rtol=0, atol=0)
 
 
 def test_w8a8_paths_capture_in_cuda_graph():

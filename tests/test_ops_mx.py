@@ -72,7 +72,6 @@ def test_hopper_reexpression_and_fp8_path_on_cpu(comfy, monkeypatch):
     from hybridquant.ops import matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
-    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
     caps.override_capability("cpu", (9, 0))
     try:
         sd, ref = H.build({"a": "hybrid_mxfp8", "b": "float8_e4m3fn", "c": "mxfp8"})
@@ -98,7 +97,6 @@ def test_full_precision_matrix_mult_and_runtime_demotion(comfy, monkeypatch, cap
     from hybridquant.ops import matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
-    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
     caps.override_capability("cpu", (9, 0))
     try:
         sd, ref = H.build({"a": "float8_e4m3fn", "b": "float8_e4m3fn", "c": "float8_e4m3fn"})
@@ -141,7 +139,6 @@ def test_mx_layers_reexpress_on_first_run_on_a_tensorwise_gpu(comfy, monkeypatch
     from hybridquant.ops import matmul_fp8
 
     monkeypatch.setattr(matmul_fp8, "MIN_ROWS", 1)
-    monkeypatch.setattr(matmul_fp8, "MIN_WORK", 1)
     sd, _ = H.build({"a": "hybrid_mxfp8", "b": None, "c": "mxfp8"})
     x = H.inputs()
     lazy = H.load_ours(sd)

@@ -103,17 +103,28 @@ def test_per_call_thresholds(cap):
     assert linear_paths.per_call("int8", lay, small) == ["dequant"]
     assert linear_paths.per_call("fp8_rowwise", lay, big)[0] == "fp8_rowwise"
     assert linear_paths.per_call("int8", lay, big.float()) == ["dequant"]
+    fp8 = _layer("float8_e4m3fn")
+    assert linear_paths.per_call("fp8", fp8, big) == ["fp8", "dequant"]  # the FP8 GEMM from 17 rows too
+    assert linear_paths.per_call("fp8", fp8, small) == ["dequant"]  # (CUDA: GEMV / cast + GEMM)
     odd = _layer("int8_tensorwise", n=20)
     assert linear_paths._pick(odd, big) == "dequant"  # N not a multiple of 8
 
 
 def test_tensorwise_as_rowwise_switch(cap, monkeypatch):
+    """Tensorwise FP8 runs the row-wise GEMM from FP8_AS_ROWWISE_MIN_ROWS rows (bf16/fp16 activations,
+    SM 8.9+), with the tensorwise GEMM as its fallback; fewer rows keep the tensorwise GEMM."""
     cap((9, 0))
     lay = _layer("float8_e4m3fn")
-    x = torch.zeros(linear_paths.FP8_ROWWISE_MIN_ROWS, 64, dtype=torch.bfloat16)
-    assert linear_paths.per_call("fp8", lay, x)[0] != "fp8_rowwise"
-    monkeypatch.setattr(linear_paths, "TENSORWISE_AS_ROWWISE", True)
-    assert linear_paths.per_call("fp8", lay, x)[0] == "fp8_rowwise"
+    many = torch.zeros(linear_paths.FP8_AS_ROWWISE_MIN_ROWS, 64, dtype=torch.bfloat16)
+    fewer = many[:-1]
+    assert linear_paths.per_call("fp8", lay, many) == ["fp8_rowwise", "fp8", "dequant"]
+    assert linear_paths.per_call("fp8", lay, fewer) == ["fp8", "dequant"]
+    assert linear_paths.per_call("fp8", lay, many.float()) == ["fp8", "dequant"]  # row-wise writes bf16
+    cap((8, 0))  # no FP8 row-wise GEMM below SM 8.9
+    assert linear_paths.per_call("fp8", lay, many)[0] == "fp8"
+    cap((9, 0))
+    monkeypatch.setattr(linear_paths, "TENSORWISE_AS_ROWWISE", False)
+    assert linear_paths.per_call("fp8", lay, many) == ["fp8", "dequant"]
 
 
 def test_run_int8_on_cpu_with_mocked_capability(cap, monkeypatch):
