@@ -176,7 +176,7 @@ def _fast(path, layer, x, tensors, bias):
             return matmul_int8.int8_linear_fused(x, tensors["weight"], tensors["weight_scale"], bias)
         return matmul_int8.int8_linear(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "fp8_rowwise":
-        return matmul_fp8.fp8_rowwise_prepared(x, _fp8_operands(layer, tensors)[0], _scale_b(layer, tensors), bias)
+        return matmul_fp8.fp8_rowwise_prepared(x, _weight_t(layer, tensors), _scale_b(layer, tensors), bias)
     if path == "gemv":
         return matmul_small.gemv(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "scaled_dequant":
@@ -215,6 +215,11 @@ def _fp8_operands(layer, tensors):
     """``matmul_fp8.gemm_operands`` (``w.t()``, float32 scale) of the layer's weight and scale."""
     return _derived(layer, tensors, "fp8_operands", (tensors["weight"], tensors["weight_scale"]),
                     matmul_fp8.gemm_operands)
+
+
+def _weight_t(layer, tensors):
+    """``weight.t()``: the column-major second operand of the row-wise FP8 GEMM (a view, kept)."""
+    return _derived(layer, tensors, "weight_t", (tensors["weight"],), lambda w: (w.t(),))[0]
 
 
 def _scale_b(layer, tensors):
