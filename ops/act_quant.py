@@ -115,7 +115,8 @@ def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype = torch.int8):
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.int8):
-    """Per-row codes and float32 [M, 1] scales: Triton on CUDA, the reference elsewhere."""
-    if _HAVE_TRITON and x.device.type == "cuda":
+    """Per-row codes and float32 [M, 1] scales: Triton on CUDA, the reference elsewhere and under
+    torch.compile (Inductor fuses the reference's math with the ops around it; same codes)."""
+    if _HAVE_TRITON and x.device.type == "cuda" and not torch.compiler.is_compiling():
         return quantize_rows_triton(x, dtype)
     return quantize_rows_ref(x, dtype)

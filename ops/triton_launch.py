@@ -86,7 +86,8 @@ class Kernel:
 
     def launch(self, grid, args, options):
         dev = next((a.device for a in args if isinstance(a, torch.Tensor)), None)
-        if not _FAST or dev is None or dev.type != "cuda" or not _hooks_idle():
+        if not _FAST or dev is None or dev.type != "cuda" or not _hooks_idle() or torch.compiler.is_compiling():
+            # (under torch.compile: Triton's own call, which Dynamo traces as a user kernel)
             return self.fn[grid](*args, **options)
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
         key = self.key(args, options, idx)
@@ -124,6 +125,9 @@ class Tuned:
         self.choices: dict = {}
 
     def launch(self, key, grid, *args):
+        if torch.compiler.is_compiling():  # Dynamo traces the autotuner as a user kernel, not our launcher
+            self.tuner[grid](*args)
+            return
         hit = self.choices.get(key)
         if hit is None:
             self.tuner[grid](*args)
