@@ -6,7 +6,8 @@
 
 One model, one size, eager, no LoRA, from one run of the file (a merged file holds several: the first run
 with a bf16 row for that model and size, or ``--run``), so every ratio is against the bf16 row of the
-same process. A row whose output is far from bf16 (rel. err > 0.1, e.g. stock FP8 on a core that ignored
+same process. ``--all-runs``: every run of a merged file, each format from the first run that has it,
+with a ``run`` column (its commit); each ratio stays against the bf16 row of its own run. A row whose output is far from bf16 (rel. err > 0.1, e.g. stock FP8 on a core that ignored
 the file's scales) or that the core does not support gets no time, only the reason.
 """
 
@@ -36,9 +37,16 @@ def _num(v, spec):
     return "–" if v is None else spec.format(v)
 
 
-def pick_rows(result: dict, model: str, size, run=None) -> tuple[list[dict], object]:
+def pick_rows(result: dict, model: str, size, run=None, all_runs=False) -> tuple[list[dict], object]:
     rows = [r for r in result["rows"] if r["model"] == model and str(r["size"]) == str(size)
             and not r.get("compile") and not r.get("lora")]
+    if all_runs:  # each format once, from the first run that has it; a later run's baselines are not repeated
+        seen, out = set(), []
+        for r in rows:
+            if r["format"] not in seen:
+                seen.add(r["format"])
+                out.append(r)
+        return out, None
     if run is None:
         bf16 = [r for r in rows if r["format"] == "bf16"]
         if not bf16:
@@ -47,32 +55,44 @@ def pick_rows(result: dict, model: str, size, run=None) -> tuple[list[dict], obj
     return [r for r in rows if r.get("run") == run], run
 
 
-def render(result: dict, model="flux", size=1024, run=None, source="bench/RESULTS_H200.json") -> str:
-    rows, run = pick_rows(result, model, size, run)
+def _run_commit(result: dict, r: dict) -> str:
+    runs = result.get("runs") or []
+    i = r.get("run")
+    return runs[i]["commit"] if i is not None and i < len(runs) else result["commit"]
+
+
+def render(result: dict, model="flux", size=1024, run=None, source="bench/RESULTS_H200.json",
+           all_runs=False) -> str:
+    rows, run = pick_rows(result, model, size, run, all_runs)
     depth = next((r.get("depth") for r in rows if r.get("depth")), None)
-    args = f"--json {source} --model {model} --size {size}" + ("" if run is None else f" --run {run}")
+    args = (f"--json {source} --model {model} --size {size}" + ("" if run is None else f" --run {run}")
+            + (" --all-runs" if all_runs else ""))
     where = f"{model}" + (f" ({depth} blocks)" if depth and model == "flux" else f" ({depth} layers)" if depth else "")
     repeats = max((r.get("repeats") or 1) for r in rows)
+    commits = sorted({_run_commit(result, r) for r in rows}) if all_runs else [result["commit"]]
     lines = [f"{BEGIN} python bench/readme_table.py {args} -->",
              f"{result['device']}, torch {result['torch']}, ComfyUI {result.get('comfyui')}, commit "
-             f"{result['commit']}: {where}, size {size}, eager, one forward"
-             + (f", median of {repeats} interleaved rounds (min–max)" if repeats > 1 else "") + ".", "",
-             "| format | step ms | vs bf16 | GPU-only (CUDA graph) ms | peak VRAM GB | weights GB |",
-             "|---|---|---|---|---|---|"]
+             f"{', '.join(commits)}: {where}, size {size}, eager, one forward"
+             + (f", median of up to {repeats} interleaved rounds (min–max)" if repeats > 1 else "") + "."
+             + (" Each ratio is against the bf16 row of the same run (process)." if all_runs else ""), "",
+             "| format | step ms | vs bf16 | GPU-only (CUDA graph) ms | peak VRAM GB | weights GB |"
+             + (" run |" if all_runs else ""),
+             "|---|---|---|---|---|---|" + ("---|" if all_runs else "")]
     for r in rows:
         label = LABELS.get(r["format"], f"`{r['format']}`")
         why = r.get("unsupported") or r.get("error")
         if not why and r.get("rel_err") is not None and r["rel_err"] > MAX_REL_ERR:
             why = f"output far from bf16 (rel. err {r['rel_err']:.2f}): no valid time"
         if why or r.get("ms") is None:
-            lines.append(f"| {label} | {why or 'not measured'} | – | – | – | {_num(r.get('weights_gb'), '{:.2f}')} |")
+            lines.append(f"| {label} | {why or 'not measured'} | – | – | – | {_num(r.get('weights_gb'), '{:.2f}')} |"
+                         + (f" {_run_commit(result, r)} |" if all_runs else ""))
             continue
         ms = f"{r['ms']:.1f}"
         if (r.get("repeats") or 1) > 1 and r.get("ms_min") is not None:
             ms += f" ({r['ms_min']:.1f}–{r['ms_max']:.1f})"
         lines.append(f"| {label} | {ms} | {_num(r.get('speed_vs_bf16'), '{:.2f}×')} | "
                      f"{_num(r.get('gpu_only_ms'), '{:.1f}')} | {_num(r.get('peak_vram_gb'), '{:.2f}')} | "
-                     f"{_num(r.get('weights_gb'), '{:.2f}')} |")
+                     f"{_num(r.get('weights_gb'), '{:.2f}')} |" + (f" {_run_commit(result, r)} |" if all_runs else ""))
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -91,6 +111,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="flux")
     ap.add_argument("--size", default="1024")
     ap.add_argument("--run", type=int, default=None)
+    ap.add_argument("--all-runs", action="store_true", help="every run of a merged file (a run column)")
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--write", metavar="README")
     g.add_argument("--check", metavar="README")
@@ -100,7 +121,7 @@ def main(argv=None) -> int:
         source = path.resolve().relative_to(REPO).as_posix()
     except ValueError:
         source = a.json
-    block = render(json.loads(path.read_text()), a.model, a.size, a.run, source)
+    block = render(json.loads(path.read_text()), a.model, a.size, a.run, source, a.all_runs)
     target = a.write or a.check
     if target is None:
         sys.stdout.write(block)

@@ -206,8 +206,26 @@ def test_readme_table_renders_committed_results():
     assert len(body) == len(rows)
 
 
+def test_readme_table_all_runs_of_a_merged_file():
+    """--all-runs: each format once, from the first run that has it, its commit in the run column and
+    its ratio against its own run's bf16 row."""
+    res = json.loads((REPO / "bench" / "RESULTS_H200.json").read_text())
+    table = readme_table.render(res, all_runs=True)
+    rows, _ = readme_table.pick_rows(res, "flux", 1024, None, all_runs=True)
+    formats = [r["format"] for r in rows]
+    assert len(formats) == len(set(formats)) and formats[0] == "bf16"
+    body = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| format")]
+    assert len(body) == len(rows)
+    for r, line in zip(rows, body, strict=True):
+        assert line.endswith(f" {readme_table._run_commit(res, r)} |")
+        if r.get("speed_vs_bf16") is not None and not r.get("unsupported"):
+            base = next(b for b in res["rows"] if b["format"] == "bf16" and b.get("run") == r.get("run")
+                        and b["size"] == r["size"] and not b.get("compile") and not b.get("lora"))
+            assert abs(r["speed_vs_bf16"] - base["ms"] / r["ms"]) < 0.01
+
+
 def test_readme_table_is_the_generated_one():
-    assert readme_table.main(["--check", str(REPO / "README.md")]) == 0
+    assert readme_table.main(["--check", str(REPO / "README.md"), "--all-runs"]) == 0
 
 
 def test_readme_table_check_fails_on_a_hand_edit(tmp_path):
@@ -216,4 +234,4 @@ def test_readme_table_check_fails_on_a_hand_edit(tmp_path):
     row = text.index("| bf16 | ", start)
     text = text[:row] + "| bf16 | 1" + text[row + len("| bf16 | "):]  # a hand edit inside the block
     (tmp_path / "README.md").write_text(text)
-    assert readme_table.main(["--check", str(tmp_path / "README.md")]) == 1
+    assert readme_table.main(["--check", str(tmp_path / "README.md"), "--all-runs"]) == 1
