@@ -46,12 +46,11 @@ from . import capabilities as caps
 from . import dequant4, dequant_int, dispatch, matmul_fp8, matmul_int8, matmul_mx, matmul_small
 
 # W8A8 paths (per-token activations): the fewest rows that use them; fewer rows (<= 16) run the 8-bit
-# GEMV. GPU-only per layer on the H200 (bench/bench_layers.py, bench/RESULTS_LAYERS_H200.json), at every
-# Flux shape and M = 256..4608 the fused INT8 GEMM (0.69-1.68x bf16) and the row-wise FP8 GEMM
-# (0.67-1.67x) beat the cast + bf16 GEMM they replaced below 1024 rows (0.18-0.76x: it writes and reads a
-# bf16 copy of the whole weight per call), e.g. 1.04-1.36x against 0.27-0.30x at M = 512, a text
-# stream's length. Below 256 rows the GEMMs read one byte per weight where the cast path moves five.
-# (torch._int_mm's own minimum, 17, bounds only the non-fused INT8 form.)
+# GEMV. GPU-only per layer on the H200 (bench/bench_layers.py, bench/RESULTS_LAYERS_H200.md), at every
+# Flux shape and M = 32..4608 the fused INT8 GEMM (0.61-1.68x bf16) and the row-wise FP8 GEMM
+# (0.57-1.67x) beat the cast + bf16 GEMM they replaced below 1024 rows (0.15-0.76x: it writes and reads
+# a bf16 copy of the whole weight per call); at M = 512, a text stream's length: 0.80-1.36x against
+# 0.27-0.30x. (torch._int_mm's own minimum, 17, bounds only the non-fused INT8 form.)
 INT8_MIN_ROWS = matmul_int8.MIN_ROWS
 FP8_ROWWISE_MIN_ROWS = matmul_int8.MIN_ROWS
 # The INT8 GEMM: our Triton kernel with the dequant epilogue fused (one launch after the quantizer)
