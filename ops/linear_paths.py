@@ -64,7 +64,10 @@ INT8_FUSED_GEMM = True
 # K = 12288 / 15360 down projections: a tensorwise scale needs the whole activation's amax before the
 # cast, i.e. two reads of an activation larger than L2, a per-token scale one) and more precise. It
 # costs ~25 us more host time per call (row-wise _scaled_mm, two outputs), which matters where the
-# forward is host-bound (fewer rows: a 512^2 Flux step), so it starts at FP8_AS_ROWWISE_MIN_ROWS.
+# forward is host-bound (fewer rows: a 512^2 Flux step), so it starts at FP8_AS_ROWWISE_MIN_ROWS. A
+# file with a calibrated ``input_scale`` keeps the tensorwise GEMM with that scale (one pass, no amax).
+# Whole model (bench/RESULTS_H200.md, Flux 1024^2): eager 1.16-1.18x bf16 against 1.17x before (noise), under
+# torch.compile 1.21x against 1.16x with the tensorwise form.
 TENSORWISE_AS_ROWWISE = True
 FP8_AS_ROWWISE_MIN_ROWS = 2048
 
@@ -98,6 +101,7 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
     """
     rows = x.numel() // x.shape[-1]
     if (path == "fp8" and TENSORWISE_AS_ROWWISE and rows >= FP8_AS_ROWWISE_MIN_ROWS
+            and layer.hq_static_input_scale is None  # a calibrated input scale is the file's choice: kept
             and x.dtype in (torch.bfloat16, torch.float16) and caps.FEATURE_FP8_ROWWISE in caps.features(x.device)):
         return ["fp8_rowwise", "fp8", "dequant"]
     w8a8 = {"int8": INT8_MIN_ROWS, "fp8_rowwise": FP8_ROWWISE_MIN_ROWS}.get(path)

@@ -120,6 +120,9 @@ def test_tensorwise_as_rowwise_switch(cap, monkeypatch):
     assert linear_paths.per_call("fp8", lay, many) == ["fp8_rowwise", "fp8", "dequant"]
     assert linear_paths.per_call("fp8", lay, fewer) == ["fp8", "dequant"]
     assert linear_paths.per_call("fp8", lay, many.float()) == ["fp8", "dequant"]  # row-wise writes bf16
+    static = _layer("float8_e4m3fn")
+    static.hq_static_input_scale = 0.5  # the file's calibrated activation scale: the tensorwise GEMM uses it
+    assert linear_paths.per_call("fp8", static, many) == ["fp8", "dequant"]
     cap((8, 0))  # no FP8 row-wise GEMM below SM 8.9
     assert linear_paths.per_call("fp8", lay, many)[0] == "fp8"
     cap((9, 0))
