@@ -54,8 +54,8 @@ from . import dequant4, dequant_int, dispatch, matmul_fp8, matmul_int8, matmul_m
 INT8_MIN_ROWS = matmul_int8.MIN_ROWS
 FP8_ROWWISE_MIN_ROWS = matmul_int8.MIN_ROWS
 # The INT8 GEMM: our Triton kernel with the dequant epilogue fused (one launch after the quantizer)
-# instead of torch._int_mm + epilogue. H200, GPU-only (bench/bench_layers.py): fused 0.69-1.68x bf16,
-# _int_mm + epilogue 0.49-1.04x at every Flux shape and M.
+# instead of torch._int_mm + epilogue. H200, GPU-only (bench/bench_layers.py): fused 0.61-1.68x bf16,
+# _int_mm + epilogue 0.49-1.04x at every Flux shape and M = 32..4608.
 INT8_FUSED_GEMM = True
 # Tensorwise FP8 weights (MX files re-expressed at load included) through the row-wise GEMM: per-token
 # activation scales from the one-program-per-row quantizer, the scalar weight scale expanded to [1, N]

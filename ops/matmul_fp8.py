@@ -319,7 +319,7 @@ def fp8_rowwise_linear(x: torch.Tensor, w: torch.Tensor, scale_b: torch.Tensor,
 
 def fp8_rowwise_prepared(x: torch.Tensor, w_t: torch.Tensor, scale_b: torch.Tensor,
                          bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``fp8_rowwise_linear`` on the cached ``w.t()`` (``gemm_operands``) and ``row_scale_b``."""
+    """``fp8_rowwise_linear`` on a cached ``w.t()`` and ``row_scale_b`` (``linear_paths`` keeps both per layer)."""
     lead = x.shape[:-1]
     x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
     xq, sx = act_quant.quantize_rows(x2, torch.float8_e4m3fn)

@@ -98,8 +98,8 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: t
 
 
 # The single-kernel form the layers use (``linear_paths.INT8_FUSED_GEMM``): a Triton INT8 GEMM with the
-# dequant epilogue fused (no int32 round trip through memory); measured against _int_mm + epilogue in
-# bench/RESULTS_W8A8_H200.txt. Correct under the interpreter (tests/test_w8a8_triton.py).
+# dequant epilogue fused (no int32 round trip through memory); GPU-only against _int_mm + epilogue in
+# bench/RESULTS_LAYERS_H200.md (linear_paths). Correct under the interpreter (tests/test_w8a8_triton.py).
 # K is a compile-time constant (one variant per layer width, a handful per model): a constant trip
 # count for the K loop (and the Triton interpreter cannot loop over a runtime bound).
 if _HAVE_TRITON:
