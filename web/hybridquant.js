@@ -122,6 +122,15 @@ function render(node, state) {
 }
 const line = (text, cls = "") => el("div", { class: `hq-line ${cls}` }, text);
 
+// A run's message (queued, progress, result, error) owns the panel from then on: a preview or file
+// summary still in flight (its request started before the run) must not replace it when it answers.
+// A fast failed run reached the page before the preview planned at node creation came back, and the
+// panel went from the run's error back to "Preview for ...".
+function claimPanel(node) {
+  clearTimeout(node.__hqTimer);
+  node.__hqSeq = (node.__hqSeq || 0) + 1;
+}
+
 function formatsLine(s) {
   const d = el("div", { class: "hq-line" });
   for (const [f, n] of Object.entries(s.formats || {})) {
@@ -313,6 +322,7 @@ function showValidationErrors(nodeErrors) {
   for (const n of ourNodes()) {
     const ne = nodeErrors && nodeErrors[String(n.id)];
     if (!ne) continue;
+    claimPanel(n);
     n.__hqBusy = false;
     const parts = ne.errors.map((e) => {
       const input = e.extra_info && e.extra_info.input_name;
@@ -327,11 +337,13 @@ function showValidationErrors(nodeErrors) {
 
 function onExecuted(node, output) {
   if (node.comfyClass === "HybridQuantInfo" && output && output.hybridquant_info) {
+    claimPanel(node);
     const s = output.hybridquant_info[0];
     node.hqSummary = s;
     return render(node, { state: "done", parts: fileParts(s, true) });
   }
   if (node.comfyClass === QUANTIZE && output && output.text) {
+    claimPanel(node);
     node.__hqBusy = false;
     const lines = String(output.text[0]).split("\n");
     render(node, { state: "done", text: output.text[0], parts: lines.map((l) => line(l, l.startsWith("⚠") ? "hq-warn" : "")) });
@@ -394,6 +406,7 @@ app.registerExtension({
     api.addEventListener("execution_start", () => {
       for (const n of ourNodes()) {
         if (n.comfyClass !== QUANTIZE) continue;
+        claimPanel(n);
         n.__hqBusy = true;
         render(n, { state: "queued", parts: [line("queued: waiting for the model …", "hq-muted")] });
       }
@@ -401,6 +414,7 @@ app.registerExtension({
     api.addEventListener("hybridquant.progress", ({ detail: d }) => {
       const node = nodeById(d.node);
       if (!node || !node.__hqPanel) return;
+      claimPanel(node);
       node.__hqBusy = true;
       const bar = el("div", { class: "hq-bar" }, el("div", { style: { width: `${(100 * d.fraction).toFixed(1)}%` } }));
       render(node, { state: "running", progress: d, parts: [
@@ -411,6 +425,7 @@ app.registerExtension({
     api.addEventListener("hybridquant.done", ({ detail: d }) => {
       const node = nodeById(d.node);
       if (!node || !node.__hqPanel) return;
+      claimPanel(node);
       node.__hqBusy = false;
       if (d.cancelled) render(node, { state: "cancelled", parts: [line("cancelled: nothing was saved", "hq-warn")] });
       else render(node, { state: "done", text: d.summary, parts: d.summary.split("\n").map((l) => line(l, l.startsWith("⚠") ? "hq-warn" : "")) });
@@ -418,9 +433,11 @@ app.registerExtension({
     api.addEventListener("execution_error", ({ detail: d }) => {
       for (const n of ourNodes()) {
         if (String(n.id) === String(d.node_id)) {
+          claimPanel(n);
           n.__hqBusy = false;
           render(n, { state: "error", parts: [line(`⚠ ${d.exception_message}`, "hq-error")] });
         } else if (n.__hqBusy) {
+          claimPanel(n);
           n.__hqBusy = false;
           render(n, { state: "idle", parts: [line(`not run: ${d.node_type} failed first`, "hq-muted")] });
         }
@@ -429,6 +446,7 @@ app.registerExtension({
     api.addEventListener("execution_interrupted", () => {
       for (const n of ourNodes()) {
         if (!n.__hqBusy) continue;
+        claimPanel(n);
         n.__hqBusy = false;
         render(n, { state: "cancelled", parts: [line("cancelled: nothing was saved", "hq-warn")] });
       }

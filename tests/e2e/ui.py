@@ -94,8 +94,17 @@ class UI:
                 % (dst, src, out_slot, json.dumps(in_name)))
 
     def clear(self) -> None:
+        """Start the test on a new blank workflow, as the user's "New" (Comfy.NewBlankWorkflow) does.
+
+        Not ``graph.clear()`` (nor ``app.clean()``, the Clear button's call): frontend 1.49 keeps widget
+        values in a store keyed by (graph id, node id, widget name), and a cleared graph keeps its id
+        and numbers nodes from 1 again, so a new node inherited the widget values of the earlier node
+        with its id (a stock CLIPTextEncode its old text, Quantize Model the previous test's
+        custom_layers). A new blank workflow has a graph id of its own; 1.32 behaves the same with it."""
         self.dismiss_dialogs()
-        self.js("window.app.graph.clear(); window.app.canvas.ds.offset = [80, 90]; window.app.canvas.ds.scale = 1; true")
+        self.js("window.app.extensionManager.command.execute('Comfy.NewBlankWorkflow').then(() => true)")
+        self.wait("window.app.graph.nodes.length === 0")
+        self.js("window.app.canvas.ds.offset = [80, 90]; window.app.canvas.ds.scale = 1; true")
 
     def panel_text(self, node_id: int) -> str:
         """What the user reads in the node's panel (the DOM element both renderers show)."""
