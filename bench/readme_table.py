@@ -7,8 +7,9 @@
 One model, one size, eager, no LoRA, from one run of the file (a merged file holds several: the first run
 with a bf16 row for that model and size, or ``--run``), so every ratio is against the bf16 row of the
 same process. ``--all-runs``: every run of a merged file, each format from the first run that has it,
-with a ``run`` column (its commit); each ratio stays against the bf16 row of its own run. A row whose output is far from bf16 (rel. err > 0.1, e.g. stock FP8 on a core that ignored
-the file's scales) or that the core does not support gets no time, only the reason.
+with a ``run`` column (its commit); each ratio stays against the bf16 row of its own run. A row whose
+output is far from bf16 (rel. err > 0.1, e.g. stock FP8 on a core that ignored the file's scales) or
+that the core does not support gets no time, only the reason.
 """
 
 from __future__ import annotations
@@ -80,19 +81,20 @@ def render(result: dict, model="flux", size=1024, run=None, source="bench/RESULT
              "|---|---|---|---|---|---|" + ("---|" if all_runs else "")]
     for r in rows:
         label = LABELS.get(r["format"], f"`{r['format']}`")
+        run_cell = f" {_run_commit(result, r)} |" if all_runs else ""
         why = r.get("unsupported") or r.get("error")
         if not why and r.get("rel_err") is not None and r["rel_err"] > MAX_REL_ERR:
             why = f"output far from bf16 (rel. err {r['rel_err']:.2f}): no valid time"
         if why or r.get("ms") is None:
             lines.append(f"| {label} | {why or 'not measured'} | – | – | – | {_num(r.get('weights_gb'), '{:.2f}')} |"
-                         + (f" {_run_commit(result, r)} |" if all_runs else ""))
+                         + run_cell)
             continue
         ms = f"{r['ms']:.1f}"
         if (r.get("repeats") or 1) > 1 and r.get("ms_min") is not None:
             ms += f" ({r['ms_min']:.1f}–{r['ms_max']:.1f})"
         lines.append(f"| {label} | {ms} | {_num(r.get('speed_vs_bf16'), '{:.2f}×')} | "
                      f"{_num(r.get('gpu_only_ms'), '{:.1f}')} | {_num(r.get('peak_vram_gb'), '{:.2f}')} | "
-                     f"{_num(r.get('weights_gb'), '{:.2f}')} |" + (f" {_run_commit(result, r)} |" if all_runs else ""))
+                     f"{_num(r.get('weights_gb'), '{:.2f}')} |" + run_cell)
     lines.append(END)
     return "\n".join(lines) + "\n"
 

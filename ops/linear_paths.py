@@ -107,7 +107,7 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
     w8a8 = {"int8": INT8_MIN_ROWS, "fp8_rowwise": FP8_ROWWISE_MIN_ROWS}.get(path)
     if w8a8 is not None and rows >= w8a8 and x.dtype in (torch.bfloat16, torch.float16):
         return [path] + per_call("small", layer, x)
-    if path == "fp8" and matmul_fp8.worth_it(rows, layer.out_features, layer.in_features):
+    if path == "fp8" and matmul_fp8.worth_it(rows):
         return ["fp8", "dequant"]
     if path in ("mx", "bnb"):
         return [path, "dequant"]

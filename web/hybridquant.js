@@ -125,10 +125,11 @@ const line = (text, cls = "") => el("div", { class: `hq-line ${cls}` }, text);
 // A run's message (queued, progress, result, error) owns the panel from then on: a preview or file
 // summary still in flight (its request started before the run) must not replace it when it answers.
 // A fast failed run reached the page before the preview planned at node creation came back, and the
-// panel went from the run's error back to "Preview for ...".
-function claimPanel(node) {
+// panel went from the run's error back to "Preview for ...". ``busy``: whether a run still owns it.
+function claimPanel(node, busy) {
   clearTimeout(node.__hqTimer);
   node.__hqSeq = (node.__hqSeq || 0) + 1;
+  node.__hqBusy = busy;
 }
 
 function formatsLine(s) {
@@ -322,8 +323,7 @@ function showValidationErrors(nodeErrors) {
   for (const n of ourNodes()) {
     const ne = nodeErrors && nodeErrors[String(n.id)];
     if (!ne) continue;
-    claimPanel(n);
-    n.__hqBusy = false;
+    claimPanel(n, false);
     const parts = ne.errors.map((e) => {
       const input = e.extra_info && e.extra_info.input_name;
       let msg = e.details || e.message;
@@ -337,14 +337,13 @@ function showValidationErrors(nodeErrors) {
 
 function onExecuted(node, output) {
   if (node.comfyClass === "HybridQuantInfo" && output && output.hybridquant_info) {
-    claimPanel(node);
+    claimPanel(node, false);
     const s = output.hybridquant_info[0];
     node.hqSummary = s;
     return render(node, { state: "done", parts: fileParts(s, true) });
   }
   if (node.comfyClass === QUANTIZE && output && output.text) {
-    claimPanel(node);
-    node.__hqBusy = false;
+    claimPanel(node, false);
     const lines = String(output.text[0]).split("\n");
     render(node, { state: "done", text: output.text[0], parts: lines.map((l) => line(l, l.startsWith("⚠") ? "hq-warn" : "")) });
   }
@@ -406,16 +405,14 @@ app.registerExtension({
     api.addEventListener("execution_start", () => {
       for (const n of ourNodes()) {
         if (n.comfyClass !== QUANTIZE) continue;
-        claimPanel(n);
-        n.__hqBusy = true;
+        claimPanel(n, true);
         render(n, { state: "queued", parts: [line("queued: waiting for the model …", "hq-muted")] });
       }
     });
     api.addEventListener("hybridquant.progress", ({ detail: d }) => {
       const node = nodeById(d.node);
       if (!node || !node.__hqPanel) return;
-      claimPanel(node);
-      node.__hqBusy = true;
+      claimPanel(node, true);
       const bar = el("div", { class: "hq-bar" }, el("div", { style: { width: `${(100 * d.fraction).toFixed(1)}%` } }));
       render(node, { state: "running", progress: d, parts: [
         line(`quantizing layer ${d.index} of ${d.count} · ${(100 * d.fraction).toFixed(0)}% · ETA ${fmtSeconds(d.eta_s)}`),
@@ -425,20 +422,17 @@ app.registerExtension({
     api.addEventListener("hybridquant.done", ({ detail: d }) => {
       const node = nodeById(d.node);
       if (!node || !node.__hqPanel) return;
-      claimPanel(node);
-      node.__hqBusy = false;
+      claimPanel(node, false);
       if (d.cancelled) render(node, { state: "cancelled", parts: [line("cancelled: nothing was saved", "hq-warn")] });
       else render(node, { state: "done", text: d.summary, parts: d.summary.split("\n").map((l) => line(l, l.startsWith("⚠") ? "hq-warn" : "")) });
     });
     api.addEventListener("execution_error", ({ detail: d }) => {
       for (const n of ourNodes()) {
         if (String(n.id) === String(d.node_id)) {
-          claimPanel(n);
-          n.__hqBusy = false;
+          claimPanel(n, false);
           render(n, { state: "error", parts: [line(`⚠ ${d.exception_message}`, "hq-error")] });
         } else if (n.__hqBusy) {
-          claimPanel(n);
-          n.__hqBusy = false;
+          claimPanel(n, false);
           render(n, { state: "idle", parts: [line(`not run: ${d.node_type} failed first`, "hq-muted")] });
         }
       }
@@ -446,8 +440,7 @@ app.registerExtension({
     api.addEventListener("execution_interrupted", () => {
       for (const n of ourNodes()) {
         if (!n.__hqBusy) continue;
-        claimPanel(n);
-        n.__hqBusy = false;
+        claimPanel(n, false);
         render(n, { state: "cancelled", parts: [line("cancelled: nothing was saved", "hq-warn")] });
       }
     });
