@@ -12,6 +12,9 @@ For each format: ``enqueue_us`` = wall time of N back-to-back calls divided by N
 the GPU queue is not full (N is small, and the GPU is synchronised before), so it is the host cost;
 ``vs_stock`` = that time over a stock ``comfy.ops.disable_weight_init.Linear`` (bf16, same shape).
 ``--profile FMT`` prints cProfile's top functions for that format's calls (where the host time goes).
+``--ops`` also times the pieces an 8-bit layer call is made of (allocations, the quantizer launches,
+``torch._scaled_mm``, ``F.linear``), each behind a GPU spin (``torch.cuda._sleep``) so the host never
+waits: the host cost of each piece, to see what a layer call spends beyond them.
 On the CPU (``--device cpu``, tiny default shape) the kernels are the dequantize fallback, so only the
 Python part of the dispatch is comparable; GPU numbers come from the lent GPU only.
 """
@@ -109,6 +112,52 @@ def enqueue_us(layer, x, calls: int, rounds: int, sync) -> float:
     return times[len(times) // 2]
 
 
+def op_costs(rows: int, n: int, k: int, calls: int, rounds: int) -> list[tuple[str, float]]:
+    """Host microseconds per call of the pieces of an 8-bit layer call on CUDA (``--ops``)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hybridquant.ops import act_quant, matmul_fp8
+
+    dev = torch.device("cuda")
+    x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+    w = (torch.randn(n, k, device=dev) * 0.02).to(torch.float8_e4m3fn)
+    wb = w.to(torch.bfloat16)
+    b = torch.zeros(n, device=dev, dtype=torch.bfloat16)
+    w_t, one = w.t(), torch.ones((1,), device=dev)
+    xq, sx = act_quant.quantize_rows(x, torch.float8_e4m3fn)
+    sb = torch.ones((1, n), device=dev)
+    pieces = [
+        ("torch.empty fp8 [M, K]", lambda: torch.empty((rows, k), dtype=torch.float8_e4m3fn, device=dev)),
+        ("x.reshape(-1, K) (2-D view)", lambda: x.reshape(-1, k)),
+        ("F.linear bf16 + bias", lambda: F.linear(x, wb, b)),
+        ("_scaled_mm tensorwise + bias", lambda: torch._scaled_mm(xq, w_t, scale_a=one, scale_b=one, bias=b,
+                                                                 out_dtype=torch.bfloat16)),
+        ("_scaled_mm row-wise + bias", lambda: torch._scaled_mm(xq, w_t, scale_a=sx, scale_b=sb, bias=b,
+                                                               out_dtype=torch.bfloat16)),
+        ("quantize_rows (per-token, 1 launch)", lambda: act_quant.quantize_rows(x, torch.float8_e4m3fn)),
+        ("quantize_activation (tensorwise)", lambda: matmul_fp8.quantize_activation(x)),
+        ("fp8_rowwise_prepared (quantizer + GEMM)", lambda: matmul_fp8.fp8_rowwise_prepared(x, w_t, sb, b)),
+        ("fp8_linear_prepared (quantizer + GEMM)", lambda: matmul_fp8.fp8_linear_prepared(x, w_t, one, b)),
+    ]
+    out = []
+    for name, f in pieces:
+        for _ in range(3):
+            f()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(rounds):
+            torch.cuda._sleep(50_000_000)  # the GPU is busy far longer than the calls take to enqueue
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                f()
+            times.append((time.perf_counter() - t0) / calls * 1e6)
+            torch.cuda.synchronize()
+        times.sort()
+        out.append((name, times[len(times) // 2]))
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--comfy", help="ComfyUI tree (default: already importable)")
@@ -119,6 +168,7 @@ def main(argv=None):
     ap.add_argument("--calls", type=int, default=20, help="calls per timed round (keep the GPU queue short)")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--profile", default=None, help="print cProfile's top functions for this format")
+    ap.add_argument("--ops", action="store_true", help="also time the pieces of an 8-bit layer call (CUDA)")
     a = ap.parse_args(argv)
 
     import torch
@@ -154,6 +204,10 @@ def main(argv=None):
             s = io.StringIO()
             pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(25)
             print(s.getvalue())
+    if a.ops and cuda:
+        print(f"\n{'piece of a layer call':40s} {'host_us':>8s}")
+        for name, us in op_costs(rows, n, k, a.calls, min(a.rounds, 10)):
+            print(f"{name:40s} {us:8.1f}")
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ bench_model.py setup, fewer blocks) for bf16 and for pack formats, in the same p
         [--formats float8_e4m3fn,bnb_nf4] [--size 512] [--depth 2 4] [--calls 20] [--top 25]
 
 Prints per format: host ms per forward without the profiler (GPU spin first, as bench_model's
-host_ms), then cProfile's top functions by own time over ``--calls`` forwards. GPU only.
+host_ms), the garbage collections one forward triggers (per generation, with the time they took) and
+the host ms with the collector off, then cProfile's top functions by own time over ``--calls``
+forwards. GPU only.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import io
 import pstats
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -46,6 +49,31 @@ def cast_calls(fwd) -> dict:
     finally:
         comfy.ops.cast_bias_weight = real
     return dict(calls)
+
+
+def gc_cost(fwd, calls: int) -> dict:
+    """Garbage collections per forward by generation and their total ms per forward (``gc.callbacks``):
+    a collection runs inside whatever call allocated the object that crossed the threshold, so in
+    cProfile its time shows up as that call's own time."""
+    import gc
+
+    counts, spent, t0 = [0, 0, 0], [0.0], [0.0]
+
+    def cb(phase, info):
+        if phase == "start":
+            t0[0] = time.perf_counter()
+        else:
+            counts[info["generation"]] += 1
+            spent[0] += time.perf_counter() - t0[0]
+
+    gc.callbacks.append(cb)
+    try:
+        for _ in range(calls):
+            fwd()
+    finally:
+        gc.callbacks.remove(cb)
+    return {"gen0": counts[0] / calls, "gen1": counts[1] / calls, "gen2": counts[2] / calls,
+            "ms": spent[0] * 1e3 / calls, "tracked_objects": len(gc.get_objects())}
 
 
 def main(argv=None):
@@ -86,6 +114,13 @@ def main(argv=None):
         torch.cuda.synchronize()
         ms = mt.time_eager(fwd, 10, 2, True)
         host, note = mt.time_host(fwd, ms)
+        gcs = gc_cost(fwd, a.calls)
+        import gc
+        gc.disable()
+        try:
+            host_nogc, _ = mt.time_host(fwd, ms)
+        finally:
+            gc.enable()
         prof = cProfile.Profile()
         torch.cuda.synchronize()
         prof.enable()
@@ -95,7 +130,9 @@ def main(argv=None):
         torch.cuda.synchronize()
         s = io.StringIO()
         pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(a.top)
-        print(f"=== {fmt}: {tokens} tokens, eager {ms:.2f} ms, host {host:.2f} ms{' (' + note + ')' if note else ''}")
+        print(f"=== {fmt}: {tokens} tokens, eager {ms:.2f} ms, host {host:.2f} ms{' (' + note + ')' if note else ''}, "
+              f"host with the collector off {host_nogc:.2f} ms")
+        print(f"garbage collections per forward: {gcs}")
         print(f"cast_bias_weight calls in one forward (module class, weight dtype, input dtype): {cast_calls(fwd)}")
         print("\n".join(s.getvalue().splitlines()[:a.top + 12]))
         patcher = model = None

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Kernel
+from .triton_launch import Kernel, cdiv, next_pow2
 
 INT8_MAX = 127.0
 E4M3_MAX = 448.0
@@ -108,9 +108,9 @@ def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
-    block = min(MAX_BLOCK, triton.next_power_of_2(max(k, 16)))
+    block = min(MAX_BLOCK, next_pow2(max(k, 16)))
     _ROWQUANT[(m,)](x, q, s, k, x.stride(0), q.stride(0), dtype == torch.int8, QMAX[dtype], block,
-                    triton.cdiv(k, block), num_warps=8 if block >= 2048 else 4)
+                    cdiv(k, block), num_warps=8 if block >= 2048 else 4)
     return q, s
 
 

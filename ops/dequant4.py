@@ -245,7 +245,7 @@ def dequantize_nvfp4(tensors, shape, dtype=torch.bfloat16) -> torch.Tensor:
     m, n = shape
     y = torch.empty((m, n), dtype=dtype, device=w.device)
     br, bb = 16, 64
-    grid = (triton.cdiv(m, br), triton.cdiv(ceil_div(n, 2), bb))
+    grid = (ceil_div(m, br), ceil_div(ceil_div(n, 2), bb))
     bf16 = dtype == torch.bfloat16
     _NVFP4_DEQUANT[grid](w, s, s2, y.view(torch.int16) if bf16 else y, m, n, w.stride(0), col_tiles, bf16, br, bb)
     return y
@@ -258,7 +258,7 @@ def dequantize_bnb(tensors, meta, shape, dtype=torch.bfloat16) -> torch.Tensor:
     n = shape[0] * shape[1]
     y = torch.empty(tuple(shape), dtype=dtype, device=w.device)
     block = 1024
-    _BNB_DEQUANT[(triton.cdiv(ceil_div(n, 2), block),)](
+    _BNB_DEQUANT[(ceil_div(ceil_div(n, 2), block),)](
         w, a, t, na, nm, offset, y.view(torch.int16) if dtype == torch.bfloat16 else y, n, bs, nbs, nested,
         dtype == torch.bfloat16, block, enable_fp_fusion=False)
     return y
@@ -324,10 +324,10 @@ def gemv(layer, x: torch.Tensor, tensors, bias, block_m: int = 16, config: tuple
     consts = dict(K=k, FMT=kind, BS=bs, NBS=nbs, NESTED=nested, HAS_BIAS=bias is not None,
                   DOT_F32=not _AUTOTUNE, BLOCK_M=block_m)
     if config is None and _AUTOTUNE:
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(m, block_m))  # noqa: E731
+        grid = lambda meta: (ceil_div(n, meta["BLOCK_N"]), ceil_div(m, block_m))  # noqa: E731
         _gemv4_tuned[grid](*args, **consts, enable_fp_fusion=False)
     else:
         bn, bk, warps = config or _GEMV_CONFIGS[0]
-        _gemv4_kernel[(triton.cdiv(n, bn), triton.cdiv(m, block_m))](
+        _gemv4_kernel[(ceil_div(n, bn), ceil_div(m, block_m))](
             *args, **consts, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, enable_fp_fusion=False)
     return y.reshape(*lead, n)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from ..converter.formats import get_codec
 from . import dequant4
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Kernel
+from .triton_launch import Kernel, cdiv
 
 FORMATS = ("int5_groupwise", "int6_groupwise")
 # (BLOCK_R, BLOCK_C, num_warps), with VEC loads where the group allows. bench/tune_dq_int.py on the H200
@@ -109,7 +109,7 @@ def dequantize_int(fmt: str, tensors, shape, opts, dtype=torch.bfloat16, tile=No
     bf16 = dtype == torch.bfloat16
     block_r, block_c, warps = tile or TILE
     vec = vectorized(g, block_c) if vec is None else vec
-    grid = (triton.cdiv(m, block_r), triton.cdiv(n, block_c))
+    grid = (cdiv(m, block_r), cdiv(n, block_c))
     _DEQUANT[grid](w, s, y.view(torch.int16) if bf16 else y, m, n, w.stride(0), s.stride(0), groups * g // 2,
                    bits, g, bf16, block_r, block_c, vec, bits - 4, 8 // (bits - 4), num_warps=warps)
     return y

@@ -33,7 +33,7 @@ import logging
 
 import torch
 
-from .triton_launch import Kernel
+from .triton_launch import Kernel, cdiv
 
 log = logging.getLogger("hybridquant.ops")
 
@@ -189,7 +189,7 @@ def _quantize_triton(x: torch.Tensor, input_scale: torch.Tensor | None):
     n = x.numel()
     y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((), dtype=torch.float32, device=x.device)
-    grid = (triton.cdiv(n, _BLOCK),)
+    grid = (cdiv(n, _BLOCK),)
     if input_scale is None:
         bits = torch.zeros((1,), dtype=torch.int32, device=x.device)
         _AMAX[grid](x, bits, n, _BLOCK)

@@ -22,7 +22,7 @@ import torch
 
 from . import act_quant
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Tuned
+from .triton_launch import Tuned, cdiv
 
 MIN_ROWS = 17  # torch._int_mm: "self.size(0) needs to be greater than 16"
 
@@ -70,7 +70,7 @@ def epilogue(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias, out_dt
         raise ValueError(f"int8 weight scale must be a scalar or one per output row ({n}), got {sw.numel()}")
     y = torch.empty((m, n), dtype=out_dtype, device=acc.device)
     b = bias if bias is not None else sw
-    grid = (triton.cdiv(m, 64), triton.cdiv(n, 128))
+    grid = (cdiv(m, 64), cdiv(n, 128))
     _epilogue_kernel[grid](acc.contiguous(), sx.reshape(-1), sw, b, y, m, n, 1 if sw.numel() > 1 else 0,
                            HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=128)
     return y
@@ -166,9 +166,9 @@ def int8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
     args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if sw.numel() > 1 else 0, m_key,
             bias is not None)
     if blocks is not None:
-        grid = (triton.cdiv(m, blocks[0]), triton.cdiv(n, blocks[1]))
+        grid = (cdiv(m, blocks[0]), cdiv(n, blocks[1]))
         _int8_gemm_kernel.fn[grid](*args, *blocks)
         return y.reshape(*lead, n)
-    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))  # noqa: E731
     _GEMM.launch((x.device, m_key, n, k, y.dtype), grid, *args)
     return y.reshape(*lead, n)

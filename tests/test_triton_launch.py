@@ -74,3 +74,48 @@ def test_cached_launches_match_tritons_own_on_gpu():
                 assert torch.equal(y_fast, y_ref), (x.storage_offset(), n, block)
     if triton_launch.enabled():
         assert len(k._kernels) >= 6  # distinct keys: alignment x (n specializations) x block
+
+
+def test_inline_key_equals_the_per_argument_reference():
+    """``Kernel.key`` computes ``_arg_key`` inline; both forms must give the same key for every kind of
+    argument (a key that differs only costs a second cached kernel, but a coarser one would be a bug)."""
+    if not hasattr(_axpy, "params"):
+        pytest.skip("TRITON_INTERPRET is set in this process")
+    k = triton_launch.Kernel(_axpy)
+    base = torch.zeros(64)
+    cases = [(base[:32], base[32:], 32, 2.0, 128), (base[1:], None, 1, 3, 16), (base, base, True, False, 64),
+             (base, base, -(1 << 31), 1 << 31, 32), (base, base, 1 << 40, "s", 8), (base.half(), base, 0, None, 2)]
+    for args in cases:
+        ref = (0, (), tuple(triton_launch._arg_key(a, c) for a, c in zip(args, k._constexpr)))
+        assert k.key(args, {}, 0) == ref, args
+
+
+def test_host_grid_arithmetic_matches_triton():
+    """Triton 3.6's ``cdiv`` / ``next_power_of_2`` are slow to call from Python; the pack's plain-int
+    replacements must agree with them."""
+    for n in list(range(1, 70)) + [1000, 3072, 4096, 4097, 12288, 15360, (1 << 31) + 1]:
+        assert triton_launch.next_pow2(n) == triton.next_power_of_2(n), n
+        for b in (1, 16, 64, 128, 1000):
+            assert triton_launch.cdiv(n, b) == triton.cdiv(n, b), (n, b)
+
+
+def test_direct_launch_only_without_scratch_buffers():
+    """The C launcher is called directly only when Triton's launcher would allocate nothing first."""
+
+    class Run:
+        def __init__(self, g, p):
+            self.global_scratch_size, self.profile_scratch_size = g, p
+            self.launch_cooperative_grid, self.launch_pdl = True, False
+
+        def launch(self, *a):
+            pass
+
+    class K:
+        def __init__(self, run):
+            self.run = run
+
+    r = Run(0, 0)
+    assert triton_launch._direct_launch(K(r)) == (r.launch, True, False)
+    assert triton_launch._direct_launch(K(Run(256, 0))) == (None, None, None)
+    assert triton_launch._direct_launch(K(Run(0, 64))) == (None, None, None)
+    assert triton_launch._direct_launch(K(object())) == (None, None, None)
