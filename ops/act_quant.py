@@ -15,10 +15,16 @@ compute exactly the same codes and scales):
 - Output: codes [M, K] (int8 or float8_e4m3fn) and ``scale`` float32 [M, 1] -- the shape
   ``torch._scaled_mm`` wants for row-wise ``scale_a`` and the epilogue of ``matmul_int8`` reads.
 
-One program per row: the row's amax over K (in ``CHUNKS`` unrolled chunks of ``BLOCK`` columns; the
-chunk count is a compile-time constant, so there is one compiled variant per distinct K bucket, a
-handful per model), then a second sweep that quantizes (re-reading the row, which is still in L2). No atomics, no host-side tensor other than
-the two outputs, so it is CUDA-graph capturable.
+One program per row. Rows of up to ``SINGLE_READ_MAX`` columns (the model widths: Flux 3072, Wan 1536 /
+5120) are read once: the codes come from the registers that gave the amax. Longer rows (the MLP down
+projections' 12288 / 15360) take the row's amax over K in ``CHUNKS`` unrolled chunks of ``BLOCK``
+columns, then a second sweep quantizes (re-reading the row, which is still in L2). The chunk count is a
+compile-time constant: one compiled variant per distinct K bucket, a handful per model.
+Measured on the H200 (bench/tune_rowquant.py, bench/RESULTS_ROWQUANT_H200.json; e4m3, inputs from
+DRAM): M = 4096, K = 3072: 21.9 us (24 us with the second sweep); K = 5120: 43.9 us single-read against
+71.6 us with two rows per program -- programs of several rows were slower at every width and M
+tried, so there are none; K = 12288: 43.6 us (3.5 TB/s). 8 warps: best or within 5% at M >= 1024.
+No atomics, no host-side tensor other than the two outputs, so it is CUDA-graph capturable.
 """
 
 from __future__ import annotations
@@ -31,7 +37,8 @@ from .triton_launch import Kernel, cdiv, next_pow2
 INT8_MAX = 127.0
 E4M3_MAX = 448.0
 QMAX = {torch.int8: INT8_MAX, torch.float8_e4m3fn: E4M3_MAX}
-MAX_BLOCK = 4096  # columns per chunk of one program (K up to this is read in one chunk)
+MAX_BLOCK = 4096  # columns per chunk of the two-sweep form
+SINGLE_READ_MAX = 8192  # K up to this (rounded up to a power of two) takes the single-read form
 
 if _HAVE_TRITON:
     import triton
@@ -44,29 +51,40 @@ if _HAVE_TRITON:
         row = tl.program_id(0)
         x_row = x_ptr + row.to(tl.int64) * stride_x
         q_row = q_ptr + row.to(tl.int64) * stride_q
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for c in tl.static_range(CHUNKS):
-            offs = c * BLOCK + tl.arange(0, BLOCK)
-            x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        a = tl.max(amax, axis=0)
-        scale = tl.where(a > 0.0, tl.math.div_rn(a, QMAX_C), 1.0)
-        tl.store(s_ptr + row, scale)
-        for c in tl.static_range(CHUNKS):
-            offs = c * BLOCK + tl.arange(0, BLOCK)
+        if CHUNKS == 1:  # the row is read once: the codes come from the registers that gave the amax
+            offs = tl.arange(0, BLOCK)
             mask = offs < K
             x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
-            y = tl.math.div_rn(x, scale)
-            if IS_INT8:
-                # Clamp, then round half to even by adding and subtracting 1.5 * 2^23 (exact for
-                # |y| < 2^22; no fast-math in Triton, so the pair is not folded away). Same result
-                # as rint, and it also runs under the Triton interpreter (which lacks libdevice).
-                y = tl.minimum(tl.maximum(y, -QMAX_C), QMAX_C)
-                y = (y + 12582912.0) - 12582912.0
-                tl.store(q_row + offs, y.to(tl.int8), mask=mask)
-            else:
-                y = tl.minimum(tl.maximum(y, -QMAX_C), QMAX_C)
-                tl.store(q_row + offs, y.to(tl.float8e4nv), mask=mask)
+            a = tl.max(tl.abs(x), axis=0)
+            scale = tl.where(a > 0.0, tl.math.div_rn(a, QMAX_C), 1.0)
+            tl.store(s_ptr + row, scale)
+            _store_codes(q_row + offs, tl.math.div_rn(x, scale), mask, IS_INT8, QMAX_C)
+        else:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for c in tl.static_range(CHUNKS):
+                offs = c * BLOCK + tl.arange(0, BLOCK)
+                x = tl.load(x_row + offs, mask=offs < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            a = tl.max(amax, axis=0)
+            scale = tl.where(a > 0.0, tl.math.div_rn(a, QMAX_C), 1.0)
+            tl.store(s_ptr + row, scale)
+            for c in tl.static_range(CHUNKS):
+                offs = c * BLOCK + tl.arange(0, BLOCK)
+                mask = offs < K
+                x = tl.load(x_row + offs, mask=mask, other=0.0).to(tl.float32)
+                _store_codes(q_row + offs, tl.math.div_rn(x, scale), mask, IS_INT8, QMAX_C)
+
+    @triton.jit
+    def _store_codes(q_ptrs, y, mask, IS_INT8: tl.constexpr, QMAX_C: tl.constexpr):
+        y = tl.minimum(tl.maximum(y, -QMAX_C), QMAX_C)
+        if IS_INT8:
+            # Round half to even by adding and subtracting 1.5 * 2^23 after the clamp (exact for
+            # |y| < 2^22; no fast-math in Triton, so the pair is not folded away). Same result as
+            # rint, and it also runs under the Triton interpreter (which lacks libdevice).
+            y = (y + 12582912.0) - 12582912.0
+            tl.store(q_ptrs, y.to(tl.int8), mask=mask)
+        else:
+            tl.store(q_ptrs, y.to(tl.float8e4nv), mask=mask)
 
     _ROWQUANT = Kernel(_rowquant_kernel)
 
@@ -108,10 +126,25 @@ def quantize_rows_triton(x: torch.Tensor, dtype: torch.dtype = torch.int8):
     s = torch.empty((m, 1), dtype=torch.float32, device=x.device)
     if m == 0:
         return q, s
-    block = min(MAX_BLOCK, next_pow2(max(k, 16)))
-    _ROWQUANT[(m,)](x, q, s, k, x.stride(0), q.stride(0), dtype == torch.int8, QMAX[dtype], block,
-                    cdiv(k, block), num_warps=8 if block >= 2048 else 4)
+    block, chunks, warps = _launch_shape(k)
+    _ROWQUANT[(m,)](x, q, s, k, x.stride(0), q.stride(0), dtype == torch.int8, QMAX[dtype], block, chunks,
+                    num_warps=warps)
     return q, s
+
+
+WARPS = None  # None: the rule in _launch_shape (bench/tune_rowquant.py overrides it to sweep)
+_shapes: dict = {}
+
+
+def _launch_shape(k: int) -> tuple[int, int, int]:
+    """(BLOCK, CHUNKS, num_warps) for rows of ``k`` columns, cached per width (host time)."""
+    hit = _shapes.get(k)
+    if hit is None:
+        block = next_pow2(max(k, 16))
+        if block > SINGLE_READ_MAX:
+            block = MAX_BLOCK
+        hit = _shapes[k] = (block, cdiv(k, block), WARPS or (8 if block >= 2048 else 4))
+    return hit
 
 
 def quantize_rows(x: torch.Tensor, dtype: torch.dtype = torch.int8):

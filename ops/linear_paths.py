@@ -69,6 +69,10 @@ INT8_FUSED_GEMM = True
 # Whole model (bench/RESULTS_H200.md, Flux 1024^2): eager 1.16-1.18x bf16 against 1.17x before (noise), under
 # torch.compile 1.21x against 1.16x with the tensorwise form.
 TENSORWISE_AS_ROWWISE = True
+# The row-wise FP8 path's GEMM: the fused W8A8 Triton GEMM (``w8a8_gemm``, the INT8 path's kernel with
+# e4m3 operands) instead of row-wise ``torch._scaled_mm``: the same GPU rate at Flux shapes and less
+# host time per call (module docstring of w8a8_gemm; measurements in bench/RESULTS_H200.md).
+FP8_ROWWISE_TRITON = True
 FP8_AS_ROWWISE_MIN_ROWS = 2048
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
@@ -179,6 +183,9 @@ def _fast(path, layer, x, tensors, bias):
             return matmul_int8.int8_linear_fused(x, tensors["weight"], tensors["weight_scale"], bias)
         return matmul_int8.int8_linear(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "fp8_rowwise":
+        w = tensors["weight"]
+        if FP8_ROWWISE_TRITON and x.device.type == "cuda" and w.dtype is torch.float8_e4m3fn:  # (e5m2: cuBLAS)
+            return matmul_fp8.fp8_rowwise_fused(x, w, tensors["weight_scale"], bias)
         return matmul_fp8.fp8_rowwise_prepared(x, _weight_t(layer, tensors), _scale_b(layer, tensors), bias)
     if path == "gemv":
         return matmul_small.gemv(x, tensors["weight"], tensors["weight_scale"], bias)

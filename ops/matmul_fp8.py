@@ -331,5 +331,18 @@ def fp8_rowwise_prepared(x: torch.Tensor, w_t: torch.Tensor, scale_b: torch.Tens
     return out if x.dim() == 2 else out.reshape(*lead, w_t.shape[1])
 
 
-# At the end: act_quant reads _HAVE_TRITON from this module (a top-level import would be circular).
-from . import act_quant  # noqa: E402
+def fp8_rowwise_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
+                      bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``fp8_rowwise_linear``'s result from the fused W8A8 GEMM (``w8a8_gemm``, Triton) instead of
+    ``torch._scaled_mm``: the same per-token e4m3 codes, float32 accumulation, then
+    ``(acc * sx[m]) * sw[n] + bias`` in float32 rounded once to ``x.dtype`` (bf16 or fp16: no extra
+    cast). ``w`` is the stored [N, K] weight, ``w_scale`` float32, a scalar or one per output row."""
+    n, k = w.shape
+    lead = x.shape[:-1]
+    xq, sx = act_quant.quantize_rows(x.reshape(-1, k), torch.float8_e4m3fn)
+    sw = w_scale if w_scale.dtype is torch.float32 else w_scale.to(torch.float32)
+    return w8a8_gemm.gemm(xq, sx, w, sw, bias, x.dtype).reshape(*lead, n)
+
+
+# At the end: these read _HAVE_TRITON from this module (a top-level import would be circular).
+from . import act_quant, w8a8_gemm  # noqa: E402

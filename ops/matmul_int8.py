@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import torch
 
-from . import act_quant
+from . import act_quant, w8a8_gemm
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Tuned, cdiv
+from .triton_launch import cdiv
+from .w8a8_gemm import epilogue_ref
 
 MIN_ROWS = 17  # torch._int_mm: "self.size(0) needs to be greater than 16"
 
@@ -50,14 +51,6 @@ if _HAVE_TRITON:
 def shapes_supported(n_out: int, k_in: int) -> bool:
     """``torch._int_mm`` needs K and N multiples of 8."""
     return k_in > 0 and k_in % 8 == 0 and n_out % 8 == 0
-
-
-def epilogue_ref(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias, out_dtype) -> torch.Tensor:
-    """Pure-torch reference of the epilogue: ``(acc * sx[M,1]) * sw[1,N or 1] + bias`` in float32."""
-    y = (acc.to(torch.float32) * sx.reshape(-1, 1).to(torch.float32)) * sw.to(torch.float32).reshape(1, -1)
-    if bias is not None:
-        y = y + bias.to(torch.float32)
-    return y.to(out_dtype)
 
 
 def epilogue(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias, out_dtype) -> torch.Tensor:
@@ -97,78 +90,16 @@ def int8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: t
     return y.reshape(*lead, n)
 
 
-# The single-kernel form the layers use (``linear_paths.INT8_FUSED_GEMM``): a Triton INT8 GEMM with the
-# dequant epilogue fused (no int32 round trip through memory); GPU-only against _int_mm + epilogue in
-# bench/RESULTS_LAYERS_H200.md (linear_paths). Correct under the interpreter (tests/test_w8a8_triton.py).
-# K is a compile-time constant (one variant per layer width, a handful per model): a constant trip
-# count for the K loop (and the Triton interpreter cannot loop over a runtime bound).
-if _HAVE_TRITON:
-
-    @triton.autotune(
-        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
-                 for bm, bn, bk, s, w in ((128, 128, 128, 3, 8), (128, 256, 64, 3, 8), (64, 128, 128, 4, 4),
-                                          (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))],
-        key=["M_KEY", "N", "K"],
-    )
-    @triton.jit
-    def _int8_gemm_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr, stride_am, stride_bn,
-                          stride_ym, sw_stride, M_KEY, HAS_BIAS: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        a_p = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
-        b_p = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]  # [K, N] view of w [N, K]
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
-            kk = k0 * BLOCK_K + offs_k
-            a = tl.load(a_p, mask=(offs_m[:, None] < M) & (kk[None, :] < K), other=0)
-            b = tl.load(b_p, mask=(offs_n[None, :] < N) & (kk[:, None] < K), other=0)
-            acc += tl.dot(a, b, out_dtype=tl.int32)
-            a_p += BLOCK_K
-            b_p += BLOCK_K
-        mm, mn = offs_m < M, offs_n < N
-        sx = tl.load(sx_ptr + offs_m, mask=mm, other=0.0)
-        sw = tl.load(sw_ptr + offs_n * sw_stride, mask=mn, other=0.0)
-        y = (acc.to(tl.float32) * sx[:, None]) * sw[None, :]
-        if HAS_BIAS:
-            y += tl.load(bias_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
-                 mask=mm[:, None] & mn[None, :])
-
-
-# The tuned config per (device, M_KEY, N, K, output dtype), then direct launches (triton_launch.Tuned).
-_GEMM = Tuned(_int8_gemm_kernel) if _HAVE_TRITON else None
-
-
 def int8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                       out_dtype: torch.dtype | None = None, blocks: tuple[int, int, int] | None = None):
-    """Same result as ``int8_linear`` from one Triton GEMM with the epilogue fused (any M >= 1).
-    ``blocks`` = (BLOCK_M, BLOCK_N, BLOCK_K) bypasses the autotuner (the interpreter tests: the
-    autotuner needs a GPU driver)."""
-    if not _HAVE_TRITON:
-        raise NotImplementedError("int8_linear_fused needs Triton")
+    """Same result as ``int8_linear`` from one launch after the quantizer (any M >= 1): the fused W8A8
+    GEMM (``w8a8_gemm``), what the layers run (``linear_paths.INT8_FUSED_GEMM``). ``blocks`` bypasses
+    the autotuner (interpreter tests)."""
     if w.dtype != torch.int8 or w.ndim != 2 or w.stride(1) != 1:
         raise ValueError("int8_linear_fused: the weight must be a row-major int8 [N, K] tensor")
     n, k = w.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    m = x2.shape[0]
-    xq, sx = act_quant.quantize_rows(x2, torch.int8)
-    sw = w_scale.to(torch.float32).reshape(-1)
-    if sw.numel() not in (1, n):
-        raise ValueError(f"int8 weight scale must be a scalar or one per output row ({n}), got {sw.numel()}")
-    y = torch.empty((m, n), dtype=out_dtype or x.dtype, device=x.device)
-    b = bias if bias is not None else sw
-    # M_KEY: the autotuner's key, M rounded up to a power of two, so that a new token count (another
-    # resolution or batch) reuses the tuned config instead of benchmarking all configs again.
-    m_key = 1 << max(0, m - 1).bit_length()
-    args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if sw.numel() > 1 else 0, m_key,
-            bias is not None)
-    if blocks is not None:
-        grid = (cdiv(m, blocks[0]), cdiv(n, blocks[1]))
-        _int8_gemm_kernel.fn[grid](*args, *blocks)
-        return y.reshape(*lead, n)
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _GEMM.launch((x.device, m_key, n, k, y.dtype), grid, *args)
+    xq, sx = act_quant.quantize_rows(x.reshape(-1, k), torch.int8)
+    sw = w_scale if w_scale.dtype is torch.float32 else w_scale.to(torch.float32)
+    y = w8a8_gemm.gemm(xq, sx, w, sw, bias, out_dtype or x.dtype, blocks)
     return y.reshape(*lead, n)

@@ -118,7 +118,7 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
-@pytest.mark.parametrize("k", [3072, 12288, 100])
+@pytest.mark.parametrize("k", [3072, 12288, 100, 5120])
 def test_act_quant_triton_matches_reference_on_gpu(dtype, k):
     """The one-launch quantizer's codes and scales are bit-identical to the reference on the GPU
     (the interpreter test cannot check the FP8 codes: the interpreter's e4m3 cast is wrong). Failed
@@ -160,13 +160,20 @@ def test_w8a8_kernels_vs_dequant_reference(per_row):
     ref = x.float() @ (qf.float() * sf).t() + b.float()
     y = matmul_fp8.fp8_rowwise_linear(x, qf, matmul_fp8.row_scale_b(sf, n), b)
     assert float((y.float() - ref).norm() / ref.norm()) < 0.05
+    # the fused Triton form: same codes, float32 sums in another order, same epilogue math
+    yt = matmul_fp8.fp8_rowwise_fused(x, qf, sf, b)
+    assert yt.dtype == torch.bfloat16
+    torch.testing.assert_close(yt.float(), y.float(), rtol=2**-7, atol=1e-3)
+    yh = matmul_fp8.fp8_rowwise_fused(x.half(), qf, sf, b)  # fp16 written by the kernel itself
+    assert yh.dtype == torch.float16
+    torch.testing.assert_close(yh.float(), y.float(), rtol=2**-6, atol=2e-3)
 
 
 def test_int8_fused_tuned_config_is_reused():
     """The first call of a shape autotunes; later calls launch the tuned config directly
-    (``matmul_int8._GEMM``, no autotuner per call) and compute the same bits, for a new M in the same
+    (``w8a8_gemm._GEMM``, no autotuner per call) and compute the same bits, for a new M in the same
     power-of-two bucket too."""
-    from hybridquant.ops import matmul_int8
+    from hybridquant.ops import matmul_int8, w8a8_gemm
 
     g = torch.Generator(device="cuda").manual_seed(1)
     n, k = 384, 512
@@ -174,20 +181,21 @@ def test_int8_fused_tuned_config_is_reused():
     s = torch.rand(n, 1, device="cuda", generator=g) * 0.01
     b = torch.randn(n, device="cuda", generator=g).to(torch.bfloat16)
     x = torch.randn(200, k, device="cuda", generator=g).to(torch.bfloat16)
-    matmul_int8._GEMM.choices.clear()
+    w8a8_gemm._GEMM.choices.clear()
     first = matmul_int8.int8_linear_fused(x, w, s, b)
-    key = (x.device, 256, n, k, torch.bfloat16)
-    assert key in matmul_int8._GEMM.choices
-    cfg = matmul_int8._GEMM.choices[key]
+    key = (x.device, 256, n, k, False, torch.bfloat16)
+    assert key in w8a8_gemm._GEMM.choices
+    cfg = w8a8_gemm._GEMM.choices[key]
     again = matmul_int8.int8_linear_fused(x, w, s, b)
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     fewer = matmul_int8.int8_linear_fused(x[:130], w, s, b)  # same bucket (256): the cached config
-    assert matmul_int8._GEMM.choices[key] is cfg and len(matmul_int8._GEMM.choices) == 1
+    assert w8a8_gemm._GEMM.choices[key] is cfg and len(w8a8_gemm._GEMM.choices) == 1
     torch.testing.assert_close(fewer, first[:130], rtol=0, atol=0)
 
 
 def test_w8a8_paths_capture_in_cuda_graph():
-    """No host sync and no per-call host tensors: both W8A8 paths capture and replay bit-identically."""
+    """No host sync and no per-call host tensors: the W8A8 paths (cuBLAS and fused Triton GEMMs) capture
+    and replay bit-identically."""
     from hybridquant.ops import matmul_fp8, matmul_int8
 
     n, k = 256, 512
@@ -196,7 +204,8 @@ def test_w8a8_paths_capture_in_cuda_graph():
     s8 = torch.rand(n, 1, device="cuda") * 0.01
     wf = (torch.randn(n, k, device="cuda") * 50).clamp(-448, 448).to(torch.float8_e4m3fn)
     sb = matmul_fp8.row_scale_b(torch.rand(n, device="cuda") * 0.01, n)
-    fns = (lambda: matmul_int8.int8_linear(x, w8, s8), lambda: matmul_fp8.fp8_rowwise_linear(x, wf, sb))
+    fns = (lambda: matmul_int8.int8_linear(x, w8, s8), lambda: matmul_fp8.fp8_rowwise_linear(x, wf, sb),
+           lambda: matmul_int8.int8_linear_fused(x, w8, s8), lambda: matmul_fp8.fp8_rowwise_fused(x, wf, sb.reshape(-1)))
     for fn in fns:
         eager = fn()  # compiles the Triton kernels outside the capture
         torch.cuda.synchronize()

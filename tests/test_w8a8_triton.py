@@ -1,4 +1,5 @@
-"""The W8A8 Triton kernels (act_quant row quantizer, matmul_int8 epilogue) under the Triton
+"""The W8A8 Triton kernels (act_quant row quantizer, matmul_int8 epilogue, the fused W8A8 GEMM on
+int8 and e4m3 codes) under the Triton
 interpreter on the CPU, against their pure-torch references. ``TRITON_INTERPRET=1`` must be set
 before triton is imported, so the checks run in a subprocess. The interpreter's e4m3 cast is wrong
 (it maps e.g. 124.3 to 64), so FP8 codes are checked bit-exact only on the GPU
@@ -18,17 +19,19 @@ pytest.importorskip("triton")
 
 SCRIPT = textwrap.dedent("""
     import torch
-    from hybridquant.ops import act_quant as A, matmul_int8 as I
+    from hybridquant.ops import act_quant as A, matmul_int8 as I, w8a8_gemm as G
     g = torch.Generator().manual_seed(0)
-    for k in (7, 64, 300, 5000):  # tails, one chunk, several chunks (MAX_BLOCK = 4096)
+    # tails; the single-read form (several rows per program: 4 rows, and 37 = programs with masked
+    # rows); the two-sweep form (K = 9000 > SINGLE_READ_MAX: 3 chunks of MAX_BLOCK)
+    for m, k in ((4, 7), (37, 64), (4, 300), (37, 300), (4, 5000), (4, 9000)):
         for dt in (torch.int8, torch.float8_e4m3fn):
-            x = (torch.randn(4, k, generator=g) * 3).to(torch.bfloat16)
+            x = (torch.randn(m, k, generator=g) * 3).to(torch.bfloat16)
             x[1] = 0
             a = x[2].float().abs().max()
             x[2, :3] = (torch.tensor([0.5, 1.5, -2.5]) * (a / 127)).to(torch.bfloat16)  # near ties
             q, s = A.quantize_rows_triton(x, dt)
             qr, sr = A.quantize_rows_ref(x, dt)
-            assert q.dtype == dt and s.shape == (4, 1) and s.dtype == torch.float32
+            assert q.dtype == dt and s.shape == (m, 1) and s.dtype == torch.float32
             assert torch.equal(s, sr), (k, dt)
             if dt == torch.int8:
                 assert torch.equal(q, qr), (k, (q != qr).sum())
@@ -51,6 +54,15 @@ SCRIPT = textwrap.dedent("""
         xq, sx = A.quantize_rows_ref(x, torch.int8)
         acc = (xq.to(torch.int64) @ w.to(torch.int64).t()).to(torch.int32)
         assert torch.equal(y, I.epilogue_ref(acc, sx, sw, b, torch.float32))
+    # the same kernel on e4m3 codes (made by torch's CPU cast, which is right): float32 sums of exact
+    # products, so only the summation order differs from the float64 reference
+    for m, n, k, sw in ((3, 24, 40, torch.tensor(0.01)), (40, 72, 100, torch.rand(72, 1, generator=g))):
+        xq = (torch.randn(m, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+        w = (torch.randn(n, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+        sx, b = torch.rand(m, 1, generator=g), torch.randn(n, generator=g)
+        y = G.gemm(xq, sx, w, sw, b, torch.float32, blocks=(16, 16, 32))
+        ref = G.epilogue_ref(xq.double() @ w.double().t(), sx, sw, b, torch.float32)
+        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     print("OK")
 """)
 

@@ -1,0 +1,123 @@
+"""The fused W8A8 GEMM: 8-bit activation codes x 8-bit weight codes on the tensor cores, with the
+dequantizing epilogue in the same kernel (one launch after the activation quantizer).
+
+``gemm(xq, sx, w, sw, bias, out_dtype)`` computes ``y[m, n] = (acc[m, n] * sx[m]) * sw[n] + bias[n]``:
+
+- ``xq`` [M, K] int8 or float8_e4m3fn, row-major: the per-token codes of ``act_quant.quantize_rows``;
+  ``sx`` float32 [M, 1] their scales.
+- ``w`` [N, K] of the same dtype, row-major (the stored weight; read as the column-major [K, N]
+  operand, which is the K-major layout Hopper's 8-bit wgmma needs, so no transpose is ever made).
+- ``acc``: exact int32 sums for int8; float32 sums of the exact e4m3 products for e4m3 (the tensor
+  cores' FP8 accumulation).
+- ``sw`` float32: a scalar (tensorwise) or one per output row ([N] / [N, 1]); read with stride 0 or 1,
+  so a tensorwise weight needs no [1, N] expansion.
+- The epilogue multiplies in float32 in that order, adds the bias in float32 and rounds once to
+  ``out_dtype`` (bf16 / fp16 / fp32): ``epilogue_ref`` is the same math in torch.
+
+Why a Triton GEMM for FP8 too, where ``torch._scaled_mm`` exists: on the H200 the two are equally
+fast on the GPU at Flux shapes (bench/RESULTS_LAYERS_H200.md: this kernel for int8 1.43-1.72x bf16 at
+M = 4096, row-wise ``_scaled_mm`` 1.44-1.77x; the 8-bit tensor-core rates are the same), and the eager
+forward is host-bound: a ``_scaled_mm`` call costs ~29-34 us of host time against ~10-15 us for this
+kernel's cached launch (bench/bench_host.py --ops), and it writes fp16 outputs directly (row-wise
+``_scaled_mm`` has a bf16 output only).
+
+Tuning: ``triton.autotune`` over a few tile shapes, once per (device, M bucket, N, K, dtypes); then the
+kept config is launched directly (``triton_launch.Tuned``). K is a compile-time constant (one variant
+per layer width): a constant trip count for the K loop, which the Triton interpreter also needs.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .matmul_fp8 import _HAVE_TRITON
+from .triton_launch import Tuned, cdiv
+
+if _HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.autotune(
+        configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
+                 for bm, bn, bk, s, w in ((128, 128, 128, 3, 8), (128, 256, 64, 3, 8), (64, 128, 128, 4, 4),
+                                          (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))],
+        key=["M_KEY", "N", "K", "IS_FP8"],
+    )
+    @triton.jit
+    def _w8a8_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr, stride_am, stride_bn,
+                     stride_ym, sw_stride, M_KEY, HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_p = a_ptr + offs_m.to(tl.int64)[:, None] * stride_am + offs_k[None, :]
+        b_p = b_ptr + offs_n.to(tl.int64)[None, :] * stride_bn + offs_k[:, None]  # [K, N] view of w [N, K]
+        if IS_FP8:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+        for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+            kk = k0 * BLOCK_K + offs_k
+            am = (offs_m[:, None] < M) & (kk[None, :] < K)
+            bm = (offs_n[None, :] < N) & (kk[:, None] < K)
+            if IS_FP8:  # (a float ``other``: Triton casts no int to fp8)
+                a = tl.load(a_p, mask=am, other=0.0)
+                b = tl.load(b_p, mask=bm, other=0.0)
+                acc = tl.dot(a, b, acc)
+            else:
+                a = tl.load(a_p, mask=am, other=0)
+                b = tl.load(b_p, mask=bm, other=0)
+                acc += tl.dot(a, b, out_dtype=tl.int32)
+            a_p += BLOCK_K
+            b_p += BLOCK_K
+        mm, mn = offs_m < M, offs_n < N
+        sx = tl.load(sx_ptr + offs_m, mask=mm, other=0.0)
+        sw = tl.load(sw_ptr + offs_n * sw_stride, mask=mn, other=0.0)
+        y = (acc.to(tl.float32) * sx[:, None]) * sw[None, :]
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + offs_n, mask=mn, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=mm[:, None] & mn[None, :])
+
+
+# The tuned config per (device, M bucket, N, K, codes dtype, output dtype), then direct launches.
+_GEMM = Tuned(_w8a8_kernel) if _HAVE_TRITON else None
+CODES = (torch.int8, torch.float8_e4m3fn)
+
+
+def epilogue_ref(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias, out_dtype) -> torch.Tensor:
+    """Pure-torch reference of the epilogue: ``(acc * sx[M,1]) * sw[1,N or 1] + bias`` in float32."""
+    y = (acc.to(torch.float32) * sx.reshape(-1, 1).to(torch.float32)) * sw.to(torch.float32).reshape(1, -1)
+    if bias is not None:
+        y = y + bias.to(torch.float32)
+    return y.to(out_dtype)
+
+
+def gemm(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, bias: torch.Tensor | None,
+         out_dtype: torch.dtype, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """The kernel (module docstring) on 2-D codes; ``sw`` float32 (scalar or N values). ``blocks`` =
+    (BLOCK_M, BLOCK_N, BLOCK_K) bypasses the autotuner (the interpreter tests: it needs a GPU)."""
+    if not _HAVE_TRITON:
+        raise NotImplementedError("the W8A8 GEMM needs Triton")
+    m, k = xq.shape
+    n = w.shape[0]
+    if w.dtype != xq.dtype or xq.dtype not in CODES or w.ndim != 2 or w.shape[1] != k or w.stride(1) != 1:
+        raise ValueError(f"w8a8 gemm: codes [M, K] and weight [N, K] must be row-major {CODES}, same dtype; "
+                         f"got {xq.dtype} {tuple(xq.shape)} and {w.dtype} {tuple(w.shape)}")
+    ns = sw.numel()
+    if ns not in (1, n):
+        raise ValueError(f"w8a8 gemm: weight scale must be a scalar or one per output row ({n}), got {ns}")
+    y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
+    b = bias if bias is not None else sw
+    # M_KEY: the autotuner's key, M rounded up to a power of two, so that a new token count (another
+    # resolution or batch) reuses the tuned config instead of benchmarking all configs again.
+    m_key = 1 << max(0, m - 1).bit_length()
+    fp8 = xq.dtype is torch.float8_e4m3fn
+    args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if ns > 1 else 0, m_key,
+            bias is not None, fp8)
+    if blocks is not None:
+        _w8a8_kernel.fn[(cdiv(m, blocks[0]), cdiv(n, blocks[1]))](*args, *blocks)
+        return y
+    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    _GEMM.launch((xq.device, m_key, n, k, fp8, out_dtype), grid, *args)
+    return y
