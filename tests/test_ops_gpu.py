@@ -117,6 +117,29 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
     torch.testing.assert_close(m(x), y, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("case", ["float8_e4m3fn_rowwise", "float8_e4m3fn"])
+def test_fp8_row_triton_layer_path(comfy, case, monkeypatch):
+    """``linear_paths.FP8_ROWWISE_TRITON`` (off by default until measured on a GPU): a row-wise FP8 layer,
+    and a tensorwise one from FP8_AS_ROWWISE_MIN_ROWS rows, run the fused Triton GEMM within the FP8
+    bound of the dequantized reference, in bf16 and fp16."""
+    import hybridquant.ops as ops
+    from hybridquant.ops import linear_paths as lp
+
+    monkeypatch.setattr(lp, "FP8_ROWWISE_TRITON", True)
+    monkeypatch.setattr(lp, "FP8_ROWWISE_MIN_ROWS", 65)
+    monkeypatch.setattr(lp, "FP8_AS_ROWWISE_MIN_ROWS", 65)
+    sd, ref = _sd(case)
+    m = Wide(ops.choose_ops(sd.keys(), {}))
+    m.load_state_dict(ops.prepare_state_dict(sd, {}))
+    m.to("cuda")
+    for dt in (torch.bfloat16, torch.float16):
+        x = torch.randn(128, D_IN, device="cuda", dtype=dt)
+        y = m.a(x)
+        assert m.a.hq_last_path == "fp8_row_triton" and y.dtype == dt
+        y_ref = x.float() @ ref["a"].cuda().t() + ref["a.bias"].cuda()
+        assert float((y.float() - y_ref).norm() / y_ref.norm()) < 0.05
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("k", [3072, 12288, 100, 5120])
 def test_act_quant_triton_matches_reference_on_gpu(dtype, k):

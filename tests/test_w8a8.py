@@ -130,6 +130,24 @@ def test_tensorwise_as_rowwise_switch(cap, monkeypatch):
     assert linear_paths.per_call("fp8", lay, many) == ["fp8", "dequant"]
 
 
+def test_fp8_rowwise_triton_switch(cap, monkeypatch):
+    """With FP8_ROWWISE_TRITON the fused Triton GEMM runs first, row-wise _scaled_mm is its fallback;
+    an e5m2 weight (the kernel multiplies codes of one dtype) keeps _scaled_mm only."""
+    cap((9, 0))
+    monkeypatch.setattr(linear_paths, "FP8_ROWWISE_TRITON", True)
+    row = _layer("float8_e4m3fn_rowwise")
+    x = torch.zeros(linear_paths.FP8_ROWWISE_MIN_ROWS, 64, dtype=torch.bfloat16)
+    assert linear_paths.per_call("fp8_rowwise", row, x)[:2] == ["fp8_row_triton", "fp8_rowwise"]
+    tw = _layer("float8_e4m3fn")
+    many = torch.zeros(linear_paths.FP8_AS_ROWWISE_MIN_ROWS, 64, dtype=torch.bfloat16)
+    assert linear_paths.per_call("fp8", tw, many) == ["fp8_row_triton", "fp8_rowwise", "fp8", "dequant"]
+    e5m2 = _layer("float8_e5m2")
+    e5m2.weight = torch.zeros(32, 64, dtype=torch.float8_e5m2)
+    assert linear_paths.per_call("fp8", e5m2, many) == ["fp8_rowwise", "fp8", "dequant"]
+    monkeypatch.setattr(linear_paths, "FP8_ROWWISE_TRITON", False)
+    assert linear_paths.per_call("fp8_rowwise", row, x)[0] == "fp8_rowwise"
+
+
 def test_run_int8_on_cpu_with_mocked_capability(cap, monkeypatch):
     """The dispatch runs the real int8 path (CPU _int_mm) and caches nothing per call."""
     cap((9, 0))
