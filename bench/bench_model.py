@@ -4,7 +4,7 @@ CUDA graph and torch.compile, LoRA, against bf16 and stock ComfyUI FP8 measured 
     PYTHONPATH=<parent of hybridquant> python bench/bench_model.py --comfy $COMFY \\
         [--models flux,wan] [--formats float8_e4m3fn,bnb_nf4,...] [--sizes 512,1024,1536] \\
         [--depth 5 10 | --full] [--repeats 3] [--compile [--compile-models flux]] [--eager-models flux,wan] \\
-        [--lora] [--json F] [--md F] [--budget-s S]
+        [--lora] [--json F] [--md F] [--budget-s S] [--knob NAME=MODULE.ATTR=VALUE ... --formats F,F@NAME]
     python bench/bench_model.py --device cpu --tiny --json out.json     # end-to-end smoke run (CPU)
     python bench/bench_model.py --merge a.json b.json --json all.json --md all.md   # join split runs
 
@@ -36,6 +36,9 @@ Columns (times in ms):
   resident models are not counted.
 - ``weights_gb``: stored bytes (file size); ``rel_err``: ||y - y_bf16|| / ||y_bf16||, worst over rounds
   (LoRA rows: vs bf16+LoRA; compile rows: vs eager bf16).
+- ``FMT@NAME`` rows (``--knob NAME=MODULE.ATTR=VALUE``): FMT's file, loaded as its own model, with the pack
+  constant ``hybridquant.ops.MODULE.ATTR`` set to VALUE only while this row's forwards run -- a dispatch
+  switch measured against the default in the same process (e.g. ``linear_paths.FP8_ROWWISE_TRITON``).
 - ``paths``: Counter of ``layer.hq_last_path`` over the pack's quantized layers (stock rows: ops class and
   weight type).
 - ``stock_fp8``: the pack's tensorwise FP8 file loaded by stock ComfyUI. If that core did not load every
@@ -55,6 +58,7 @@ import time
 T0 = time.monotonic()  # --budget-s counts from here (the interpreter's start is not measurable in-process)
 
 import argparse  # noqa: E402
+import ast  # noqa: E402
 import importlib  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -66,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # sibling modules, als
 
 import model_comfy as mc  # noqa: E402
 import model_report as mr  # noqa: E402
-from model_formats import COMPILE_DEFAULT, EXTRA_FORMATS, default_formats, plan_fields  # noqa: E402
+from model_formats import COMPILE_DEFAULT, EXTRA_FORMATS, default_formats, plan_fields, split_knob  # noqa: E402
 from model_runner import Runner  # noqa: E402
 from model_zoo import PRESET, WAN_480P_81F_TOKENS, flux_case, wan_case, wan_latent  # noqa: E402
 
@@ -111,6 +115,10 @@ def parse_args(argv=None):
                     help="keep the whole run under this many seconds: rows that would not fit are skipped and listed")
     ap.add_argument("--work-dir", default=str(REPO / ".cache" / "bench_model"))
     ap.add_argument("--keep-files", action="store_true", help="keep converted files (reused by later runs)")
+    ap.add_argument("--knob", action="append", default=[], metavar="NAME=MODULE.ATTR=VALUE",
+                    help="a pack constant (hybridquant.ops.MODULE.ATTR, a Python literal VALUE) set only while "
+                         "the rows named FMT@NAME run: an A/B of a dispatch switch in one process, "
+                         "e.g. --knob tri=linear_paths.FP8_ROWWISE_TRITON=True --formats F,F@tri")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     a = ap.parse_args(argv)
@@ -130,7 +138,32 @@ def parse_args(argv=None):
     a.lora_formats_for = lambda fmt: {fmt} if lf is None or fmt in lf else set()
     if a.tiny:
         a.text_tokens = min(a.text_tokens, 16)
+    a.knob_specs = {}
+    for spec in a.knob:
+        name, _, rest = spec.partition("=")
+        target, _, value = rest.partition("=")
+        mod_name, _, attr = target.rpartition(".")
+        if not (name and mod_name and attr and value):
+            ap.error(f"--knob {spec!r}: expected NAME=MODULE.ATTR=VALUE")
+        try:
+            a.knob_specs[name] = (mod_name, attr, ast.literal_eval(value))
+        except (ValueError, SyntaxError) as e:
+            ap.error(f"--knob {spec!r}: VALUE must be a Python literal ({type(e).__name__}: {e})")
     return a
+
+
+def resolve_knobs(specs: dict) -> dict:
+    """NAME -> (module, attribute, value), once ComfyUI is importable (the pack's ops import it)."""
+    out = {}
+    for name, (mod_name, attr, value) in specs.items():
+        try:
+            module = importlib.import_module(f"hybridquant.ops.{mod_name}")
+        except ImportError as e:
+            raise SystemExit(f"--knob {name}: no module hybridquant.ops.{mod_name} ({e})") from e
+        if not hasattr(module, attr):
+            raise SystemExit(f"--knob {name}: hybridquant.ops.{mod_name} has no {attr}")
+        out[name] = (module, attr, value)
+    return out
 
 
 def main(argv=None):
@@ -149,7 +182,12 @@ def main(argv=None):
     for m in a.model_list:
         for f in formats:
             plan_fields(f, m)  # unknown names fail before any work
+    for f in formats:
+        knob = split_knob(f)[1]
+        if knob is not None and knob not in a.knob_specs:
+            raise SystemExit(f"--formats {f!r}: no --knob named {knob!r}")
     version = mc.import_comfy(a.comfy, cpu=dev.type == "cpu")
+    a.knobs = resolve_knobs(a.knob_specs)
     if a.compile:  # every compiled variant x size is one cache entry of the same forward code
         dynamo_config = importlib.import_module("torch._dynamo").config
         for k in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit", "accumulated_recompile_limit"):

@@ -40,8 +40,15 @@ def default_formats() -> list[str]:
     return [f for f in PRIORITY if f in every] + [f for f in every if f not in PRIORITY]
 
 
+def split_knob(name: str) -> tuple[str, str | None]:
+    """``"FMT@KNOB"`` -> ``("FMT", "KNOB")``: the same file, run with ``--knob KNOB`` set (bench_model)."""
+    head, sep, knob = name.partition("@")
+    return head, (knob if sep else None)
+
+
 def plan_fields(name: str, model: str) -> dict:
     """PlanOptions fields for a row name (see the module docstring); unknown names raise SystemExit."""
+    name = split_knob(name)[0]
     base = registry_formats()
     if name in base:
         return dict(base[name])

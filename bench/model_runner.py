@@ -16,7 +16,7 @@ import model_comfy as mc
 import model_timing as mt
 import torch
 from model_budget import Budget
-from model_formats import plan_fields
+from model_formats import plan_fields, split_knob
 from model_zoo import PRESET, ModelCase, inputs, layer_shapes, lora_state_dict, save_source, size_label
 
 STOCK_MAX_REL_ERR = 0.1  # a correct FP8 row is ~2e-3 from bf16; 0.35 is what ignored scales give
@@ -68,7 +68,9 @@ class Runner:
 
     @staticmethod
     def file_name(fmt: str) -> str:
-        """The converted file of a row name (stock FP8 loads the pack's tensorwise FP8 file)."""
+        """The converted file of a row name (stock FP8 loads the pack's tensorwise FP8 file; a ``FMT@KNOB``
+        row loads FMT's file)."""
+        fmt = split_knob(fmt)[0]
         return ("float8_e4m3fn" if fmt == "stock_fp8" else fmt).replace("+", "_") + ".safetensors"
 
     # ---- setup -----------------------------------------------------------------------------------
@@ -106,7 +108,7 @@ class Runner:
         if v.fmt == "bf16":
             path = src
         else:
-            fmt = "float8_e4m3fn" if v.fmt == "stock_fp8" else v.fmt
+            fmt = "float8_e4m3fn" if v.fmt == "stock_fp8" else split_knob(v.fmt)[0]
             path = work / self.file_name(v.fmt)
             if not path.exists():
                 from hybridquant.converter import PlanOptions, convert_file
@@ -129,10 +131,22 @@ class Runner:
         x, sigma, kw, tokens = inputs(v.case, size, self.dev, self.a.text_tokens)
         topts = {"wrappers": pe.copy_nested_dicts(v.patcher.wrappers)} if v.compile else {}
         base = v.patcher.model
+        knob = self.a.knobs.get(split_knob(v.fmt)[1]) if split_knob(v.fmt)[1] else None
 
         def fwd():
             with torch.inference_mode():
                 return base.apply_model(x, sigma, transformer_options=topts, **kw)
+
+        if knob is not None:  # the knob holds only while this row's model runs (every other row: unset)
+            plain, (module, attr, value) = fwd, knob
+
+            def fwd():
+                saved = getattr(module, attr)
+                setattr(module, attr, value)
+                try:
+                    return plain()
+                finally:
+                    setattr(module, attr, saved)
 
         return Row(v, size, fwd, tokens)
 
