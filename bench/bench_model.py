@@ -186,6 +186,8 @@ def main(argv=None):
         knob = split_knob(f)[1]
         if knob is not None and knob not in a.knob_specs:
             raise SystemExit(f"--formats {f!r}: no --knob named {knob!r}")
+        if knob is not None and split_knob(f)[0] in ("bf16", "stock_fp8"):
+            raise SystemExit(f"--formats {f!r}: the reference rows (bf16, stock_fp8) take no knob")
     version = mc.import_comfy(a.comfy, cpu=dev.type == "cpu")
     a.knobs = resolve_knobs(a.knob_specs)
     if a.compile:  # every compiled variant x size is one cache entry of the same forward code

@@ -44,6 +44,8 @@ if _HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    from .matmul_fp8 import round_e4m3
+
     @triton.jit
     def _rowquant_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, stride_q,
                          IS_INT8: tl.constexpr, QMAX_C: tl.constexpr, BLOCK: tl.constexpr,
@@ -84,7 +86,7 @@ if _HAVE_TRITON:
             y = (y + 12582912.0) - 12582912.0
             tl.store(q_ptrs, y.to(tl.int8), mask=mask)
         else:
-            tl.store(q_ptrs, y.to(tl.float8e4nv), mask=mask)
+            tl.store(q_ptrs, round_e4m3(y).to(tl.float8e4nv), mask=mask)  # (exact cast: see round_e4m3)
 
     _ROWQUANT = Kernel(_rowquant_kernel)
 

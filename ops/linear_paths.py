@@ -82,9 +82,10 @@ FP8_ROWWISE_TRITON = False
 FP8_AS_ROWWISE_MIN_ROWS = 2048
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
-try:  # a Triton kernel that fails to compile on this GPU demotes the layer like any fast-path error
-    from triton.compiler.errors import CompilationError as _TritonCompileError
-    FAST_ERRORS += (_TritonCompileError,)
+try:  # a Triton kernel that fails to compile or load on this GPU (CompilationError, OutOfResources,
+    # PTXASError: all TritonError, none a RuntimeError) demotes the layer like any fast-path error
+    from triton.errors import TritonError as _TritonError
+    FAST_ERRORS += (_TritonError,)
 except ImportError:  # no Triton (CPU-only installs)
     pass
 

@@ -82,7 +82,31 @@ if _HAVE_TRITON:
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         y = tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -448.0), 448.0)
-        tl.store(y_ptr + offs, y.to(tl.float8e4nv), mask=mask)
+        tl.store(y_ptr + offs, round_e4m3(y).to(tl.float8e4nv), mask=mask)
+
+    @triton.jit
+    def round_e4m3(y):
+        """``y`` (float32, |y| <= 448, not NaN) rounded to the nearest float8_e4m3fn value, ties to even,
+        as float32: the cast to e4m3 that follows is then exact on every GPU.
+
+        Why explicit: on SM 8.9 Triton lowers an f32 -> e4m3 cast as ``cvt.rz.f16.f32`` then
+        ``cvt.rn.satfinite.e4m3x2.f16x2``, two roundings, the first toward zero, so a value just above
+        a halfway point between two e4m3 values (1.0625 + 2^-20) lands on the halfway point and rounds
+        to even the wrong way (1.0 instead of torch's 1.125; ~0.3% of a quantized activation's codes).
+        SM 9.0's single ``cvt.rn.satfinite.e4m3x2.f32`` is right; so is this on both.
+
+        - normal range (|y| >= 2^-6): keep 3 of float32's 23 mantissa bits, rounding the 20 dropped
+          bits to nearest even in the integer bit pattern (a carry moves into the exponent, as it
+          should; the sign bit is never reached for |y| <= 448);
+        - subnormals (|y| < 2^-6, steps of 2^-9): |y| + 1.5 * 2^14 rounds |y| to a multiple of float32's
+          ulp there, 2^-9 (ties to even), and subtracting it back is exact; the sign is put back (-0
+          stays -0). No fast-math in Triton, so the add / subtract pair is not folded away.
+        """
+        b = y.to(tl.int32, bitcast=True)
+        normal = ((b + 0x7FFFF + ((b >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        sub = (((tl.abs(y) + 24576.0) - 24576.0).to(tl.int32, bitcast=True) | (b & -2147483648)).to(
+            tl.float32, bitcast=True)
+        return tl.where(tl.abs(y) < 0.015625, sub, normal)
 
     @triton.jit
     def _quant_onepass_kernel(x_ptr, y_ptr, ws_ptr, scale_ptr, n, nprog, static_scale,

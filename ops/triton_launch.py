@@ -72,8 +72,8 @@ def _arg_key(a, constexpr: bool):
         return a.dtype, a.data_ptr() & 15 == 0
     if isinstance(a, bool):
         return bool, a
-    if isinstance(a, int):
-        return a == 1, a & 15 == 0, _I32[0] <= a <= _I32[1]
+    if isinstance(a, int):  # (Triton: i32, i64 below 2^63, u64 from there)
+        return a == 1, a & 15 == 0, _I32[0] <= a <= _I32[1], a >= 1 << 63
     if isinstance(a, float):
         return float
     return type(a), a  # None and anything else Triton may specialize on: by value
@@ -102,11 +102,12 @@ class Kernel:
             raise TypeError(f"{self.fn.__name__}: pass all {len(self._constexpr)} parameters positionally, "
                             f"got {len(args)}")
         lo, hi = _I32
+        u64 = 1 << 63
         return (device_index, tuple(options.items()) if options else (), tuple([
             a if c
             else (a.dtype, a.data_ptr() & 15 == 0) if isinstance(a, _Tensor)
             else (bool, a) if a is True or a is False
-            else (a == 1, a & 15 == 0, lo <= a <= hi) if type(a) is int
+            else (a == 1, a & 15 == 0, lo <= a <= hi, a >= u64) if type(a) is int
             else _arg_key(a, False)
             for a, c in zip(args, self._constexpr)]))
 
@@ -120,6 +121,11 @@ class Kernel:
             # (under torch.compile: Triton's own call, which Dynamo traces as a user kernel)
             return self.fn[grid](*args, **options)
         idx = dev.index if dev.index is not None else torch.cuda.current_device()
+        if idx != torch._C._cuda_getDevice():
+            # Triton compiles, loads and launches for the CURRENT device; a tensor on another GPU
+            # (a model on cuda:1 while cuda:0 is current) runs under a guard through Triton's own path
+            with torch.cuda.device(idx):
+                return self.fn[grid](*args, **options)
         key = self.key(args, options, idx)
         hit = self._kernels.get(key)
         if hit is None:

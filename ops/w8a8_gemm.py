@@ -7,12 +7,14 @@ dequantizing epilogue in the same kernel (one launch after the activation quanti
   ``sx`` float32 [M, 1] their scales.
 - ``w`` [N, K] of the same dtype, row-major (the stored weight; read as the column-major [K, N]
   operand, which is the K-major layout Hopper's 8-bit wgmma needs, so no transpose is ever made).
-- ``acc``: exact int32 sums for int8; float32 sums of the exact e4m3 products for e4m3 (the tensor
-  cores' FP8 accumulation).
+- ``acc``: exact int32 sums for int8; for e4m3 the tensor cores' FP8 sums, promoted into a float32
+  accumulator after every ``BLOCK_K`` columns (64 or 128), as cuBLAS does without fast accumulation.
 - ``sw`` float32: a scalar (tensorwise) or one per output row ([N] / [N, 1]); read with stride 0 or 1,
   so a tensorwise weight needs no [1, N] expansion.
 - The epilogue multiplies in float32 in that order, adds the bias in float32 and rounds once to
-  ``out_dtype`` (bf16 / fp16 / fp32): ``epilogue_ref`` is the same math in torch.
+  ``out_dtype`` (bf16 / fp16 / fp32): ``epilogue_ref`` is the same math in torch, except that on a GPU
+  Triton fuses ``* sw + bias`` into one fma (one rounding fewer), so GPU tests compare with a
+  tolerance; the interpreter computes exactly ``epilogue_ref``.
 
 Why a Triton GEMM for FP8 too, where ``torch._scaled_mm`` exists: on the H200 the two are equally
 fast on the GPU at Flux shapes (bench/RESULTS_LAYERS_H200.md: this kernel for int8 1.43-1.72x bf16 at
@@ -63,7 +65,11 @@ if _HAVE_TRITON:
             if IS_FP8:  # (a float ``other``: Triton casts no int to fp8)
                 a = tl.load(a_p, mask=am, other=0.0)
                 b = tl.load(b_p, mask=bm, other=0.0)
-                acc = tl.dot(a, b, acc)
+                # Promote the tensor cores' FP8 partial sums into the float32 accumulator every BLOCK_K:
+                # Triton's SM 9.0 default (max_num_imprecise_acc = 2^30) keeps the whole K loop in the
+                # wgmma FP8 accumulator (~14 bits, like _scaled_mm's use_fast_accum=True); this is its
+                # default use_fast_accum=False behaviour.
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
             else:
                 a = tl.load(a_p, mask=am, other=0)
                 b = tl.load(b_p, mask=bm, other=0)
@@ -101,12 +107,15 @@ def gemm(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, 
         raise NotImplementedError("the W8A8 GEMM needs Triton")
     m, k = xq.shape
     n = w.shape[0]
-    if w.dtype != xq.dtype or xq.dtype not in CODES or w.ndim != 2 or w.shape[1] != k or w.stride(1) != 1:
+    if (w.dtype != xq.dtype or xq.dtype not in CODES or w.ndim != 2 or w.shape[1] != k or w.stride(1) != 1
+            or xq.stride(1) != 1):
         raise ValueError(f"w8a8 gemm: codes [M, K] and weight [N, K] must be row-major {CODES}, same dtype; "
                          f"got {xq.dtype} {tuple(xq.shape)} and {w.dtype} {tuple(w.shape)}")
     ns = sw.numel()
-    if ns not in (1, n):
-        raise ValueError(f"w8a8 gemm: weight scale must be a scalar or one per output row ({n}), got {ns}")
+    if ns not in (1, n) or sw.dtype != torch.float32:
+        raise ValueError(f"w8a8 gemm: weight scale must be float32, a scalar or one per output row ({n}); "
+                         f"got {sw.dtype} with {ns} values")
+    sw = sw.reshape(-1)  # a view of a contiguous scale; a strided one is copied (the kernel reads stride 1)
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     b = bias if bias is not None else sw
     # M_KEY: the autotuner's key, M rounded up to a power of two, so that a new token count (another
