@@ -20,7 +20,8 @@ Paths (the layers' own functions, not the dispatch, so each is timed at every M)
 ``fp8_2k`` (the two-kernel quantizer, the CUDA-graph form); ``fp8_row`` (per-token activation scales,
 row-wise ``_scaled_mm``); ``fp8_row_tr`` (the same codes through the fused W8A8 Triton GEMM,
 ``w8a8_gemm``: what ``float8_e4m3fn_rowwise`` and tensorwise weights with ``TENSORWISE_AS_ROWWISE``
-run with ``FP8_ROWWISE_TRITON``); ``int8`` (fused Triton INT8 GEMM, per-token activations);
+run with ``FP8_ROWWISE_TRITON``); ``fp8_tr`` (the tensorwise codes of ``fp8`` through that GEMM,
+``FP8_TENSORWISE_TRITON``); ``int8`` (fused Triton INT8 GEMM, per-token activations);
 ``int8_mm`` (``torch._int_mm`` + epilogue); ``cast_gemm`` (``matmul_small.scaled_dequant``: cast the
 8-bit weight to bf16, GEMM, output scale); ``quant_tw`` / ``quant_row`` (the activation quantizers
 alone). Each path's output is checked against bf16 (relative error in the JSON).
@@ -101,6 +102,7 @@ def main():
                 "fp8_2k": lambda i: matmul_fp8.fp8_linear_prepared(x, *ops_tw[i], b, impl="triton2"),
                 "fp8_row": lambda i: matmul_fp8.fp8_rowwise_linear(x, q_tw[i], sb_row[i], b),
                 "fp8_row_tr": lambda i: matmul_fp8.fp8_rowwise_fused(x, q_tw[i], s_tw[i], b),
+                "fp8_tr": lambda i: matmul_fp8.fp8_linear_fused(x, q_tw[i], s_tw[i], b),
                 "int8": lambda i: matmul_int8.int8_linear_fused(x, q8[i], s8[i], b),
                 "int8_mm": lambda i: matmul_int8.int8_linear(x, q8[i], s8[i], b),
                 "cast_gemm": lambda i: matmul_small.scaled_dequant(x, q_tw[i], s_tw[i], b),

@@ -118,7 +118,8 @@ def parse_args(argv=None):
     ap.add_argument("--knob", action="append", default=[], metavar="NAME=MODULE.ATTR=VALUE",
                     help="a pack constant (hybridquant.ops.MODULE.ATTR, a Python literal VALUE) set only while "
                          "the rows named FMT@NAME run: an A/B of a dispatch switch in one process, "
-                         "e.g. --knob tri=linear_paths.FP8_ROWWISE_TRITON=True --formats F,F@tri")
+                         "e.g. --knob tri=linear_paths.FP8_ROWWISE_TRITON=True --formats F,F@tri "
+                         "(a NAME given again sets several constants)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--md", default=None)
     a = ap.parse_args(argv)
@@ -146,23 +147,25 @@ def parse_args(argv=None):
         if not (name and mod_name and attr and value):
             ap.error(f"--knob {spec!r}: expected NAME=MODULE.ATTR=VALUE")
         try:
-            a.knob_specs[name] = (mod_name, attr, ast.literal_eval(value))
+            a.knob_specs.setdefault(name, []).append((mod_name, attr, ast.literal_eval(value)))
         except (ValueError, SyntaxError) as e:
             ap.error(f"--knob {spec!r}: VALUE must be a Python literal ({type(e).__name__}: {e})")
     return a
 
 
 def resolve_knobs(specs: dict) -> dict:
-    """NAME -> (module, attribute, value), once ComfyUI is importable (the pack's ops import it)."""
+    """NAME -> [(module, attribute, value), ...] (a NAME given several times sets all of them), once
+    ComfyUI is importable (the pack's ops import it)."""
     out = {}
-    for name, (mod_name, attr, value) in specs.items():
-        try:
-            module = importlib.import_module(f"hybridquant.ops.{mod_name}")
-        except ImportError as e:
-            raise SystemExit(f"--knob {name}: no module hybridquant.ops.{mod_name} ({e})") from e
-        if not hasattr(module, attr):
-            raise SystemExit(f"--knob {name}: hybridquant.ops.{mod_name} has no {attr}")
-        out[name] = (module, attr, value)
+    for name, items in specs.items():
+        for mod_name, attr, value in items:
+            try:
+                module = importlib.import_module(f"hybridquant.ops.{mod_name}")
+            except ImportError as e:
+                raise SystemExit(f"--knob {name}: no module hybridquant.ops.{mod_name} ({e})") from e
+            if not hasattr(module, attr):
+                raise SystemExit(f"--knob {name}: hybridquant.ops.{mod_name} has no {attr}")
+            out.setdefault(name, []).append((module, attr, value))
     return out
 
 

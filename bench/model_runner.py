@@ -138,15 +138,17 @@ class Runner:
                 return base.apply_model(x, sigma, transformer_options=topts, **kw)
 
         if knob is not None:  # the knob holds only while this row's model runs (every other row: unset)
-            plain, (module, attr, value) = fwd, knob
+            plain = fwd
 
             def fwd():
-                saved = getattr(module, attr)
-                setattr(module, attr, value)
+                saved = [(module, attr, getattr(module, attr)) for module, attr, _ in knob]
+                for module, attr, value in knob:
+                    setattr(module, attr, value)
                 try:
                     return plain()
                 finally:
-                    setattr(module, attr, saved)
+                    for module, attr, value in saved:
+                        setattr(module, attr, value)
 
         return Row(v, size, fwd, tokens)
 

@@ -79,6 +79,11 @@ TENSORWISE_AS_ROWWISE = True
 # (tests/test_ops_gpu.py), but the session that wrote it had no GPU left to run them or the
 # benchmarks (bench_layers.py's ``fp8_row_tr`` column, bench_model.py) -- switch it on from those.
 FP8_ROWWISE_TRITON = False
+# Likewise tensorwise FP8 below FP8_AS_ROWWISE_MIN_ROWS (path ``fp8_triton``: the one-pass quantizer's
+# codes and scale, then ``w8a8_gemm`` instead of tensorwise ``_scaled_mm``, which stays its fallback):
+# where the forward is host-bound (a 512^2 Flux step) the GEMM call's host time is what it saves. Off
+# until measured on a GPU, as above.
+FP8_TENSORWISE_TRITON = False
 FP8_AS_ROWWISE_MIN_ROWS = 2048
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
@@ -114,12 +119,12 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
     if (path == "fp8" and TENSORWISE_AS_ROWWISE and rows >= FP8_AS_ROWWISE_MIN_ROWS
             and layer.hq_static_input_scale is None  # a calibrated input scale is the file's choice: kept
             and x.dtype in (torch.bfloat16, torch.float16) and caps.FEATURE_FP8_ROWWISE in caps.features(x.device)):
-        return _fp8_rowwise(layer) + ["fp8", "dequant"]
+        return _fp8_rowwise(layer) + _fp8_tensorwise(layer) + ["dequant"]
     w8a8 = {"int8": INT8_MIN_ROWS, "fp8_rowwise": FP8_ROWWISE_MIN_ROWS}.get(path)
     if w8a8 is not None and rows >= w8a8 and x.dtype in (torch.bfloat16, torch.float16):
         return (_fp8_rowwise(layer) if path == "fp8_rowwise" else [path]) + per_call("small", layer, x)
     if path == "fp8" and matmul_fp8.worth_it(rows):
-        return ["fp8", "dequant"]
+        return _fp8_tensorwise(layer) + ["dequant"]
     if path in ("mx", "bnb"):
         return [path, "dequant"]
     if path == "dq4":
@@ -142,6 +147,14 @@ def _fp8_rowwise(layer) -> list[str]:
     if FP8_ROWWISE_TRITON and (w is None or w.dtype is torch.float8_e4m3fn):
         return ["fp8_row_triton", "fp8_rowwise"]
     return ["fp8_rowwise"]
+
+
+def _fp8_tensorwise(layer) -> list[str]:
+    """The tensorwise FP8 GEMMs to try: the Triton one first where it is on and the weight is e4m3."""
+    w = getattr(layer, "weight", None)
+    if FP8_TENSORWISE_TRITON and (w is None or w.dtype is torch.float8_e4m3fn):
+        return ["fp8_triton", "fp8"]
+    return ["fp8"]
 
 
 def run(layer, x: torch.Tensor, tensors: dict, bias, fns) -> torch.Tensor:
@@ -200,6 +213,9 @@ def _fast(path, layer, x, tensors, bias):
         return matmul_int8.int8_linear(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "fp8_rowwise":
         return matmul_fp8.fp8_rowwise_prepared(x, _weight_t(layer, tensors), _scale_b(layer, tensors), bias)
+    if path == "fp8_triton":
+        return matmul_fp8.fp8_linear_fused(x, tensors["weight"], tensors["weight_scale"], bias,
+                                           input_scale=layer.hq_static_input_scale)
     if path == "fp8_row_triton":
         return matmul_fp8.fp8_rowwise_fused(x, tensors["weight"], tensors["weight_scale"], bias)
     if path == "gemv":

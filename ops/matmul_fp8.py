@@ -368,5 +368,18 @@ def fp8_rowwise_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     return w8a8_gemm.gemm(xq, sx, w, sw, bias, x.dtype).reshape(*lead, n)
 
 
+def fp8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                     input_scale: float | None = None) -> torch.Tensor:
+    """``fp8_linear``'s result from the fused W8A8 GEMM (``w8a8_gemm``) instead of ``torch._scaled_mm``:
+    the same tensorwise e4m3 activation codes and scale (``quantize_activation``: the one-pass
+    quantizer, or the file's calibrated ``input_scale``), then ``(acc * s_x) * s_w + bias`` rounded
+    once to ``x.dtype``."""
+    n, k = w.shape
+    lead = x.shape[:-1]
+    xq, sx = quantize_activation(x.reshape(-1, k), input_scale)
+    sw = w_scale if w_scale.dtype is torch.float32 else w_scale.to(torch.float32)
+    return w8a8_gemm.gemm(xq, sx, w, sw, bias, x.dtype).reshape(*lead, n)
+
+
 # At the end: these read _HAVE_TRITON from this module (a top-level import would be circular).
 from . import act_quant, w8a8_gemm  # noqa: E402

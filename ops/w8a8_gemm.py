@@ -3,8 +3,9 @@ dequantizing epilogue in the same kernel (one launch after the activation quanti
 
 ``gemm(xq, sx, w, sw, bias, out_dtype)`` computes ``y[m, n] = (acc[m, n] * sx[m]) * sw[n] + bias[n]``:
 
-- ``xq`` [M, K] int8 or float8_e4m3fn, row-major: the per-token codes of ``act_quant.quantize_rows``;
-  ``sx`` float32 [M, 1] their scales.
+- ``xq`` [M, K] int8 or float8_e4m3fn, row-major: the per-token codes of ``act_quant.quantize_rows``
+  with ``sx`` float32 [M, 1] their scales, or tensorwise e4m3 codes (``matmul_fp8.quantize_activation``)
+  with ``sx`` their one float32 scale (read with stride 0).
 - ``w`` [N, K] of the same dtype, row-major (the stored weight; read as the column-major [K, N]
   operand, which is the K-major layout Hopper's 8-bit wgmma needs, so no transpose is ever made).
 - ``acc``: exact int32 sums for int8; for e4m3 the tensor cores' FP8 sums, promoted into a float32
@@ -47,7 +48,7 @@ if _HAVE_TRITON:
     )
     @triton.jit
     def _w8a8_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr, stride_am, stride_bn,
-                     stride_ym, sw_stride, M_KEY, HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr,
+                     stride_ym, sx_stride, sw_stride, M_KEY, HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -77,7 +78,7 @@ if _HAVE_TRITON:
             a_p += BLOCK_K
             b_p += BLOCK_K
         mm, mn = offs_m < M, offs_n < N
-        sx = tl.load(sx_ptr + offs_m, mask=mm, other=0.0)
+        sx = tl.load(sx_ptr + offs_m * sx_stride, mask=mm, other=0.0)
         sw = tl.load(sw_ptr + offs_n * sw_stride, mask=mn, other=0.0)
         y = (acc.to(tl.float32) * sx[:, None]) * sw[None, :]
         if HAS_BIAS:
@@ -111,10 +112,13 @@ def gemm(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, 
             or xq.stride(1) != 1):
         raise ValueError(f"w8a8 gemm: codes [M, K] and weight [N, K] must be row-major {CODES}, same dtype; "
                          f"got {xq.dtype} {tuple(xq.shape)} and {w.dtype} {tuple(w.shape)}")
-    ns = sw.numel()
+    ns, nx = sw.numel(), sx.numel()
     if ns not in (1, n) or sw.dtype != torch.float32:
         raise ValueError(f"w8a8 gemm: weight scale must be float32, a scalar or one per output row ({n}); "
                          f"got {sw.dtype} with {ns} values")
+    if nx not in (1, m) or sx.dtype != torch.float32:
+        raise ValueError(f"w8a8 gemm: activation scale must be float32, a scalar or one per row ({m}); "
+                         f"got {sx.dtype} with {nx} values")
     sw = sw.reshape(-1)  # a view of a contiguous scale; a strided one is copied (the kernel reads stride 1)
     y = torch.empty((m, n), dtype=out_dtype, device=xq.device)
     b = bias if bias is not None else sw
@@ -122,8 +126,8 @@ def gemm(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, 
     # resolution or batch) reuses the tuned config instead of benchmarking all configs again.
     m_key = 1 << max(0, m - 1).bit_length()
     fp8 = xq.dtype is torch.float8_e4m3fn
-    args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if ns > 1 else 0, m_key,
-            bias is not None, fp8)
+    args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if nx > 1 else 0,
+            1 if ns > 1 else 0, m_key, bias is not None, fp8)
     if blocks is not None:
         _w8a8_kernel.fn[(cdiv(m, blocks[0]), cdiv(n, blocks[1]))](*args, *blocks)
         return y

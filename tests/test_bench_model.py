@@ -247,24 +247,28 @@ def test_knob_rows_set_the_constant_only_while_they_run(comfy):
     from hybridquant.ops import linear_paths
 
     a = bench_model.parse_args(["--device", "cpu", "--tiny", "--knob", "tri=linear_paths.FP8_ROWWISE_TRITON=True",
+                                "--knob", "tri=linear_paths.FP8_AS_ROWWISE_MIN_ROWS=17",
                                 "--formats", "float8_e4m3fn_rowwise,float8_e4m3fn_rowwise@tri"])
-    assert a.knob_specs == {"tri": ("linear_paths", "FP8_ROWWISE_TRITON", True)}
+    assert a.knob_specs == {"tri": [("linear_paths", "FP8_ROWWISE_TRITON", True),
+                                    ("linear_paths", "FP8_AS_ROWWISE_MIN_ROWS", 17)]}
     a.knobs = bench_model.resolve_knobs(a.knob_specs)
     assert split_knob("float8_e4m3fn_rowwise@tri") == ("float8_e4m3fn_rowwise", "tri")
     assert plan_fields("float8_e4m3fn_rowwise@tri", "flux") == plan_fields("float8_e4m3fn_rowwise", "flux")
     assert model_runner.Runner.file_name("float8_e4m3fn_rowwise@tri") == model_runner.Runner.file_name(
         "float8_e4m3fn_rowwise")
     seen = []
-    model = types.SimpleNamespace(apply_model=lambda *x, **kw: seen.append(linear_paths.FP8_ROWWISE_TRITON))
+    model = types.SimpleNamespace(apply_model=lambda *x, **kw: seen.append(
+        (linear_paths.FP8_ROWWISE_TRITON, linear_paths.FP8_AS_ROWWISE_MIN_ROWS)))
     r = model_runner.Runner(a, torch.device("cpu"), "test")
     case = ModelCase("flux", {"depth": 1, "depth_single_blocks": 1, "hidden_size": 64, "num_heads": 2,
                               "in_channels": 16, "vec_in_dim": 32, "context_in_dim": 32, "axes_dim": [8, 12, 12]})
-    before = linear_paths.FP8_ROWWISE_TRITON
+    before = (linear_paths.FP8_ROWWISE_TRITON, linear_paths.FP8_AS_ROWWISE_MIN_ROWS)
     for fmt in ("float8_e4m3fn_rowwise@tri", "float8_e4m3fn_rowwise"):
         v = model_runner.Variant(case, fmt, stock=False, patcher=types.SimpleNamespace(model=model, wrappers={}))
         r.make_row(v, 128).fwd()
-    assert seen == [True, before] and linear_paths.FP8_ROWWISE_TRITON == before
+    assert seen == [(True, 17), before]
+    assert (linear_paths.FP8_ROWWISE_TRITON, linear_paths.FP8_AS_ROWWISE_MIN_ROWS) == before
     with pytest.raises(SystemExit):
         bench_model.parse_args(["--knob", "tri=FP8_ROWWISE_TRITON"])  # no VALUE
     with pytest.raises(SystemExit):
-        bench_model.resolve_knobs({"x": ("linear_paths", "NO_SUCH_CONSTANT", 1)})
+        bench_model.resolve_knobs({"x": [("linear_paths", "NO_SUCH_CONSTANT", 1)]})

@@ -117,17 +117,22 @@ def test_gpu_path_matches_reference(comfy, case, monkeypatch):
     torch.testing.assert_close(m(x), y, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", ["float8_e4m3fn_rowwise", "float8_e4m3fn"])
-def test_fp8_row_triton_layer_path(comfy, case, monkeypatch):
-    """``linear_paths.FP8_ROWWISE_TRITON`` (off by default until measured on a GPU): a row-wise FP8 layer,
-    and a tensorwise one from FP8_AS_ROWWISE_MIN_ROWS rows, run the fused Triton GEMM within the FP8
+@pytest.mark.parametrize("case, as_rowwise, path", [("float8_e4m3fn_rowwise", False, "fp8_row_triton"),
+                                                    ("float8_e4m3fn", True, "fp8_row_triton"),
+                                                    ("float8_e4m3fn", False, "fp8_triton"),
+                                                    ("float8_e4m3fn+input_scale", False, "fp8_triton")])
+def test_fp8_triton_layer_paths(comfy, case, as_rowwise, path, monkeypatch):
+    """``linear_paths.FP8_ROWWISE_TRITON`` / ``FP8_TENSORWISE_TRITON`` (off by default until measured on a
+    GPU): row-wise FP8 layers, tensorwise ones from FP8_AS_ROWWISE_MIN_ROWS rows, and tensorwise ones
+    below it (dynamic or the file's calibrated activation scale) run the fused Triton GEMM within the FP8
     bound of the dequantized reference, in bf16 and fp16."""
     import hybridquant.ops as ops
     from hybridquant.ops import linear_paths as lp
 
     monkeypatch.setattr(lp, "FP8_ROWWISE_TRITON", True)
+    monkeypatch.setattr(lp, "FP8_TENSORWISE_TRITON", True)
     monkeypatch.setattr(lp, "FP8_ROWWISE_MIN_ROWS", 65)
-    monkeypatch.setattr(lp, "FP8_AS_ROWWISE_MIN_ROWS", 65)
+    monkeypatch.setattr(lp, "FP8_AS_ROWWISE_MIN_ROWS", 65 if as_rowwise else 1 << 20)
     sd, ref = _sd(case)
     m = Wide(ops.choose_ops(sd.keys(), {}))
     m.load_state_dict(ops.prepare_state_dict(sd, {}))
@@ -135,7 +140,7 @@ def test_fp8_row_triton_layer_path(comfy, case, monkeypatch):
     for dt in (torch.bfloat16, torch.float16):
         x = torch.randn(128, D_IN, device="cuda", dtype=dt)
         y = m.a(x)
-        assert m.a.hq_last_path == "fp8_row_triton" and y.dtype == dt
+        assert m.a.hq_last_path == path and y.dtype == dt
         y_ref = x.float() @ ref["a"].cuda().t() + ref["a.bias"].cuda()
         assert float((y.float() - y_ref).norm() / y_ref.norm()) < 0.05
 

@@ -131,8 +131,9 @@ def test_tensorwise_as_rowwise_switch(cap, monkeypatch):
 
 
 def test_fp8_rowwise_triton_switch(cap, monkeypatch):
-    """With FP8_ROWWISE_TRITON the fused Triton GEMM runs first, row-wise _scaled_mm is its fallback;
-    an e5m2 weight (the kernel multiplies codes of one dtype) keeps _scaled_mm only."""
+    """With FP8_ROWWISE_TRITON (FP8_TENSORWISE_TRITON) the fused Triton GEMM runs first, row-wise
+    (tensorwise) _scaled_mm is its fallback; an e5m2 weight (the kernel multiplies codes of one dtype)
+    keeps _scaled_mm only."""
     cap((9, 0))
     monkeypatch.setattr(linear_paths, "FP8_ROWWISE_TRITON", True)
     row = _layer("float8_e4m3fn_rowwise")
@@ -146,6 +147,11 @@ def test_fp8_rowwise_triton_switch(cap, monkeypatch):
     assert linear_paths.per_call("fp8", e5m2, many) == ["fp8_rowwise", "fp8", "dequant"]
     monkeypatch.setattr(linear_paths, "FP8_ROWWISE_TRITON", False)
     assert linear_paths.per_call("fp8_rowwise", row, x)[0] == "fp8_rowwise"
+    # the tensorwise switch: below FP8_AS_ROWWISE_MIN_ROWS, and as the row-wise GEMMs' fallback
+    monkeypatch.setattr(linear_paths, "FP8_TENSORWISE_TRITON", True)
+    assert linear_paths.per_call("fp8", tw, many[:-1]) == ["fp8_triton", "fp8", "dequant"]
+    assert linear_paths.per_call("fp8", tw, many) == ["fp8_rowwise", "fp8_triton", "fp8", "dequant"]
+    assert linear_paths.per_call("fp8", e5m2, many[:-1]) == ["fp8", "dequant"]
 
 
 def test_run_int8_on_cpu_with_mocked_capability(cap, monkeypatch):

@@ -61,9 +61,10 @@ SCRIPT = textwrap.dedent("""
         xq = (torch.randn(m, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
         w = (torch.randn(n, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
         sx, b = torch.rand(m, 1, generator=g), torch.randn(n, generator=g)
-        y = G.gemm(xq, sx, w, sw, b, torch.float32, blocks=(16, 16, 32))
-        ref = G.epilogue_ref(xq.double() @ w.double().t(), sx, sw, b, torch.float32)
-        torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
+        for sxx in (sx, torch.tensor(0.37)):  # per-token scales, one tensorwise scale (stride 0)
+            y = G.gemm(xq, sxx, w, sw, b, torch.float32, blocks=(16, 16, 32))
+            ref = G.epilogue_ref(xq.double() @ w.double().t(), sxx, sw, b, torch.float32)
+            torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6 * float(ref.abs().max()))
     # round_e4m3 against torch's cast: random values at several scales, every e4m3 value, the midpoints
     # between neighbours and their float32 neighbours (where a double rounding goes wrong), +-0, +-448
     import triton
