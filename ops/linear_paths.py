@@ -141,20 +141,18 @@ def per_call(path: str, layer, x: torch.Tensor) -> list[str]:
 
 
 def _fp8_rowwise(layer) -> list[str]:
-    """The row-wise FP8 GEMMs to try: the Triton one first where it is on and the weight is e4m3
-    (``w8a8_gemm`` multiplies codes of one dtype; e5m2 weights keep ``_scaled_mm``)."""
-    w = getattr(layer, "weight", None)
-    if FP8_ROWWISE_TRITON and (w is None or w.dtype is torch.float8_e4m3fn):
-        return ["fp8_row_triton", "fp8_rowwise"]
-    return ["fp8_rowwise"]
+    return _triton_first(FP8_ROWWISE_TRITON, "fp8_row_triton", "fp8_rowwise", layer)
 
 
 def _fp8_tensorwise(layer) -> list[str]:
-    """The tensorwise FP8 GEMMs to try: the Triton one first where it is on and the weight is e4m3."""
+    return _triton_first(FP8_TENSORWISE_TRITON, "fp8_triton", "fp8", layer)
+
+
+def _triton_first(on: bool, triton_path: str, path: str, layer) -> list[str]:
+    """``[triton_path, path]`` where that Triton FP8 GEMM is switched on and the weight is e4m3
+    (``w8a8_gemm`` multiplies codes of one dtype: e5m2 weights keep ``_scaled_mm``), else ``[path]``."""
     w = getattr(layer, "weight", None)
-    if FP8_TENSORWISE_TRITON and (w is None or w.dtype is torch.float8_e4m3fn):
-        return ["fp8_triton", "fp8"]
-    return ["fp8"]
+    return [triton_path, path] if on and (w is None or w.dtype is torch.float8_e4m3fn) else [path]
 
 
 def run(layer, x: torch.Tensor, tensors: dict, bias, fns) -> torch.Tensor:
