@@ -13,7 +13,8 @@
 # layers.json / layers.txt (bench/bench_layers.py with the fp8_row_tr column), host.txt
 # (bench/bench_host.py --ops), flux.json / flux.md (bench/bench_model.py: the 8-bit formats at 1024² and
 # 512², each FP8 format also as FMT@tri = with FP8_ROWWISE_TRITON on, and tensorwise FP8 as @all = with
-# FP8_TENSORWISE_TRITON on too, in the same process).
+# FP8_TENSORWISE_TRITON on too, and row-wise FP8 as @fast = the Triton GEMM with FP8_FAST_ACCUM, in the
+# same process; the rel_err column shows what fast accumulation costs in precision).
 set -u
 cd "$(dirname "$0")/.."
 : "${COMFY:?set COMFY to a ComfyUI tree}" "${OUT:?set OUT to a results folder}"
@@ -31,7 +32,8 @@ want host && step 120 python3 bench/bench_host.py --comfy "$COMFY" --device cuda
 want model && step 540 python3 bench/bench_model.py --comfy "$COMFY" --models flux --sizes 1024,512 \
     --knob tri=linear_paths.FP8_ROWWISE_TRITON=True \
     --knob all=linear_paths.FP8_ROWWISE_TRITON=True --knob all=linear_paths.FP8_TENSORWISE_TRITON=True \
-    --formats float8_e4m3fn,float8_e4m3fn@tri,float8_e4m3fn@all,float8_e4m3fn_rowwise,float8_e4m3fn_rowwise@tri,hybrid_mxfp8,int8_tensorwise+row \
+    --knob fast=linear_paths.FP8_ROWWISE_TRITON=True --knob fast=w8a8_gemm.FP8_FAST_ACCUM=True \
+    --formats float8_e4m3fn,float8_e4m3fn@tri,float8_e4m3fn@all,float8_e4m3fn_rowwise,float8_e4m3fn_rowwise@tri,float8_e4m3fn_rowwise@fast,hybrid_mxfp8,int8_tensorwise+row \
     --repeats 3 --n 5 --warmup 2 --budget-s 500 --json "$OUT/flux.json" --md "$OUT/flux.md" > "$OUT/model.txt" 2>&1
 want model && tail -n 16 "$OUT/flux.md" | cut -c1-200
 true

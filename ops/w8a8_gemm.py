@@ -9,7 +9,8 @@ dequantizing epilogue in the same kernel (one launch after the activation quanti
 - ``w`` [N, K] of the same dtype, row-major (the stored weight; read as the column-major [K, N]
   operand, which is the K-major layout Hopper's 8-bit wgmma needs, so no transpose is ever made).
 - ``acc``: exact int32 sums for int8; for e4m3 the tensor cores' FP8 sums, promoted into a float32
-  accumulator after every ``BLOCK_K`` columns (64 or 128), as cuBLAS does without fast accumulation.
+  accumulator after every ``BLOCK_K`` columns (64 or 128), as cuBLAS does without fast accumulation
+  (``FP8_FAST_ACCUM`` = True keeps them in the FP8 accumulator: faster on SM 9.0, less precise).
 - ``sw`` float32: a scalar (tensorwise) or one per output row ([N] / [N, 1]); read with stride 0 or 1,
   so a tensorwise weight needs no [1, N] expansion.
 - The epilogue multiplies in float32 in that order, adds the bias in float32 and rounds once to
@@ -40,15 +41,26 @@ if _HAVE_TRITON:
     import triton
     import triton.language as tl
 
+    def _prune(configs, named_args, **kwargs):
+        """Configs for this call: e4m3 with fp32 promotion (not FAST_ACC) drops 128 x 256 x 64, which
+        spills on SM 9.0 once the promotion adds a second accumulator (ptxas: 255 registers, ~160 B
+        of spill stores, ahead-of-time compile of this kernel for sm_90 with Triton 3.6)."""
+        if named_args.get("IS_FP8") and not named_args.get("FAST_ACC"):
+            kept = [c for c in configs if (c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != (256, 64)]
+            return kept or configs
+        return configs
+
     @triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_stages=s, num_warps=w)
                  for bm, bn, bk, s, w in ((128, 128, 128, 3, 8), (128, 256, 64, 3, 8), (64, 128, 128, 4, 4),
                                           (128, 64, 128, 4, 4), (64, 64, 128, 4, 4))],
-        key=["M_KEY", "N", "K", "IS_FP8"],
+        key=["M_KEY", "N", "K", "IS_FP8", "FAST_ACC"],
+        prune_configs_by={"early_config_prune": _prune},
     )
     @triton.jit
     def _w8a8_kernel(a_ptr, b_ptr, sx_ptr, sw_ptr, bias_ptr, y_ptr, M, N, K: tl.constexpr, stride_am, stride_bn,
                      stride_ym, sx_stride, sw_stride, M_KEY, HAS_BIAS: tl.constexpr, IS_FP8: tl.constexpr,
+                     FAST_ACC: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -66,11 +78,13 @@ if _HAVE_TRITON:
             if IS_FP8:  # (a float ``other``: Triton casts no int to fp8)
                 a = tl.load(a_p, mask=am, other=0.0)
                 b = tl.load(b_p, mask=bm, other=0.0)
-                # Promote the tensor cores' FP8 partial sums into the float32 accumulator every BLOCK_K:
-                # Triton's SM 9.0 default (max_num_imprecise_acc = 2^30) keeps the whole K loop in the
-                # wgmma FP8 accumulator (~14 bits, like _scaled_mm's use_fast_accum=True); this is its
-                # default use_fast_accum=False behaviour.
-                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
+                if FAST_ACC:  # Triton's SM 9.0 default: the whole K loop in the wgmma FP8 accumulator
+                    acc = tl.dot(a, b, acc)
+                else:
+                    # Promote the tensor cores' FP8 partial sums into the float32 accumulator every
+                    # BLOCK_K (as _scaled_mm's default use_fast_accum=False). Costs on SM 9.0: ptxas
+                    # waits for each wgmma before the add (no overlap across iterations).
+                    acc = tl.dot(a, b, acc, max_num_imprecise_acc=BLOCK_K)
             else:
                 a = tl.load(a_p, mask=am, other=0)
                 b = tl.load(b_p, mask=bm, other=0)
@@ -87,8 +101,14 @@ if _HAVE_TRITON:
                  mask=mm[:, None] & mn[None, :])
 
 
-# The tuned config per (device, M bucket, N, K, codes dtype, output dtype), then direct launches.
+# The tuned config per (device, M bucket, N, K, codes dtype, accumulation, output dtype), then direct
+# launches.
 _GEMM = Tuned(_w8a8_kernel) if _HAVE_TRITON else None
+# e4m3 accumulation: False = fp32 promotion every BLOCK_K (the precision of _scaled_mm's default);
+# True = Triton's SM 9.0 default, the whole K loop in the tensor cores' FP8 accumulator (~14 bits, like
+# use_fast_accum=True), faster. Neither measured on a GPU yet (bench_model.py --knob
+# ...=w8a8_gemm.FP8_FAST_ACCUM=True). Ada (SM 8.9) accumulates in fp32 either way.
+FP8_FAST_ACCUM = False
 CODES = (torch.int8, torch.float8_e4m3fn)
 
 
@@ -126,11 +146,12 @@ def gemm(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, 
     # resolution or batch) reuses the tuned config instead of benchmarking all configs again.
     m_key = 1 << max(0, m - 1).bit_length()
     fp8 = xq.dtype is torch.float8_e4m3fn
+    fast = fp8 and FP8_FAST_ACCUM
     args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if nx > 1 else 0,
-            1 if ns > 1 else 0, m_key, bias is not None, fp8)
+            1 if ns > 1 else 0, m_key, bias is not None, fp8, fast)
     if blocks is not None:
         _w8a8_kernel.fn[(cdiv(m, blocks[0]), cdiv(n, blocks[1]))](*args, *blocks)
         return y
     grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-    _GEMM.launch((xq.device, m_key, n, k, fp8, out_dtype), grid, *args)
+    _GEMM.launch((xq.device, m_key, n, k, fp8, fast, out_dtype), grid, *args)
     return y

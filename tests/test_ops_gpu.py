@@ -211,7 +211,7 @@ def test_int8_fused_tuned_config_is_reused():
     x = torch.randn(200, k, device="cuda", generator=g).to(torch.bfloat16)
     w8a8_gemm._GEMM.choices.clear()
     first = matmul_int8.int8_linear_fused(x, w, s, b)
-    key = (x.device, 256, n, k, False, torch.bfloat16)
+    key = (x.device, 256, n, k, False, False, torch.bfloat16)
     assert key in w8a8_gemm._GEMM.choices
     cfg = w8a8_gemm._GEMM.choices[key]
     again = matmul_int8.int8_linear_fused(x, w, s, b)

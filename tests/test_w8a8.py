@@ -168,3 +168,17 @@ def test_run_int8_on_cpu_with_mocked_capability(cap, monkeypatch):
     assert lay.hq_last_path == "int8" and y.shape == (2, 20, 16) and y.dtype == torch.bfloat16
     ref = x.float() @ (w.float() * t["weight_scale"]).t()
     assert float((y.float() - ref).norm() / ref.norm()) < 0.02
+
+
+def test_w8a8_gemm_configs_per_accumulation():
+    """The e4m3 GEMM with fp32 promotion drops the config that spills on SM 9.0 (128 x 256 x 64); int8
+    and fast accumulation keep every config."""
+    pytest.importorskip("triton")
+    from hybridquant.ops import w8a8_gemm as G
+
+    configs = G._w8a8_kernel.configs
+    kept = G._prune(configs, {"IS_FP8": True, "FAST_ACC": False})
+    assert len(kept) == len(configs) - 1
+    assert all((c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) != (256, 64) for c in kept)
+    assert G._prune(configs, {"IS_FP8": True, "FAST_ACC": True}) == configs
+    assert G._prune(configs, {"IS_FP8": False, "FAST_ACC": False}) == configs
