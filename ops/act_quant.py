@@ -31,8 +31,9 @@ from __future__ import annotations
 
 import torch
 
+from ..converter.formats.base import ceil_div
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Kernel, cdiv, next_pow2
+from .triton_launch import Kernel, next_pow2
 
 INT8_MAX = 127.0
 E4M3_MAX = 448.0
@@ -145,7 +146,7 @@ def _launch_shape(k: int) -> tuple[int, int, int]:
         block = next_pow2(max(k, 16))
         if block > SINGLE_READ_MAX:
             block = MAX_BLOCK
-        hit = _shapes[k] = (block, cdiv(k, block), WARPS or (8 if block >= 2048 else 4))
+        hit = _shapes[k] = (block, ceil_div(k, block), WARPS or (8 if block >= 2048 else 4))
     return hit
 
 

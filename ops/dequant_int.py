@@ -27,9 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from ..converter.formats import get_codec
+from ..converter.formats.base import ceil_div
 from . import dequant4
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Kernel, cdiv
+from .triton_launch import Kernel
 
 FORMATS = ("int5_groupwise", "int6_groupwise")
 # (BLOCK_R, BLOCK_C, num_warps), with VEC loads where the group allows. bench/tune_dq_int.py on the H200
@@ -109,7 +110,7 @@ def dequantize_int(fmt: str, tensors, shape, opts, dtype=torch.bfloat16, tile=No
     bf16 = dtype == torch.bfloat16
     block_r, block_c, warps = tile or TILE
     vec = vectorized(g, block_c) if vec is None else vec
-    grid = (cdiv(m, block_r), cdiv(n, block_c))
+    grid = (ceil_div(m, block_r), ceil_div(n, block_c))
     _DEQUANT[grid](w, s, y.view(torch.int16) if bf16 else y, m, n, w.stride(0), s.stride(0), groups * g // 2,
                    bits, g, bf16, block_r, block_c, vec, bits - 4, 8 // (bits - 4), num_warps=warps)
     return y

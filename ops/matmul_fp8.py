@@ -33,7 +33,8 @@ import logging
 
 import torch
 
-from .triton_launch import Kernel, cdiv
+from ..converter.formats.base import ceil_div
+from .triton_launch import Kernel
 
 log = logging.getLogger("hybridquant.ops")
 
@@ -213,7 +214,7 @@ def _quantize_triton(x: torch.Tensor, input_scale: torch.Tensor | None):
     n = x.numel()
     y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     scale = torch.empty((), dtype=torch.float32, device=x.device)
-    grid = (cdiv(n, _BLOCK),)
+    grid = (ceil_div(n, _BLOCK),)
     if input_scale is None:
         bits = torch.zeros((1,), dtype=torch.int32, device=x.device)
         _AMAX[grid](x, bits, n, _BLOCK)

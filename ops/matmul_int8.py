@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import torch
 
+from ..converter.formats.base import ceil_div
 from . import act_quant, w8a8_gemm
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import cdiv
 from .w8a8_gemm import epilogue_ref
 
 MIN_ROWS = 17  # torch._int_mm: "self.size(0) needs to be greater than 16"
@@ -63,7 +63,7 @@ def epilogue(acc: torch.Tensor, sx: torch.Tensor, sw: torch.Tensor, bias, out_dt
         raise ValueError(f"int8 weight scale must be a scalar or one per output row ({n}), got {sw.numel()}")
     y = torch.empty((m, n), dtype=out_dtype, device=acc.device)
     b = bias if bias is not None else sw
-    grid = (cdiv(m, 64), cdiv(n, 128))
+    grid = (ceil_div(m, 64), ceil_div(n, 128))
     _epilogue_kernel[grid](acc.contiguous(), sx.reshape(-1), sw, b, y, m, n, 1 if sw.numel() > 1 else 0,
                            HAS_BIAS=bias is not None, BLOCK_M=64, BLOCK_N=128)
     return y

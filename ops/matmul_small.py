@@ -20,8 +20,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..converter.formats.base import ceil_div
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Tuned, cdiv
+from .triton_launch import Tuned
 
 GEMV_MAX_ROWS = 16
 
@@ -78,7 +79,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
     s = scale.to(torch.float32).reshape(-1).contiguous()
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = bias.contiguous() if bias is not None else s
-    grid = lambda meta: (cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (ceil_div(n, meta["BLOCK_N"]),)  # noqa: E731
     _GEMV.launch((x.device, n, k, x.dtype, w.dtype), grid, x2, w, s, b, y, m, n, k, x2.stride(0), w.stride(0),
                  y.stride(0), 1 if s.numel() > 1 else 0, bias is not None, 16)
     return y.reshape(*lead, n)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import torch
 
-from ..converter.formats.base import ceil_div
-
 try:
     import triton
     from triton import knobs
@@ -39,13 +37,11 @@ except Exception:  # pragma: no cover - depends on the install
 _I32 = (-(1 << 31), (1 << 31) - 1)
 
 
-# Host-side grid / block arithmetic. Not ``triton.cdiv`` / ``triton.next_power_of_2``: in Triton 3.6 they
+# Host-side grid / block arithmetic: ``converter.formats.base.ceil_div`` and ``next_pow2`` below, not
+# ``triton.cdiv`` / ``triton.next_power_of_2``: in Triton 3.6 they
 # are ``constexpr_function``s, and calling one from Python goes through its argument-unwrapping wrapper:
 # 4.5 / 6.0 us per call against 0.06 us for the integer expression (timeit, Triton 3.6.0), i.e. ~10 us
 # of host time per quantizer launch (bench/profile_model.py showed 1400 such calls in 10 forwards).
-cdiv = ceil_div
-
-
 def next_pow2(n: int) -> int:
     """The smallest power of two >= ``n`` (1 for n <= 1)."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import torch
 
+from ..converter.formats.base import ceil_div
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Tuned, cdiv
+from .triton_launch import Tuned
 
 if _HAVE_TRITON:
     import triton
@@ -150,8 +151,8 @@ def gemm(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, 
     args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if nx > 1 else 0,
             1 if ns > 1 else 0, m_key, bias is not None, fp8, fast)
     if blocks is not None:
-        _w8a8_kernel.fn[(cdiv(m, blocks[0]), cdiv(n, blocks[1]))](*args, *blocks)
+        _w8a8_kernel.fn[(ceil_div(m, blocks[0]), ceil_div(n, blocks[1]))](*args, *blocks)
         return y
-    grid = lambda meta: (cdiv(m, meta["BLOCK_M"]), cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (ceil_div(m, meta["BLOCK_M"]), ceil_div(n, meta["BLOCK_N"]))  # noqa: E731
     _GEMM.launch((xq.device, m_key, n, k, fp8, fast, out_dtype), grid, *args)
     return y
