@@ -362,11 +362,7 @@ def fp8_rowwise_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor,
     ``torch._scaled_mm``: the same per-token e4m3 codes, float32 accumulation, then
     ``(acc * sx[m]) * sw[n] + bias`` in float32 rounded once to ``x.dtype`` (bf16 or fp16: no extra
     cast). ``w`` is the stored [N, K] weight, ``w_scale`` float32, a scalar or one per output row."""
-    n, k = w.shape
-    lead = x.shape[:-1]
-    xq, sx = act_quant.quantize_rows(x.reshape(-1, k), torch.float8_e4m3fn)
-    sw = w_scale if w_scale.dtype is torch.float32 else w_scale.to(torch.float32)
-    return w8a8_gemm.gemm(xq, sx, w, sw, bias, x.dtype).reshape(*lead, n)
+    return w8a8_gemm.linear(x, w, w_scale, bias, act_quant.quantize_rows, torch.float8_e4m3fn)
 
 
 def fp8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
@@ -375,11 +371,7 @@ def fp8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bi
     the same tensorwise e4m3 activation codes and scale (``quantize_activation``: the one-pass
     quantizer, or the file's calibrated ``input_scale``), then ``(acc * s_x) * s_w + bias`` rounded
     once to ``x.dtype``."""
-    n, k = w.shape
-    lead = x.shape[:-1]
-    xq, sx = quantize_activation(x.reshape(-1, k), input_scale)
-    sw = w_scale if w_scale.dtype is torch.float32 else w_scale.to(torch.float32)
-    return w8a8_gemm.gemm(xq, sx, w, sw, bias, x.dtype).reshape(*lead, n)
+    return w8a8_gemm.linear(x, w, w_scale, bias, quantize_activation, input_scale)
 
 
 # At the end: these read _HAVE_TRITON from this module (a top-level import would be circular).

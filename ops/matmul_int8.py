@@ -97,9 +97,4 @@ def int8_linear_fused(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, b
     the autotuner (interpreter tests)."""
     if w.dtype != torch.int8 or w.ndim != 2 or w.stride(1) != 1:
         raise ValueError("int8_linear_fused: the weight must be a row-major int8 [N, K] tensor")
-    n, k = w.shape
-    lead = x.shape[:-1]
-    xq, sx = act_quant.quantize_rows(x.reshape(-1, k), torch.int8)
-    sw = w_scale if w_scale.dtype is torch.float32 else w_scale.to(torch.float32)
-    y = w8a8_gemm.gemm(xq, sx, w, sw, bias, out_dtype or x.dtype, blocks)
-    return y.reshape(*lead, n)
+    return w8a8_gemm.linear(x, w, w_scale, bias, act_quant.quantize_rows, torch.int8, out_dtype, blocks)

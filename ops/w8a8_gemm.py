@@ -36,7 +36,7 @@ import torch
 
 from ..converter.formats.base import ceil_div
 from .matmul_fp8 import _HAVE_TRITON
-from .triton_launch import Tuned
+from .triton_launch import Tuned, next_pow2
 
 if _HAVE_TRITON:
     import triton
@@ -145,7 +145,7 @@ def gemm(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, 
     b = bias if bias is not None else sw
     # M_KEY: the autotuner's key, M rounded up to a power of two, so that a new token count (another
     # resolution or batch) reuses the tuned config instead of benchmarking all configs again.
-    m_key = 1 << max(0, m - 1).bit_length()
+    m_key = next_pow2(m)
     fp8 = xq.dtype is torch.float8_e4m3fn
     fast = fp8 and FP8_FAST_ACCUM
     args = (xq, w, sx, sw, b, y, m, n, k, xq.stride(0), w.stride(0), y.stride(0), 1 if nx > 1 else 0,
@@ -156,3 +156,14 @@ def gemm(xq: torch.Tensor, sx: torch.Tensor, w: torch.Tensor, sw: torch.Tensor, 
     grid = lambda meta: (ceil_div(m, meta["BLOCK_M"]), ceil_div(n, meta["BLOCK_N"]))  # noqa: E731
     _GEMM.launch((xq.device, m_key, n, k, fp8, fast, out_dtype), grid, *args)
     return y
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None, quantize, qarg,
+           out_dtype: torch.dtype | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``x [..., K] @ dequant(w).T + bias`` through ``gemm``: ``quantize(x as [M, K], qarg)`` gives the
+    codes and their scales (``act_quant.quantize_rows`` with the codes' dtype, or
+    ``matmul_fp8.quantize_activation`` with the file's input scale); output in ``out_dtype`` or x's."""
+    n, k = w.shape
+    xq, sx = quantize(x.reshape(-1, k), qarg)
+    sw = w_scale if w_scale.dtype is torch.float32 else w_scale.to(torch.float32)
+    return gemm(xq, sx, w, sw, bias, out_dtype or x.dtype, blocks).reshape(*x.shape[:-1], n)
