@@ -131,7 +131,7 @@ class Runner:
         x, sigma, kw, tokens = inputs(v.case, size, self.dev, self.a.text_tokens)
         topts = {"wrappers": pe.copy_nested_dicts(v.patcher.wrappers)} if v.compile else {}
         base = v.patcher.model
-        knob = self.a.knobs.get(split_knob(v.fmt)[1]) if split_knob(v.fmt)[1] else None
+        knob = self.a.knobs.get(split_knob(v.fmt)[1])  # (no knob: get(None) -> None)
 
         def fwd():
             with torch.inference_mode():
