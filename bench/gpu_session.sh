@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One lent-GPU session's measurements of the 8-bit paths, in the order that decides the open switches
-# (linear_paths.FP8_ROWWISE_TRITON, the quantizer's warp rule), each step time-limited so a cut run
-# still leaves the earlier results.
+# One lent-GPU session's measurements of the 8-bit paths behind the dispatch switches
+# (linear_paths.FP8_ROWWISE_TRITON / FP8_TENSORWISE_TRITON, w8a8_gemm.FP8_FAST_ACCUM, the quantizer's warp
+# rule; the switches were decided from its model step at 003e804: bench/RESULTS_TRITON_FP8_H200.md), each
+# step time-limited so a cut run still leaves the earlier results.
 #
 #   COMFY=/path/to/ComfyUI OUT=/path/to/results PYTHONPATH=<dir holding a hybridquant link> \
 #       [STEPS="tests tune layers host model"] bash bench/gpu_session.sh

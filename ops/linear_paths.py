@@ -71,19 +71,22 @@ INT8_FUSED_GEMM = True
 TENSORWISE_AS_ROWWISE = True
 # Row-wise FP8 through the fused W8A8 Triton GEMM (``w8a8_gemm``: the INT8 path's kernel on e4m3 codes,
 # path ``fp8_row_triton``, with row-wise ``_scaled_mm`` as its fallback) instead of ``_scaled_mm``.
-# Why: a ``_scaled_mm`` call costs 28-34 us of host time on the H200 host (bench/bench_host.py --ops)
-# and the INT8 layer, whose GEMM is this kernel, enqueues in 72 us against 96 us for the row-wise FP8
-# layer in the same run; at M = 4096 the kernel on int8 runs at cuBLAS FP8's rate (1.43-1.72x bf16
-# against 1.44-1.77x, bench/RESULTS_LAYERS_H200.md). OFF until measured with e4m3 operands on a GPU:
-# it is correct under the Triton interpreter (tests/test_w8a8_triton.py) and has GPU tests
-# (tests/test_ops_gpu.py), but the session that wrote it had no GPU left to run them or the
-# benchmarks (bench_layers.py's ``fp8_row_tr`` column, bench_model.py) -- switch it on from those.
+# Why it exists: a ``_scaled_mm`` call costs 20-34 us of host time (bench/bench_host.py --ops) and the
+# eager forward is host-bound at 512^2. OFF, measured on the H200 at 003e804 (bench/RESULTS_TRITON_FP8_H200.md,
+# Flux 5+10 blocks, one process): on e4m3 codes with fp32 promotion every BLOCK_K (the precision of
+# ``_scaled_mm``'s default) the kernel is 15% slower on the GPU (GPU-only 41.8 ms against 36.4 ms at
+# 1024^2: the promotion serializes the wgmma pipeline; 1.02x bf16 against 1.18x) and the forward's host
+# time moved by less than 1 ms of 16.5 ms. Its GPU tests pass (tests/test_ops_gpu.py); it stays a
+# switch (``bench_model.py --knob``) to measure on other GPUs (Ada, SM 8.9, was not measured).
 FP8_ROWWISE_TRITON = False
 # Likewise tensorwise FP8 below FP8_AS_ROWWISE_MIN_ROWS (path ``fp8_triton``: the one-pass quantizer's
-# codes and scale, then ``w8a8_gemm`` instead of tensorwise ``_scaled_mm``, which stays its fallback):
-# where the forward is host-bound (a 512^2 Flux step) the GEMM call's host time is what it saves. Off
-# until measured on a GPU, as above.
+# codes and scale, then ``w8a8_gemm`` instead of tensorwise ``_scaled_mm``, which stays its fallback).
+# OFF, same run: 0.85x bf16 at 512^2 against 0.94x for tensorwise ``_scaled_mm`` (GPU-only 14.1 ms
+# against 12.0 ms, host 16.5 ms either way); with ``w8a8_gemm.FP8_FAST_ACCUM`` 0.90x.
 FP8_TENSORWISE_TRITON = False
+# From this many rows tensorwise FP8 runs the row-wise GEMM. The same run measured the Triton row-wise
+# GEMM at every row count (``FP8_AS_ROWWISE_MIN_ROWS = 17`` with ``FP8_ROWWISE_TRITON``): 0.87x at 512^2;
+# with ``_scaled_mm`` the rule below is the measured one (bench/RESULTS_H200.md).
 FP8_AS_ROWWISE_MIN_ROWS = 2048
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
