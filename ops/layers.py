@@ -216,19 +216,34 @@ def make_linear(base):
             bias = self.bias
             if bias is not None and bias.dtype != x.dtype:
                 bias = bias.to(x.dtype)
-            return self._hq_compute(x, d[2], bias, ())
+            lora = self.hq_lora
+            return self._hq_compute(x, d[2], bias, () if lora is None else (lora,))
 
         def _hq_compute(self, x, tensors, bias, fns):
-            """The quantized matmul on tensors already on ``x``'s device (rotation / low-rank branch too)."""
+            """The quantized matmul on tensors already on ``x``'s device (rotation / low-rank branch too).
+            A 4-bit layer's on-the-fly LoRA that is plain LoRA only runs as a low-rank branch beside the
+            layer's own path (ops/lora.py); any other patch list dequantizes and patches the weight."""
+            lr = None
+            lora = self.hq_lora
+            if lora is not None and len(fns) == 1 and fns[0] is lora:
+                lr = lora.low_rank(x.device, x.dtype, (self.out_features, self.in_features))
+                if lr is not None:
+                    fns = ()
             if self.hq_transforms:
-                return hq_tf.run(self, x, tensors, bias, fns, linear_paths.run)
-            return linear_paths.run(self, x, tensors, bias, fns)
+                out = hq_tf.run(self, x, tensors, bias, fns, linear_paths.run)
+            else:
+                out = linear_paths.run(self, x, tensors, bias, fns)
+            if lr is None:
+                return out
+            self.__dict__["hq_last_path"] += "+lora"
+            return hq_tf.add_low_rank(out, x, *lr)
 
         def _hq_direct(self, x):
             """``(device, weight, tensors)`` when this call can skip ``cast_bias_weight`` (ops/direct.py):
-            nothing patched, every stored tensor and the bias already on ``x``'s device. Cached per
-            layer; ``_apply`` (device moves), loading and ``set_weight`` drop the cache."""
-            if self.weight_function or self.bias_function or self.hq_lora is not None or direct.managed(self):
+            nothing patched by ComfyUI (our own on-the-fly LoRA, ``hq_lora``, is applied by
+            ``_hq_compute`` either way), every stored tensor and the bias already on ``x``'s device.
+            Cached per layer; ``_apply`` (device moves), loading and ``set_weight`` drop the cache."""
+            if self.weight_function or self.bias_function or direct.managed(self):
                 return None
             w = self.weight
             c = self.__dict__.get("hq_direct")

@@ -160,6 +160,7 @@ def _triton_first(on: bool, triton_path: str, path: str, layer) -> list[str]:
 
 def run(layer, x: torch.Tensor, tensors: dict, bias, fns) -> torch.Tensor:
     if fns:  # patches are defined on the float weight
+        layer.__dict__["hq_last_path"] = "dequant"
         return dequant_linear(layer, x, tensors, bias, fns)
     calls_key = (x.device, x.dtype, x.numel() // x.shape[-1])
     cache = layer.hq_paths.get("calls")

@@ -10,6 +10,14 @@ an on-the-fly function (``OnTheFlyPatch``: ``comfy.lora.calculate_weight`` over 
 same thing ComfyUI's low-VRAM patch does) which the layer applies to its dequantized weight per call.
 ``unpatch_model`` drops those functions; the packed data was never touched.
 
+Plain LoRA patches (``OnTheFlyPatch.low_rank``) skip the dequantized weight altogether: the layer runs
+its own 4-bit path and adds ``(x @ down.T) @ (s * up).T``, two small GEMMs. Why: dequantizing the whole
+weight, building ``up @ down`` and adding it per call made a rank-64 LoRA on every Flux attention
+projection cost +90% of an NF4 step on the H200, with the factors copied from the CPU on every call
+(ComfyUI's ``calculate_weight`` casts them per call: a host->device copy that also breaks CUDA-graph
+capture) (bench/RESULTS_H200.md, LoRA rows). Anything else in the list (other adapter types, DoRA,
+``strength_model``, offsets, functions) keeps ``calculate_weight`` on the dequantized weight.
+
 ``adopt_patcher(mp)`` switches a ModelPatcher (e.g. the one ``comfy.sd.load_diffusion_model_state_dict``
 returns) to this subclass in place; ``clone()`` keeps the class (it uses ``self.__class__`` in 0.3.75
 and 0.29), so LoRA loaders' clones stay adopted.
@@ -20,9 +28,15 @@ from __future__ import annotations
 import comfy.lora
 import comfy.model_patcher
 import comfy.utils
+import torch
 
 from . import capabilities as caps
 from . import dispatch, dynamic_vram
+
+try:  # 0.3.75 and later represent a loaded LoRA as a LoRAAdapter; older cores as ("lora", weights)
+    from comfy.weight_adapter.lora import LoRAAdapter
+except ImportError:  # pragma: no cover - depends on the core
+    LoRAAdapter = None
 
 
 class OnTheFlyPatch:
@@ -31,9 +45,58 @@ class OnTheFlyPatch:
     def __init__(self, key, patches):
         self.key = key
         self.patches = patches
+        self._factors: dict = {}  # (device, dtype) -> (patch list, its length, factors or None)
 
     def __call__(self, weight):
         return comfy.lora.calculate_weight(self.patches[self.key], weight, self.key, intermediate_dtype=weight.dtype)
+
+    def low_rank(self, device, dtype, shape):
+        """``(down [R, K], up [N, R])`` on ``device`` in ``dtype`` when every patch of this key is a plain
+        LoRA (``_plain_lora``), each one's ``strength * alpha / rank`` folded into its ``up`` and the
+        ranks concatenated; else None. Kept per device and dtype while the patch list is the same
+        object with the same length: the factors move to the GPU once."""
+        entries = self.patches.get(self.key)
+        if not entries:
+            return None
+        hit = self._factors.get((device, dtype))
+        if hit is not None and hit[0] is entries and hit[1] == len(entries):
+            return hit[2]
+        parts = [_plain_lora(p, shape) for p in entries]
+        factors = None
+        if all(part is not None for part in parts):
+            down = torch.cat([d.to(device, torch.float32) for _, d, _ in parts]).to(dtype)
+            up = torch.cat([u.to(device, torch.float32) * s for u, _, s in parts], dim=1).to(dtype)
+            factors = (down, up)
+        self._factors[(device, dtype)] = (entries, len(entries), factors)
+        return factors
+
+
+def _plain_lora(patch, shape):
+    """``(up [N, r], down [r, K], scale)`` of one patch-list entry (``ModelPatcher.add_patches``:
+    ``(strength, adapter, strength_model, offset, function)``) that ``calculate_weight`` would apply as
+    ``W += strength * alpha / r * up @ down`` -- a LoRA without mid / DoRA / reshape, on the whole
+    weight (no offset), no function, ``strength_model`` 1 -- else None."""
+    if len(patch) != 5:
+        return None
+    strength, v, strength_model, offset, function = patch
+    if strength_model != 1.0 or offset is not None or function is not None:
+        return None
+    if LoRAAdapter is not None and type(v) is LoRAAdapter:
+        w = v.weights
+    elif isinstance(v, tuple) and len(v) == 2 and v[0] == "lora":
+        w = v[1]
+    else:
+        return None
+    if len(w) != 6:
+        return None
+    up, down, alpha, mid, dora_scale, reshape = w
+    if mid is not None or dora_scale is not None or reshape is not None:
+        return None
+    if not (isinstance(up, torch.Tensor) and isinstance(down, torch.Tensor) and up.ndim == 2 and down.ndim == 2
+            and up.shape[1] == down.shape[0] and (up.shape[0], down.shape[1]) == tuple(shape)):
+        return None
+    rank = down.shape[0]
+    return up, down, float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
 
 
 def _owner(model, key):

@@ -43,11 +43,16 @@ def run(layer, x: torch.Tensor, tensors: dict, bias, fns, inner) -> torch.Tensor
     finally:
         layer.hq_core_only = False
     if t.get("svd_rank"):
-        down = tensors["svd_down"].to(x.dtype)
-        up = tensors["svd_up"].to(x.dtype)
-        x2 = x.reshape(-1, x.shape[-1])
-        out2 = out.reshape(-1, out.shape[-1])
-        out2.addmm_(x2 @ down.T, up.T)
+        out = add_low_rank(out, x, tensors["svd_down"].to(x.dtype), tensors["svd_up"].to(x.dtype))
+    return out
+
+
+def add_low_rank(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``out + (x @ down.T) @ up.T`` (down [r, K], up [N, r], x's dtype), added in place into ``out``, the
+    layer's fresh output: one small GEMM and one ``addmm_``."""
+    if not out.is_contiguous():
+        out = out.contiguous()
+    out.reshape(-1, out.shape[-1]).addmm_(x.reshape(-1, x.shape[-1]) @ down.T, up.T)
     return out
 
 
