@@ -1,6 +1,6 @@
 """Host (CPU) time to enqueue one quantized Linear call, per format, against a stock ComfyUI Linear.
 
-Why: on the H200 the whole-model eager forward is host-bound (bench/RESULTS_H200.md: the pack's Flux
+Why: on the H200 the whole-model eager forward is host-bound (at the time, bench/RESULTS_H200_stop18.md: the pack's Flux
 forward took 21-49 ms of CPU time to enqueue against bf16's 11-15 ms, while its GPU-only time was
 1.25x faster). This bench isolates the per-call Python + launch cost of one layer, in the same
 process, so every change to ``ops/layers.py`` / ``ops/linear_paths.py`` can be measured:

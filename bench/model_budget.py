@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 # Guesses used only until this run has measured the thing (seconds per GB of file, seconds). CUDA
-# conversion: 0.4-0.7 s per GB of bf16 input on the H200 (bench/RESULTS_H200.json, convert_s: 2.7-4.6 s
+# conversion: 0.4-0.7 s per GB of bf16 input on the H200 (bench/RESULTS_H200_c009feb.json, convert_s: 2.7-4.6 s
 # for the 6.36 GB Flux file); the guess keeps a 1.5x margin (it was 8, which made --budget-s skip rows
 # that fitted).
 GUESS_CONVERT_S_PER_GB = {"cuda": 1.0, "cpu": 60.0}

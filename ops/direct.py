@@ -1,7 +1,7 @@
 """The direct call: a layer whose weights already sit on the input's device, in the form the call
 needs, with nothing patched, skips ComfyUI's ``cast_bias_weight``.
 
-Why: the eager forward of a quantized model is host-bound (bench/RESULTS_H200.md: the pack's Flux
+Why: the eager forward of a quantized model is host-bound (at the time, bench/RESULTS_H200_stop18.md: the pack's Flux
 forward needed 21-49 ms of CPU time to enqueue against bf16's 11-15 ms while its GPU time was 1.25x
 shorter; bench/bench_host.py: 177 us per FP8 layer call against 34 us for a stock Linear). Part of that
 is ComfyUI's per-call cast machinery, which for such a layer returns the module's own tensors

@@ -66,7 +66,7 @@ INT8_FUSED_GEMM = True
 # costs ~25 us more host time per call (row-wise _scaled_mm, two outputs), which matters where the
 # forward is host-bound (fewer rows: a 512^2 Flux step), so it starts at FP8_AS_ROWWISE_MIN_ROWS. A
 # file with a calibrated ``input_scale`` keeps the tensorwise GEMM with that scale (one pass, no amax).
-# Whole model (bench/RESULTS_H200.md, Flux 1024^2): eager 1.16-1.18x bf16 against 1.17x before (noise), under
+# Whole model (bench/RESULTS_H200_c009feb.md, Flux 1024^2): eager 1.16-1.18x bf16 against 1.17x before (noise), under
 # torch.compile 1.21x against 1.16x with the tensorwise form.
 TENSORWISE_AS_ROWWISE = True
 # Row-wise FP8 through the fused W8A8 Triton GEMM (``w8a8_gemm``: the INT8 path's kernel on e4m3 codes,
@@ -86,7 +86,7 @@ FP8_ROWWISE_TRITON = False
 FP8_TENSORWISE_TRITON = False
 # From this many rows tensorwise FP8 runs the row-wise GEMM. The same run measured the Triton row-wise
 # GEMM at every row count (``FP8_AS_ROWWISE_MIN_ROWS = 17`` with ``FP8_ROWWISE_TRITON``): 0.87x at 512^2;
-# with ``_scaled_mm`` the rule below is the measured one (bench/RESULTS_H200.md).
+# with ``_scaled_mm`` the rule below is the measured one (bench/RESULTS_H200_c009feb.md).
 FP8_AS_ROWWISE_MIN_ROWS = 2048
 
 FAST_ERRORS = (RuntimeError, TypeError, ValueError, NotImplementedError, AssertionError)
