@@ -243,3 +243,48 @@ def test_w8a8_paths_capture_in_cuda_graph():
         g.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("case", ["bnb_nf4", "nvfp4"])
+def test_4bit_lora_branch_on_gpu_captures_in_cuda_graph(comfy, case, monkeypatch):
+    """A plain LoRA on a 4-bit layer on the GPU: the layer's own 4-bit path plus the low-rank branch
+    (path ``<path>+lora``), within the 4-bit bound of W_ref + delta, and -- the factors living on the GPU
+    after the first call -- the forward captures in a CUDA graph and replays bit-identically (ComfyUI's
+    per-call ``calculate_weight`` copied them from the CPU: no capture, a sync per layer)."""
+    import comfy.model_management
+    import comfy.model_patcher
+    from comfy.weight_adapter.lora import LoRAAdapter
+
+    import hybridquant.ops as ops
+
+    monkeypatch.setattr(comfy.model_management, "get_torch_device", lambda: torch.device("cuda"))
+    if case in H.CODEC_CASES and not H.codec_available(case):
+        pytest.skip("codec missing")
+    sd, ref = _sd(case)
+    m = Wide(ops.choose_ops(sd.keys(), {}))
+    m.load_state_dict(ops.prepare_state_dict(sd, {}))
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    mp = ops.adopt_patcher(comfy.model_patcher.ModelPatcher(m, load_device=cuda, offload_device=cpu))
+    g = torch.Generator().manual_seed(9)
+    up, down = torch.randn(D_HID, 16, generator=g) * 0.05, torch.randn(16, D_IN, generator=g) * 0.05
+    patched = mp.clone()
+    patched.add_patches({"a.weight": LoRAAdapter(set(), (up, down, torch.tensor(8.0), None, None, None))}, 0.7)
+    patched.load(cuda, lowvram_model_memory=0, force_patch_weights=False, full_load=True)
+    x = torch.randn(128, D_IN, device="cuda", dtype=torch.bfloat16)
+    eager = m(x)
+    assert m.a.hq_last_path.endswith("+lora") and m.a.hq_last_path != "dequant+lora", m.a.hq_last_path
+    w_a = ref["a"].cuda() + (up @ down).cuda() * (8.0 / 16) * 0.7
+    h = torch.nn.functional.gelu(x.float() @ w_a.t() + ref["a.bias"].cuda())
+    y_ref = h @ ref["b"].cuda().t()
+    err = float((eager.float() - y_ref).norm() / y_ref.norm())
+    print(f"{case} + LoRA: path {m.a.hq_last_path}, rel err {err:.5f}")
+    assert err < 0.01
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = m(x)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    patched.unpatch_model(cpu)
+    assert m.a.hq_lora is None
