@@ -16,6 +16,10 @@
 # 512², each FP8 format also as FMT@tri = with FP8_ROWWISE_TRITON on, and tensorwise FP8 as @all = with
 # FP8_TENSORWISE_TRITON on too, and row-wise FP8 as @fast = the Triton GEMM with FP8_FAST_ACCUM, in the
 # same process; the rel_err column shows what fast accumulation costs in precision).
+#
+# Not in the default STEPS (each ~5-9 min): STEPS=compile (compile.json: TorchCompileModel rows at 1024²
+# for bf16, FP8 and INT8, the issue-11 compile target, last measured at c009feb) and STEPS=full (full.json:
+# Flux at full depth, 19/38 blocks, 1024², the main formats; never measured yet).
 set -u
 cd "$(dirname "$0")/.."
 : "${COMFY:?set COMFY to a ComfyUI tree}" "${OUT:?set OUT to a results folder}"
@@ -37,4 +41,11 @@ want model && step 540 python3 bench/bench_model.py --comfy "$COMFY" --models fl
     --formats float8_e4m3fn,float8_e4m3fn@tri,float8_e4m3fn@all,float8_e4m3fn_rowwise,float8_e4m3fn_rowwise@tri,float8_e4m3fn_rowwise@fast,hybrid_mxfp8,int8_tensorwise+row \
     --repeats 3 --n 5 --warmup 2 --budget-s 500 --json "$OUT/flux.json" --md "$OUT/flux.md" > "$OUT/model.txt" 2>&1
 want model && tail -n 16 "$OUT/flux.md" | cut -c1-200
+want compile && step 560 python3 bench/bench_model.py --comfy "$COMFY" --models flux --sizes 1024 --no-stock \
+    --eager-models none --compile --compile-formats bf16,float8_e4m3fn,int8_tensorwise+row --compile-sizes 1024 \
+    --formats float8_e4m3fn,int8_tensorwise+row --repeats 2 --n 5 --warmup 2 --budget-s 540 \
+    --json "$OUT/compile.json" --md "$OUT/compile.md" > "$OUT/compile.txt" 2>&1
+want full && step 560 python3 bench/bench_model.py --comfy "$COMFY" --models flux --full --sizes 1024 \
+    --formats float8_e4m3fn,hybrid_mxfp8,int8_tensorwise+row,bnb_nf4 --repeats 2 --n 3 --warmup 1 --budget-s 540 \
+    --json "$OUT/full.json" --md "$OUT/full.md" > "$OUT/full.txt" 2>&1
 true
