@@ -17,6 +17,11 @@ projection cost +90% of an NF4 step on the H200, with the factors copied from th
 (ComfyUI's ``calculate_weight`` casts them per call: a host->device copy that also breaks CUDA-graph
 capture) (bench/RESULTS_H200.md, LoRA rows). Anything else in the list (other adapter types, DoRA,
 ``strength_model``, offsets, functions) keeps ``calculate_weight`` on the dequantized weight.
+Memory: the concatenated factors stay on the layer's GPU in the activation dtype while the patch is
+installed, i.e. about the LoRA file's size in bf16 for a LoRA on every layer (a few MB per Flux layer at
+rank 64). ComfyUI's loader does not count them; the per-call form it replaces needed a transient of a
+whole dequantized weight plus ``up @ down`` per layer instead. Offloaded layers, which ComfyUI patches
+with its own ``LowVramPatch``, keep the per-call form: there VRAM is what is short.
 
 ``adopt_patcher(mp)`` switches a ModelPatcher (e.g. the one ``comfy.sd.load_diffusion_model_state_dict``
 returns) to this subclass in place; ``clone()`` keeps the class (it uses ``self.__class__`` in 0.3.75
