@@ -69,9 +69,10 @@ class OnTheFlyPatch:
         parts = [_plain_lora(p, shape) for p in entries]
         factors = None
         if all(part is not None for part in parts):
-            down = torch.cat([d.to(device, torch.float32) for _, d, _ in parts]).to(dtype)
-            up = torch.cat([u.to(device, torch.float32) * s for u, _, s in parts], dim=1).to(dtype)
-            factors = (down, up)
+            # joined (and scaled) in float32 where the patches live, then one copy each to the device
+            down = torch.cat([d.to(torch.float32) for _, d, _ in parts])
+            up = torch.cat([u.to(torch.float32) * s for u, _, s in parts], dim=1)
+            factors = (down.to(device, dtype), up.to(device, dtype))
         self._factors[(device, dtype)] = (entries, len(entries), factors)
         return factors
 
